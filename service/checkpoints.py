@@ -1,0 +1,382 @@
+"""Load DeiT checkpoints (HF directories, timm/facebookresearch ``.pth``) into ``service.model.DeiT``.
+
+Loading never executes code from a checkpoint (safetensors, or ``torch.load(weights_only=True)``), is strict
+(every missing, unexpected or mis-shaped tensor is an error naming key and file), and builds the model on the
+``meta`` device so that the weights are held once, already in the target dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from service.config import Architecture, DeiTConfig
+from service.errors import CheckpointError
+from service.model import DeiT
+from service.preprocessing import PreprocessConfig
+
+PTH_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+LABEL_FILES = ("labels.txt", "labels.json")
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: DeiT
+    config: DeiTConfig
+    preprocess: PreprocessConfig
+    source: Path
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def labels(self) -> list[str]:
+        return [self.config.id2label[i] for i in range(self.config.num_labels)]
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+# --- dtype / device -------------------------------------------------------------------------------------------
+
+
+def cpu_supports_bf16() -> bool:
+    """True where the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise CheckpointError(f"invalid device {spec!r}: {e}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"device {spec!r} requested but CUDA is not available")
+    return device
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """``auto``: float16 on CUDA, bfloat16 on CPUs with native bf16, else float32."""
+    if spec == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    try:
+        return _DTYPES[spec.lower()]
+    except KeyError:
+        raise CheckpointError(f"unknown dtype {spec!r}; expected auto, {', '.join(sorted(_DTYPES))}") from None
+
+
+# --- reading tensors ------------------------------------------------------------------------------------------
+
+
+def _read_tensor_file(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to load: the pickle holds more than tensors ({e}). Convert it to safetensors."
+        ) from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+    return _unwrap_state_dict(obj, path)
+
+
+def _is_zip(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
+    """Tensors may sit at the top level or under ``model`` / ``state_dict`` (training checkpoints)."""
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: holds no tensors")
+    return tensors
+
+
+def _read_hf_weights(directory: Path) -> tuple[dict[str, Tensor], Path]:
+    """An HF directory's weights: single or sharded, safetensors preferred over ``.bin``."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return _read_tensor_file(directory / name), directory / name
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = directory / index_name
+        if index.is_file():
+            try:
+                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid shard index ({e})") from e
+            tensors: dict[str, Tensor] = {}
+            for shard in sorted(set(weight_map.values())):
+                tensors.update(_read_tensor_file(directory / shard))
+            missing = sorted(set(weight_map) - set(tensors))
+            if missing:
+                raise CheckpointError(f"{index}: tensors listed but not in any shard: {missing[:5]}")
+            return tensors, index
+    raise CheckpointError(
+        f"{directory}: no weights found (expected model.safetensors, pytorch_model.bin or a sharded index)"
+    )
+
+
+# --- timm / facebookresearch conversion ---------------------------------------------------------------------
+
+_TIMM_RENAMES = [
+    (r"^cls_token$", "embeddings.cls_token"),
+    (r"^dist_token$", "embeddings.distillation_token"),
+    (r"^pos_embed$", "embeddings.position_embeddings"),
+    (r"^patch_embed\.proj\.", "embeddings.patch_embeddings.projection."),
+    (r"^blocks\.(\d+)\.norm1\.", r"encoder.layer.\1.layernorm_before."),
+    (r"^blocks\.(\d+)\.attn\.proj\.", r"encoder.layer.\1.attention.output.dense."),
+    (r"^blocks\.(\d+)\.norm2\.", r"encoder.layer.\1.layernorm_after."),
+    (r"^blocks\.(\d+)\.mlp\.fc1\.", r"encoder.layer.\1.intermediate.dense."),
+    (r"^blocks\.(\d+)\.mlp\.fc2\.", r"encoder.layer.\1.output.dense."),
+    (r"^norm\.", "layernorm."),
+]
+_TIMM_HEADS = {"head.": "cls_classifier.", "head_dist.": "distillation_classifier."}
+
+
+def is_timm_state_dict(state: Mapping[str, Tensor]) -> bool:
+    keys = {k.removeprefix("module.") for k in state}
+    return "pos_embed" in keys and "cls_token" in keys
+
+
+def timm_to_hf(state: Mapping[str, Tensor], num_heads: int | None = None) -> tuple[dict[str, Tensor], DeiTConfig]:
+    """Convert a timm/facebookresearch DeiT state dict to HF names, reading the architecture from shapes."""
+    src = {k.removeprefix("module."): v for k, v in state.items()}
+    distilled = "dist_token" in src
+    model_type = "deit" if distilled else "vit"
+    prefix = f"{model_type}."
+    out: dict[str, Tensor] = {}
+    for key, value in src.items():
+        qkv = re.match(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", key)
+        if qkv:
+            layer, kind = qkv.groups()
+            for name, part in zip(("query", "key", "value"), value.chunk(3, dim=0), strict=True):
+                out[f"{prefix}encoder.layer.{layer}.attention.attention.{name}.{kind}"] = part.contiguous()
+            continue
+        head = next((h for h in _TIMM_HEADS if key.startswith(h)), None)
+        if head is not None:
+            out[_TIMM_HEADS[head] + key[len(head) :]] = value
+            continue
+        for pattern, repl in _TIMM_RENAMES:
+            new, count = re.subn(pattern, repl, key)
+            if count:
+                out[prefix + new] = value
+                break
+        else:
+            out[key] = value  # left as is: reported as unexpected by the strict load
+    if not distilled and "cls_classifier.weight" in out:
+        for p in ("weight", "bias"):
+            out[f"classifier.{p}"] = out.pop(f"cls_classifier.{p}")
+    config = _config_from_timm_shapes(src, model_type, num_heads)
+    return out, config
+
+
+def _config_from_timm_shapes(src: Mapping[str, Tensor], model_type: str, num_heads: int | None) -> DeiTConfig:
+    try:
+        hidden = int(src["cls_token"].shape[-1])
+        proj = src["patch_embed.proj.weight"]
+        patch = int(proj.shape[-1])
+        channels = int(proj.shape[1])
+        prefix = 2 if model_type == "deit" else 1
+        grid = round((src["pos_embed"].shape[1] - prefix) ** 0.5)
+        layers = len({m.group(1) for k in src if (m := re.match(r"^blocks\.(\d+)\.", k))})
+        intermediate = int(src["blocks.0.mlp.fc1.weight"].shape[0])
+        qkv_bias = "blocks.0.attn.qkv.bias" in src
+    except KeyError as e:
+        raise CheckpointError(f"timm checkpoint lacks tensor {e.args[0]!r} needed to read its architecture") from e
+    if "head.weight" in src:
+        arch = Architecture.DISTILLED if model_type == "deit" else Architecture.SINGLE_HEAD
+        num_labels = int(src["head.weight"].shape[0])
+    else:
+        arch, num_labels = Architecture.BARE, 0
+    return DeiTConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=num_heads or max(1, hidden // 64),
+        intermediate_size=intermediate,
+        image_size=grid * patch,
+        patch_size=patch,
+        num_channels=channels,
+        layer_norm_eps=1e-6,
+        qkv_bias=qkv_bias,
+        model_type=model_type,
+        architecture=arch,
+        id2label={i: f"LABEL_{i}" for i in range(num_labels)},
+    )
+
+
+# --- labels ---------------------------------------------------------------------------------------------------
+
+
+def imagenet_labels() -> list[str]:
+    text = resources.files("service").joinpath("data/imagenet1k_labels.txt").read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line]
+
+
+def read_labels_file(path: Path) -> list[str]:
+    """``labels.txt`` (one per line) or ``labels.json`` (a list, or an ``{"index": label}`` map)."""
+    try:
+        if path.suffix == ".json":
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(raw, dict):
+                return [str(raw[k]) for k in sorted(raw, key=int)]
+            return [str(x) for x in raw]
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable labels file ({e})") from e
+
+
+def _attach_labels(config: DeiTConfig, directory: Path, source: Path, keep_existing: bool) -> DeiTConfig:
+    for name in LABEL_FILES:
+        path = directory / name
+        if path.is_file():
+            labels = read_labels_file(path)
+            if len(labels) != config.num_labels:
+                raise CheckpointError(
+                    f"{path}: has {len(labels)} labels but {source} has {config.num_labels} output classes"
+                )
+            return config.with_labels(labels)
+    if not keep_existing and config.num_labels == 1000:
+        return config.with_labels(imagenet_labels())
+    return config
+
+
+# --- building and strict loading ------------------------------------------------------------------------------
+
+
+def _add_missing_prefix(state: dict[str, Tensor], config: DeiTConfig) -> dict[str, Tensor]:
+    """Bare HF models are saved without the ``deit.``/``vit.`` prefix; heads never are."""
+    prefix = config.prefix
+    if any(k.startswith(prefix) for k in state):
+        return state
+    return {prefix + k: v for k, v in state.items()}
+
+
+def build_model(
+    config: DeiTConfig, state: Mapping[str, Tensor], source: Path, dtype: torch.dtype, device: torch.device
+) -> DeiT:
+    """Create the model on ``meta`` and assign the checkpoint's tensors, converted once to ``dtype`` on ``device``."""
+    with torch.device("meta"):
+        model = DeiT(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors {_few(unexpected)}")
+    for key in sorted(set(expected) & set(state)):
+        if tuple(expected[key].shape) != tuple(state[key].shape):
+            problems.append(
+                f"tensor {key!r} has shape {tuple(state[key].shape)}, expected {tuple(expected[key].shape)}"
+            )
+    if problems:
+        raise CheckpointError(f"{source}: does not match a {config.architecture.value}: " + "; ".join(problems))
+    converted = {}
+    for key, value in state.items():
+        if not value.is_floating_point():
+            raise CheckpointError(f"{source}: tensor {key!r} has non-float dtype {value.dtype}")
+        converted[key] = value.to(device=device, dtype=dtype)
+    model.load_state_dict(converted, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def _few(keys: list[str]) -> str:
+    shown = ", ".join(repr(k) for k in keys[:6])
+    return f"[{shown}{', …' if len(keys) > 6 else ''}] ({len(keys)} in all)"
+
+
+def _iter_candidates(path: Path) -> Iterator[Path]:
+    yield from sorted(p for p in path.iterdir() if p.is_file() and p.suffix in PTH_SUFFIXES)
+
+
+def load_checkpoint(path: Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
+                    num_heads: int | None = None) -> LoadedCheckpoint:  # fmt: skip
+    """Load an HF directory, a directory holding one ``.pth`` (plus optional labels file), or a ``.pth`` file."""
+    path = Path(path)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_dir() and (path / "config.json").is_file():
+        return _load_hf_directory(path, dev, dt)
+    if path.is_dir():
+        files = list(_iter_candidates(path))
+        if len(files) != 1:
+            raise CheckpointError(
+                f"{path}: expected config.json (HF format) or exactly one checkpoint file "
+                f"({', '.join(PTH_SUFFIXES)}), found {[f.name for f in files]}"
+            )
+        return _load_single_file(files[0], dev, dt, num_heads)
+    return _load_single_file(path, dev, dt, num_heads)
+
+
+def _load_hf_directory(directory: Path, device: torch.device, dtype: torch.dtype) -> LoadedCheckpoint:
+    config_path = directory / "config.json"
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object")
+    config = DeiTConfig.from_hf_dict(raw, source=str(config_path))
+    state, weights_path = _read_hf_weights(directory)
+    state = _add_missing_prefix(state, config)
+    if config.architecture is Architecture.BARE and f"{config.prefix}pooler.dense.weight" in state:
+        config = replace(config, add_pooling_layer=True)
+    config = _attach_labels(config, directory, weights_path, keep_existing=True)
+    model = build_model(config, state, weights_path, dtype, device)
+    preprocess = PreprocessConfig.from_directory(directory, default_size=config.image_size)
+    return LoadedCheckpoint(model, config, preprocess, directory, dtype, device)
+
+
+def _load_single_file(path: Path, device: torch.device, dtype: torch.dtype, num_heads: int | None) -> LoadedCheckpoint:
+    state = _read_tensor_file(path)
+    if not is_timm_state_dict(state):
+        raise CheckpointError(
+            f"{path}: not a timm/facebookresearch DeiT checkpoint (no 'cls_token'/'pos_embed'); "
+            "HF checkpoints need their config.json beside them"
+        )
+    hf_state, config = timm_to_hf(state, num_heads=num_heads)
+    config = _attach_labels(config, path.parent, path, keep_existing=False)
+    model = build_model(config, hf_state, path, dtype, device)
+    preprocess = PreprocessConfig.from_directory(path.parent, default_size=config.image_size)
+    return LoadedCheckpoint(model, config, preprocess, path, dtype, device)

@@ -1,0 +1,129 @@
+"""One error hierarchy for the whole service; ``status_code`` and ``code`` are mapped to HTTP in ``app.py``."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of every error a client or operator may see. ``code`` is a stable machine-readable name."""
+
+    status_code: int = 500
+    code: str = "internal_error"
+    headers: dict[str, str] | None = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+# --- start-up / loading (operator errors) -------------------------------------------------------------------
+
+
+class CheckpointError(ServiceError):
+    """A checkpoint or its config cannot be loaded as a DeiT model."""
+
+    code = "checkpoint_error"
+
+
+class ModelStoreError(ServiceError):
+    """The model store is empty, unreadable or ambiguous."""
+
+    code = "model_store_error"
+
+
+# --- request errors -------------------------------------------------------------------------------------------
+
+
+class BadRequest(ServiceError):
+    status_code = 400
+    code = "bad_request"
+
+
+class Unauthorized(ServiceError):
+    status_code = 401
+    code = "unauthorized"
+    headers = {"WWW-Authenticate": "Bearer"}  # noqa: RUF012
+
+
+class ModelNotFound(ServiceError):
+    status_code = 404
+    code = "model_not_found"
+
+
+class PayloadTooLarge(ServiceError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class TooManyFiles(PayloadTooLarge):
+    code = "too_many_files"
+
+
+class ImageTooLarge(PayloadTooLarge):
+    """Pixel count above the limit: decompression bombs end here."""
+
+    code = "image_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class InvalidImage(ServiceError):
+    """Looks like an image format we know but cannot be decoded (truncated, corrupt)."""
+
+    status_code = 422
+    code = "invalid_image"
+
+
+class EmptyUpload(ServiceError):
+    status_code = 422
+    code = "empty_upload"
+
+
+class InvalidParameter(ServiceError):
+    status_code = 422
+    code = "invalid_parameter"
+
+
+# --- capacity / lifecycle -------------------------------------------------------------------------------------
+
+
+class Overloaded(ServiceError):
+    """The model's queue is full: reject at once rather than queue without bound."""
+
+    status_code = 503
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+
+class ShuttingDown(ServiceError):
+    status_code = 503
+    code = "shutting_down"
+    headers = {"Retry-After": "1", "Connection": "close"}  # noqa: RUF012
+
+
+class NotReady(ServiceError):
+    status_code = 503
+    code = "not_ready"
+    headers = {"Retry-After": "1"}  # noqa: RUF012
+
+
+class DeadlineExceeded(ServiceError):
+    status_code = 504
+    code = "deadline_exceeded"
+
+
+class ClientGone(ServiceError):
+    """The client disconnected before its batch ran; nobody reads this answer (499 in logs)."""
+
+    status_code = 499
+    code = "client_closed_request"
+
+
+class InferenceFailed(ServiceError):
+    status_code = 500
+    code = "inference_failed"

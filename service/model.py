@@ -1,0 +1,235 @@
+"""DeiT / ViT in plain PyTorch with SDPA attention.
+
+Module and parameter names mirror HF transformers' so its state dicts load with no renaming; timm checkpoints are
+converted in ``checkpoints.py``. Inference only: no dropout, no attention weights returned.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from service.config import Architecture, DeiTConfig
+
+
+class PatchEmbeddings(nn.Module):
+    def __init__(self, config: DeiTConfig) -> None:
+        super().__init__()
+        self.projection = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        return self.projection(pixel_values).flatten(2).transpose(1, 2)
+
+
+class Embeddings(nn.Module):
+    """Patch embeddings with the CLS (and, for DeiT, distillation) token prepended and positions added."""
+
+    def __init__(self, config: DeiTConfig, use_mask_token: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        if config.has_distillation_token:
+            self.distillation_token = nn.Parameter(torch.zeros(1, 1, d))
+        if use_mask_token:
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.patch_embeddings = PatchEmbeddings(config)
+        self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_patches + config.num_prefix_tokens, d))
+
+    def positions_for(self, height: int, width: int) -> Tensor:
+        """Position embeddings for an input of ``height``×``width`` pixels (bicubic-resized grid)."""
+        prefix = self.config.num_prefix_tokens
+        pos = self.position_embeddings
+        grid_h, grid_w = height // self.config.patch_size, width // self.config.patch_size
+        stored = pos.shape[1] - prefix
+        if grid_h * grid_w == stored and grid_h == grid_w:
+            return pos
+        side = round(stored**0.5)
+        dim = pos.shape[-1]
+        patch_pos = pos[:, prefix:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)
+        return torch.cat((pos[:, :prefix], patch_pos), dim=1)
+
+    def forward(self, pixel_values: Tensor, bool_masked_pos: Tensor | None = None) -> Tensor:
+        batch, _, height, width = pixel_values.shape
+        x = self.patch_embeddings(pixel_values)
+        if bool_masked_pos is not None:
+            mask = bool_masked_pos.unsqueeze(-1).to(x.dtype)
+            x = x * (1.0 - mask) + self.mask_token.expand(batch, x.shape[1], -1) * mask
+        prefix = [self.cls_token.expand(batch, -1, -1)]
+        if self.config.has_distillation_token:
+            prefix.append(self.distillation_token.expand(batch, -1, -1))
+        x = torch.cat([*prefix, x], dim=1)
+        return x + self.positions_for(height, width)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: DeiTConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.query = nn.Linear(d, d, bias=config.qkv_bias)
+        self.key = nn.Linear(d, d, bias=config.qkv_bias)
+        self.value = nn.Linear(d, d, bias=config.qkv_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        shape = (b, n, self.num_heads, d // self.num_heads)
+        q = self.query(x).view(shape).transpose(1, 2)
+        k = self.key(x).view(shape).transpose(1, 2)
+        v = self.value(x).view(shape).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2).reshape(b, n, d)
+
+
+class AttentionOutput(nn.Module):
+    def __init__(self, config: DeiTConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dense(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: DeiTConfig) -> None:
+        super().__init__()
+        self.attention = SelfAttention(config)
+        self.output = AttentionOutput(config)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.output(self.attention(x))
+
+
+class Dense(nn.Module):
+    """A Linear under the attribute name ``dense``, as HF's intermediate/output blocks are laid out."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(d_in, d_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dense(x)
+
+
+class Layer(nn.Module):
+    """Pre-norm transformer block: ``h = x + attn(ln(x))``, ``out = h + mlp(ln(h))`` with exact GELU."""
+
+    def __init__(self, config: DeiTConfig) -> None:
+        super().__init__()
+        d, eps = config.hidden_size, config.layer_norm_eps
+        self.layernorm_before = nn.LayerNorm(d, eps=eps)
+        self.attention = Attention(config)
+        self.layernorm_after = nn.LayerNorm(d, eps=eps)
+        self.intermediate = Dense(d, config.intermediate_size)
+        self.output = Dense(config.intermediate_size, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attention(self.layernorm_before(x))
+        return x + self.output(F.gelu(self.intermediate(self.layernorm_after(x))))
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: DeiTConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.layer:
+            x = block(x)
+        return x
+
+
+class Pooler(nn.Module):
+    def __init__(self, config: DeiTConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, sequence: Tensor) -> Tensor:
+        return torch.tanh(self.dense(sequence[:, 0]))
+
+
+class Backbone(nn.Module):
+    """The bare encoder (HF ``DeiTModel`` / ``ViTModel``): final-normed token sequence, optional pooler."""
+
+    def __init__(self, config: DeiTConfig, add_pooling_layer: bool = False, use_mask_token: bool = False) -> None:
+        super().__init__()
+        self.embeddings = Embeddings(config, use_mask_token=use_mask_token)
+        self.encoder = Encoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.pooler = Pooler(config) if add_pooling_layer else None
+
+    def forward(self, pixel_values: Tensor, bool_masked_pos: Tensor | None = None) -> Tensor:
+        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
+        return self.layernorm(self.encoder(self.embeddings(pixel_values, bool_masked_pos)))
+
+
+class DeiT(nn.Module):
+    """Any of the four DeiT architectures behind one interface.
+
+    ``forward`` returns classification logits for the classifiers (for the distilled model, the mean of the CLS
+    and distillation heads), the final hidden states for the bare model, and the reconstruction for MIM.
+    """
+
+    def __init__(self, config: DeiTConfig) -> None:
+        super().__init__()
+        self.config = config
+        arch = config.architecture
+        backbone = Backbone(
+            config,
+            add_pooling_layer=config.add_pooling_layer and arch is Architecture.BARE,
+            use_mask_token=arch is Architecture.MASKED_IMAGE_MODELING,
+        )
+        # Registered under "deit" or "vit" so parameter names match the checkpoint's.
+        self.backbone_name = config.model_type
+        self.add_module(self.backbone_name, backbone)
+        if arch is Architecture.DISTILLED:
+            self.cls_classifier = nn.Linear(config.hidden_size, config.num_labels)
+            self.distillation_classifier = nn.Linear(config.hidden_size, config.num_labels)
+        elif arch is Architecture.SINGLE_HEAD:
+            self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        elif arch is Architecture.MASKED_IMAGE_MODELING:
+            stride = config.encoder_stride
+            self.decoder = nn.Sequential(
+                nn.Conv2d(config.hidden_size, stride**2 * config.num_channels, kernel_size=1),
+                nn.PixelShuffle(stride),
+            )
+
+    @property
+    def backbone(self) -> Backbone:
+        module = getattr(self, self.backbone_name)
+        assert isinstance(module, Backbone)
+        return module
+
+    def forward(self, pixel_values: Tensor, bool_masked_pos: Tensor | None = None) -> Tensor:
+        seq = self.backbone(pixel_values, bool_masked_pos)
+        arch = self.config.architecture
+        if arch is Architecture.DISTILLED:
+            return (self.cls_classifier(seq[:, 0]) + self.distillation_classifier(seq[:, 1])) / 2
+        if arch is Architecture.SINGLE_HEAD:
+            return self.classifier(seq[:, 0])
+        if arch is Architecture.MASKED_IMAGE_MODELING:
+            patches = seq[:, self.config.num_prefix_tokens :]
+            grid_h = pixel_values.shape[-2] // self.config.patch_size
+            grid_w = pixel_values.shape[-1] // self.config.patch_size
+            grid = patches.transpose(1, 2).reshape(patches.shape[0], -1, grid_h, grid_w)
+            return self.decoder(grid)
+        return seq
+
+    def head_logits(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
+        """The distilled model's CLS-head and distillation-head logits, separately (for evaluation)."""
+        if self.config.architecture is not Architecture.DISTILLED:
+            raise ValueError("head_logits needs a distilled (two-head) model")
+        seq = self.backbone(pixel_values)
+        return self.cls_classifier(seq[:, 0]), self.distillation_classifier(seq[:, 1])
+
+    def pooled(self, pixel_values: Tensor) -> Tensor:
+        """Pooler output of a bare model that has a pooler."""
+        backbone = self.backbone
+        if backbone.pooler is None:
+            raise ValueError("this model has no pooler")
+        return backbone.pooler(backbone(pixel_values))

@@ -1,0 +1,65 @@
+"""All configuration in one pydantic-settings class: ``DEIT_*`` environment variables and CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MODEL_STORE = Path(__file__).resolve().parent.parent / "model_store"
+
+
+class Settings(BaseSettings):
+    """Service settings. Every field can be set as ``DEIT_<NAME>`` or ``--<name>``."""
+
+    model_config = SettingsConfigDict(env_prefix="DEIT_", extra="forbid", frozen=True)
+
+    model_store: Path = Field(DEFAULT_MODEL_STORE, description="directory with one sub-directory (or .pth) per model")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: float16 on CUDA, bfloat16 on CPUs with native bf16, else float32"
+    )
+    max_batch_size: int = Field(32, ge=1, le=1024, description="images per forward pass, at most")
+    max_batch_delay_ms: float = Field(
+        5.0, ge=0, le=1000, description="longest a partial batch waits for images still being decoded"
+    )
+    max_queue_size: int = Field(256, ge=1, description="images queued per model before new requests get 503")
+    request_timeout_s: float = Field(30.0, gt=0, description="default deadline of a classification request")
+    max_request_timeout_s: float = Field(120.0, gt=0, description="cap on the X-Request-Timeout header")
+    default_model: str | None = Field(None, description="model used when a request names none (default: first)")
+    default_top_k: int = Field(5, ge=1, description="predictions returned when top_k is not given")
+    preprocess_threads: int = Field(2, ge=1, le=64, description="threads decoding and preprocessing images")
+    torch_threads: int = Field(0, ge=0, le=256, description="intra-op threads of the forward pass (0: torch default)")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest request body accepted")
+    max_files: int = Field(64, ge=1, description="most images in one request")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="largest decoded image (width × height)")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long accepted requests may finish")
+    api_keys: Annotated[tuple[str, ...], NoDecode] = Field((), description="comma-separated API keys; empty: no auth")
+    protect_metrics: bool = Field(False, description="require an API key on /metrics too")
+    warmup: bool = Field(True, description="run a dummy batch per model before reporting ready")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = Field(True, description="one JSON log line per request")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(k.strip() for k in value.split(",") if k.strip())
+        return value
+
+    @field_validator("model_store")
+    @classmethod
+    def _store_exists(cls, value: Path) -> Path:
+        if not value.is_dir():
+            raise ValueError(f"model store {value} is not a directory")
+        return value
+
+    @model_validator(mode="after")
+    def _timeouts(self) -> Settings:
+        if self.request_timeout_s > self.max_request_timeout_s:
+            raise ValueError("request_timeout_s must not exceed max_request_timeout_s")
+        return self

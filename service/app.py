@@ -1,0 +1,122 @@
+"""The app factory: settings in, a FastAPI app out; the lifespan loads models in the background and drains."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import __version__
+from service.errors import ServiceError
+from service.lifecycle import Lifecycle, Phase
+from service.metrics import Metrics
+from service.middleware import RequestContextMiddleware
+from service.routes import router
+from service.settings import Settings
+from service.state import AppState, json_response
+from service.store import ModelStore
+
+log = logging.getLogger("deit_serve.app")
+
+_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -> FastAPI:
+    """Build the app. ``on_fatal`` is called if the models cannot be loaded (the CLI then exits non-zero)."""
+    metrics = Metrics(settings.max_batch_size)
+    lifecycle = Lifecycle()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        store = ModelStore(settings, metrics)
+        pool = ThreadPoolExecutor(max_workers=settings.preprocess_threads, thread_name_prefix="preprocess")
+        app.state.deit = AppState(settings, metrics, lifecycle, store, pool)
+        loading = asyncio.create_task(_load_models(store, lifecycle, metrics, on_fatal), name="load-models")
+        app.state.loading = loading
+        try:
+            yield
+        finally:
+            lifecycle.begin_drain()
+            metrics.ready.set(0)
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
+            await lifecycle.wait_idle(settings.drain_timeout_s)
+            for served in store.models.values():
+                await served.batcher.stop()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="deit-serve",
+        version=__version__,
+        description="Image classification with DeiT models, batched dynamically across requests.",
+        lifespan=lifespan,
+    )
+    app.include_router(router)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, access_log=settings.access_log)
+    _install_error_handlers(app)
+    app.state.lifecycle = lifecycle
+    app.state.settings = settings
+    return app
+
+
+async def _load_models(
+    store: ModelStore, lifecycle: Lifecycle, metrics: Metrics, on_fatal: Callable[[], None] | None
+) -> None:
+    try:
+        await asyncio.to_thread(store.load_all)
+    except ServiceError as e:
+        lifecycle.phase, lifecycle.error = Phase.FAILED, e.message
+        log.error("model store failed to load: %s", e.message)
+        if on_fatal is not None:
+            on_fatal()
+        return
+    for served in store.models.values():
+        served.batcher.start()
+    if lifecycle.phase is Phase.STARTING:
+        lifecycle.phase = Phase.READY
+        metrics.ready.set(1)
+        log.info("ready", extra={"models": sorted(store.models), "default_model": store.default_name})
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    return json_response({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """The one place where errors become HTTP responses: ``{"error": {"code", "message"}}``."""
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> Response:
+        request.state.error_code = exc.code
+        if exc.status_code >= 500 and exc.status_code != 503:
+            log.warning("request failed: %s", exc.message, extra={"code": exc.code})
+        return _error(exc.status_code, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(x) for x in err.get("loc", ()))
+            parts.append(f"{where}: {err.get('msg', 'invalid')}")
+        request.state.error_code = "invalid_parameter"
+        return _error(422, "invalid_parameter", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        return _error(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return _error(500, "internal_error", "internal server error")

@@ -1,0 +1,246 @@
+"""Dynamic batching: one queue and one batcher task per model, in front of a single forward-pass thread.
+
+The queue admits work up front (bounded: overload is refused at once, not queued), the batcher takes up to
+``max_batch_size`` live images as soon as the model is free, and waits at most ``max_batch_delay`` only while
+more images of admitted requests are still being decoded. Images whose request was cancelled (deadline passed,
+client gone) are removed from the queue and never take a batch slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown, TooManyFiles
+from service.metrics import Metrics
+
+log = logging.getLogger("deit_serve.batching")
+
+Runner = Callable[[Sequence[Tensor]], Tensor]
+
+
+@dataclass(eq=False)
+class WorkItem:
+    """One image waiting for a batch; ``future`` receives its row of class probabilities."""
+
+    pixels: Tensor
+    deadline: float
+    future: asyncio.Future[Tensor]
+    enqueued: float = field(default_factory=time.monotonic)
+    # Filled in when its batch runs, for the request's log line.
+    batch_size: int = 0
+    queue_s: float = 0.0
+    forward_s: float = 0.0
+
+
+@dataclass
+class Admission:
+    """Queue room reserved for one request; ``pending`` images are still being decoded."""
+
+    pending: int
+
+
+class Batcher:
+    """Per-model queue + batcher task. All methods run on the event loop; only the forward pass leaves it."""
+
+    def __init__(
+        self,
+        model_name: str,
+        runner: Runner,
+        *,
+        max_batch_size: int,
+        max_batch_delay_s: float,
+        max_queue_size: int,
+        metrics: Metrics,
+    ) -> None:
+        self.model_name = model_name
+        self._runner = runner
+        self.max_batch_size = max_batch_size
+        self._max_delay = max_batch_delay_s
+        self.max_queue_size = max_queue_size
+        self._metrics = metrics
+        self._queue: deque[WorkItem] = deque()
+        self._admitted = 0  # images admitted and not yet batched: queued + still being decoded
+        self._decoding = 0  # of those, images not yet in the queue
+        self._changed = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{model_name}")
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # --- admission -------------------------------------------------------------------------------------------
+
+    def check_room(self, n_images: int) -> None:
+        """Refuse at once (503) when ``n_images`` more would overflow the queue."""
+        if self._closed:
+            raise ShuttingDown("the service is shutting down")
+        if n_images > self.max_queue_size:
+            raise TooManyFiles(f"{n_images} images in one request exceed the queue size {self.max_queue_size}")
+        if self._admitted + n_images > self.max_queue_size:
+            self._metrics.rejected.labels(self.model_name, "queue_full").inc()
+            raise Overloaded(
+                f"model {self.model_name!r} is at capacity ({self._admitted} images queued, "
+                f"limit {self.max_queue_size}); retry shortly"
+            )
+
+    @contextlib.contextmanager
+    def admit(self, n_images: int) -> Iterator[Admission]:
+        """Reserve queue room for a request's images while they are decoded; refuse at once when full."""
+        self.check_room(n_images)
+        self._admitted += n_images
+        self._decoding += n_images
+        admission = Admission(n_images)
+        try:
+            yield admission
+        finally:
+            # Images never enqueued (a decode failed, the request was cancelled) give their room back.
+            self._decoding -= admission.pending
+            self._admitted -= admission.pending
+            self._changed.set()
+
+    def enqueue(self, admission: Admission, pixels: Sequence[Tensor], deadline: float) -> list[WorkItem]:
+        """Queue decoded images of an admitted request; returns their work items."""
+        if len(pixels) > admission.pending:
+            raise ValueError("more images than were admitted")
+        loop = asyncio.get_running_loop()
+        items = [WorkItem(p, deadline, loop.create_future()) for p in pixels]
+        self._queue.extend(items)
+        admission.pending -= len(items)
+        self._decoding -= len(items)
+        self._metrics.queue_depth.labels(self.model_name).set(len(self._queue))
+        self._changed.set()
+        return items
+
+    def cancel(self, items: Sequence[WorkItem], reason: str) -> None:
+        """Withdraw a request's images that have not run yet (deadline passed or client gone)."""
+        removed = 0
+        for item in items:
+            if not item.future.done():
+                item.future.cancel()
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(item)
+                    removed += 1
+        self._admitted -= removed
+        if removed:
+            self._metrics.dropped.labels(self.model_name, reason).inc(removed)
+            self._metrics.queue_depth.labels(self.model_name).set(len(self._queue))
+            self._changed.set()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def admitted(self) -> int:
+        return self._admitted
+
+    # --- the batcher task ------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name=f"batcher-{self.model_name}")
+
+    async def stop(self) -> None:
+        """Refuse new work and stop; the caller drains accepted requests first."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for item in self._queue:
+            if not item.future.done():
+                item.future.set_exception(ShuttingDown("the service stopped before this image ran"))
+        self._queue.clear()
+        self._executor.shutdown(wait=True)
+
+    def close(self) -> None:
+        """Refuse new requests from now on (drain); queued work still runs."""
+        self._closed = True
+
+    async def _loop(self) -> None:
+        while True:
+            while not self._queue:
+                self._changed.clear()
+                await self._changed.wait()
+            await self._gather_more()
+            batch = self._take_batch()
+            if batch:
+                await self._run(batch)
+
+    async def _gather_more(self) -> None:
+        """Wait (at most the batch delay) for images still being decoded, when that would fill the batch more."""
+        if self._max_delay <= 0:
+            return
+        give_up = self._queue[0].enqueued + self._max_delay
+        while len(self._queue) < self.max_batch_size and self._decoding > 0:
+            remaining = give_up - time.monotonic()
+            if remaining <= 0:
+                return
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    def _take_batch(self) -> list[WorkItem]:
+        now = time.monotonic()
+        batch: list[WorkItem] = []
+        expired = 0
+        while self._queue and len(batch) < self.max_batch_size:
+            item = self._queue.popleft()
+            self._admitted -= 1
+            if item.deadline <= now:
+                item.future.set_exception(DeadlineExceeded("the request deadline passed while it was queued"))
+                expired += 1
+                continue
+            batch.append(item)
+        if expired:
+            self._metrics.dropped.labels(self.model_name, "deadline").inc(expired)
+        self._metrics.queue_depth.labels(self.model_name).set(len(self._queue))
+        wait = self._metrics.queue_wait.labels(self.model_name)
+        for item in batch:
+            item.queue_s = now - item.enqueued
+            item.batch_size = len(batch)
+            wait.observe(item.queue_s)
+        return batch
+
+    async def _run(self, batch: list[WorkItem]) -> None:
+        loop = asyncio.get_running_loop()
+        pixels = [item.pixels for item in batch]
+        started = time.perf_counter()
+        try:
+            probs = await loop.run_in_executor(self._executor, self._forward_with_oom_retry, pixels)
+        except Exception as e:
+            self._metrics.batch_failures.labels(self.model_name).inc()
+            log.exception("forward pass failed", extra={"model": self.model_name, "batch_size": len(batch)})
+            error = InferenceFailed(f"inference failed on a batch of {len(batch)}: {type(e).__name__}")
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            return
+        elapsed = time.perf_counter() - started
+        self._metrics.forward_duration.labels(self.model_name).observe(elapsed)
+        self._metrics.batch_size.labels(self.model_name).observe(len(batch))
+        self._metrics.images.labels(self.model_name).inc(len(batch))
+        for i, item in enumerate(batch):
+            item.forward_s = elapsed
+            if not item.future.done():
+                item.future.set_result(probs[i])
+
+    def _forward_with_oom_retry(self, pixels: Sequence[Tensor]) -> Tensor:
+        """Run the batch; on out-of-memory, retry once as two half batches."""
+        try:
+            return self._runner(pixels)
+        except torch.OutOfMemoryError:
+            if len(pixels) == 1:
+                raise
+            log.warning("out of memory on a batch of %d; retrying as two halves", len(pixels))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(pixels) // 2
+            return torch.cat([self._runner(pixels[:half]), self._runner(pixels[half:])])

@@ -1,0 +1,74 @@
+"""``deit-serve`` / ``python -m service``: flags and DEIT_* variables → Settings → uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.app import create_app
+from service.logs import configure_logging
+from service.server import DrainingServer
+from service.settings import Settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deit-serve",
+        description="Serve DeiT image classifiers over HTTP with dynamic batching. Every flag can also be set as "
+        "an environment variable DEIT_<NAME> (e.g. DEIT_MAX_BATCH_SIZE=16); flags win.",
+    )
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = field.default if not isinstance(field.default, tuple) else ",".join(field.default)
+        help_text = f"{field.description or ''} [env DEIT_{name.upper()}; default: {default}]"
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            choices = (
+                typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else None
+            )
+            parser.add_argument(flag, dest=name, default=None, choices=choices, help=help_text, metavar=name.upper())
+    return parser
+
+
+def load_settings(argv: Sequence[str] | None = None) -> Settings:
+    args = _parser().parse_args(argv)
+    overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if v is not None}
+    return Settings(**overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        settings = load_settings(argv)
+    except ValidationError as e:
+        for err in e.errors():
+            where = ".".join(str(x) for x in err["loc"]) or "settings"
+            print(f"deit-serve: invalid setting {where}: {err['msg']}", file=sys.stderr)
+        sys.exit(2)
+    configure_logging(settings.log_level)
+    server: DrainingServer | None = None
+
+    def on_fatal() -> None:
+        if server is not None:
+            server.fail()
+
+    app = create_app(settings, on_fatal=on_fatal)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+        loop="auto",
+        http="auto",
+    )
+    server = DrainingServer(config, app.state.lifecycle, settings.drain_timeout_s)
+    server.run()
+    sys.exit(server.exit_code)

@@ -1,0 +1,67 @@
+"""Service phases (starting → ready → draining) and the count of requests in flight, for /readyz and drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+from collections.abc import Iterator
+
+from service.errors import NotReady, ShuttingDown
+
+
+class Phase(str, enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    FAILED = "failed"
+
+
+class Lifecycle:
+    """Set from the lifespan and the signal handler; read by every classification request."""
+
+    def __init__(self) -> None:
+        self.phase = Phase.STARTING
+        self.error: str | None = None
+        self._inflight = 0
+        self._idle: asyncio.Event | None = None
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def check_accepting(self) -> None:
+        if self.phase is Phase.DRAINING:
+            raise ShuttingDown("the service is shutting down; retry on another instance")
+        if self.phase is not Phase.READY:
+            raise NotReady("the service is still loading its models")
+
+    def begin_drain(self) -> None:
+        """Stop taking work (safe to call from a signal handler: it only flips the phase)."""
+        self.phase = Phase.DRAINING
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """Count a classification request as in flight for its whole duration."""
+        self._inflight += 1
+        if self._idle is not None:
+            self._idle.clear()
+        try:
+            yield
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0 and self._idle is not None:
+                self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight; False when ``timeout`` passed first."""
+        if self._idle is None:
+            self._idle = asyncio.Event()
+        if self._inflight == 0:
+            return True
+        self._idle.clear()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True

@@ -1,0 +1,65 @@
+"""Every Prometheus metric of the service, declared in one place with explicit buckets, on a per-app registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Milliseconds to tens of seconds: covers a cached tiny model on GPU up to a queued base model on CPU.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
+    """Powers of two up to the max batch size, plus the max itself, so every size 1…max lands in a tight bucket."""
+    buckets = {1.0, float(max_batch_size)}
+    b = 2
+    while b < max_batch_size:
+        buckets.add(float(b))
+        b *= 2
+    return tuple(sorted(buckets))
+
+
+class Metrics:
+    """Owns a registry so that several apps (tests, workers) never share or collide on global state."""
+
+    def __init__(self, max_batch_size: int, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "deit_requests", "HTTP requests by model, endpoint and status code", ["model", "endpoint", "status"],
+            registry=r,
+        )  # fmt: skip
+        self.request_duration = Histogram(
+            "deit_request_duration_seconds", "Time from request start to response", ["model", "endpoint"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "deit_queue_wait_seconds", "Time an image waited in the queue before its batch ran", ["model"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "deit_batch_size", "Images per forward pass", ["model"],
+            buckets=batch_size_buckets(max_batch_size), registry=r,
+        )  # fmt: skip
+        self.forward_duration = Histogram(
+            "deit_forward_duration_seconds", "Duration of one batched forward pass", ["model"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.preprocess_duration = Histogram(
+            "deit_preprocess_duration_seconds", "Decode + preprocess time of one image", ["model"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_depth = Gauge("deit_queue_depth", "Images waiting for a batch", ["model"], registry=r)
+        self.images = Counter("deit_images", "Images classified", ["model"], registry=r)
+        self.rejected = Counter(
+            "deit_rejected", "Requests refused before inference, by reason", ["model", "reason"], registry=r
+        )
+        self.dropped = Counter(
+            "deit_dropped", "Queued images dropped before their batch ran, by reason", ["model", "reason"], registry=r
+        )
+        self.batch_failures = Counter("deit_batch_failures", "Forward passes that raised", ["model"], registry=r)
+        self.model_info = Gauge(
+            "deit_model_info", "Loaded models (value 1)", ["model", "architecture", "dtype", "device"], registry=r
+        )
+        self.inflight = Gauge("deit_inflight_requests", "Requests being handled", registry=r)
+        self.ready = Gauge("deit_ready", "1 when every model is loaded and warm and the service is not draining",
+                           registry=r)  # fmt: skip

@@ -1,0 +1,79 @@
+"""Per-request bookkeeping as plain ASGI: request id, latency and status metrics, one JSON access-log line."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.metrics import Metrics
+
+log = logging.getLogger("deit_serve.access")
+
+_VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, metrics: Metrics, access_log: bool) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = dict(scope["headers"])
+        incoming = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if _VALID_ID.match(incoming) else uuid.uuid4().hex
+        state: dict[str, Any] = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        self.metrics.inflight.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self.metrics.inflight.dec()
+            self._record(scope, state, status, time.perf_counter() - started, request_id)
+
+    def _record(self, scope: Scope, state: dict[str, Any], status: int, elapsed: float, request_id: str) -> None:
+        route = scope.get("route")
+        endpoint = getattr(route, "path", None) or "unmatched"
+        model = state.get("model", "")
+        self.metrics.requests.labels(model, endpoint, str(status)).inc()
+        self.metrics.request_duration.labels(model, endpoint).observe(elapsed)
+        if not self.access_log or endpoint in ("/healthz", "/readyz", "/metrics"):
+            return
+        stats = state.get("stats")
+        extra: dict[str, Any] = {
+            "request_id": request_id,
+            "method": scope["method"],
+            "path": scope["path"],
+            "status": status,
+            "duration_ms": round(elapsed * 1000, 2),
+            "model": model or None,
+        }
+        if stats is not None:
+            extra.update(
+                images=stats.images,
+                batch_size=list(stats.batch_sizes),
+                queue_ms=round(stats.queue_ms, 2),
+                inference_ms=round(stats.inference_ms, 2),
+            )
+        if "error_code" in state:
+            extra["error"] = state["error_code"]
+        log.info("request", extra=extra)

@@ -1,0 +1,177 @@
+"""HTTP endpoints; each handler is a few lines over the store, the batcher and the lifecycle."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.auth import check_api_key
+from service.errors import InvalidParameter, NotReady
+from service.inference import RequestStats, classify
+from service.lifecycle import Phase
+from service.schemas import ClassifyResponse, ErrorBody, Health, ModelInfo, ModelList
+from service.state import AppState, app_state, json_response
+from service.store import ServedModel
+from service.uploads import FILE_FIELD, read_uploads
+
+
+def _require_key(request: Request) -> None:
+    check_api_key(request, app_state(request).settings.api_keys)
+
+
+def _require_metrics_key(request: Request) -> None:
+    settings = app_state(request).settings
+    if settings.protect_metrics:
+        check_api_key(request, settings.api_keys)
+
+
+State = Annotated[AppState, Depends(app_state)]
+Authorized = Depends(_require_key)
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorBody} for code in codes}
+
+
+router = APIRouter()
+
+_CLASSIFY_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [FILE_FIELD],
+                    "properties": {
+                        FILE_FIELD: {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "one or more images (repeat the field)",
+                        }
+                    },
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    summary="Classify one or more images",
+    description="Multipart upload with repeated field `file`, or one image as a raw `image/*` body. Scores are the "
+    "softmax of the averaged CLS and distillation logits. Images of many requests share forward passes.",
+    responses=_errors(400, 401, 404, 413, 415, 422, 499, 500, 503, 504),
+    openapi_extra=_CLASSIFY_BODY,
+    dependencies=[Authorized],
+)
+async def classify_images(
+    request: Request,
+    state: State,
+    model: Annotated[str | None, Query(description="model name (default model when omitted)")] = None,
+    top_k: Annotated[int | None, Query(ge=1, description="predictions per image (default 5)")] = None,
+    x_request_timeout: Annotated[
+        float | None, Header(gt=0, description="seconds this request may take (capped by the server)")
+    ] = None,
+) -> Response:
+    settings = state.settings
+    state.lifecycle.check_accepting()
+    served = state.store.get(model)
+    request.state.model = served.name
+    num_labels = len(served.labels)
+    if top_k is not None and top_k > num_labels:
+        raise InvalidParameter(f"top_k={top_k} exceeds the {num_labels} labels of model {served.name!r}")
+    k = min(top_k or settings.default_top_k, num_labels)
+    timeout = min(x_request_timeout or settings.request_timeout_s, settings.max_request_timeout_s)
+    deadline = time.monotonic() + timeout
+    served.batcher.check_room(1)  # refuse before reading the body when the queue is already full
+    with state.lifecycle.request():
+        uploads = await read_uploads(request, settings.max_upload_bytes, settings.max_files)
+        stats = RequestStats()
+        request.state.stats = stats
+        results = await classify(
+            served,
+            uploads,
+            top_k=k,
+            deadline=deadline,
+            pool=state.preprocess_pool,
+            max_pixels=settings.max_image_pixels,
+            metrics=state.metrics,
+            disconnected=lambda: _wait_for_disconnect(request),
+            stats=stats,
+        )
+    body = {"model": served.name, "results": [r.model_dump() for r in results]}
+    return json_response(body)
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Returns when the client goes away (after the body was read, the next ASGI message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _model_info(served: ServedModel, default: str | None) -> ModelInfo:
+    cp = served.checkpoint
+    return ModelInfo(
+        name=served.name,
+        architecture=cp.config.architecture.value,
+        num_labels=cp.config.num_labels,
+        image_size=cp.config.image_size,
+        input_size=served.preprocessor.cfg.output_size,
+        dtype=str(cp.dtype).removeprefix("torch."),
+        device=str(cp.device),
+        parameters=cp.num_parameters,
+        ready=served.ready,
+        default=served.name == default,
+    )
+
+
+@router.get("/v1/models", response_model=ModelList, responses=_errors(401), dependencies=[Authorized])
+async def list_models(state: State) -> ModelList:
+    store = state.store
+    return ModelList(models=[_model_info(m, store.default_name) for m in store.models.values()])
+
+
+@router.get("/v1/models/{name}", response_model=ModelInfo, responses=_errors(401, 404), dependencies=[Authorized])
+async def get_model(name: str, state: State) -> ModelInfo:
+    return _model_info(state.store.get(name), state.store.default_name)
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+async def healthz() -> Health:
+    return Health(status="alive")
+
+
+@router.get(
+    "/readyz",
+    response_model=Health,
+    summary="Readiness: every model loaded and warm, not draining",
+    responses=_errors(503),
+)
+async def readyz(state: State) -> Health:
+    phase = state.lifecycle.phase
+    if phase is not Phase.READY:
+        error = NotReady(f"not ready: {phase.value}" + (f" ({state.lifecycle.error})" if state.lifecycle.error else ""))
+        error.headers = {"Retry-After": "1"}
+        raise error
+    return Health(status="ready")
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, **_errors(401)},
+    dependencies=[Depends(_require_metrics_key)],
+)
+async def metrics(state: State) -> Response:
+    state.metrics.ready.set(1 if state.lifecycle.phase is Phase.READY else 0)
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -78,7 +78,7 @@ async def _await_items(
     cancel: Callable[[Sequence[WorkItem], str], None],
     items: list[WorkItem],
     deadline: float,
-    disconnected: Awaitable[object],
+    disconnected: Callable[[], Awaitable[object]],
 ) -> list[Tensor]:
     """Results of the request's images, or its items withdrawn from the queue on deadline / disconnect."""
     waiter: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*(i.future for i in items)))

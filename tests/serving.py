@@ -1,0 +1,136 @@
+"""Support for service tests: tiny model stores, images, and a real ``deit-serve`` process on a free port."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_MODEL = REPO / "model_store" / "deit-tiny-digits"
+
+
+def write_tiny_model(directory: Path, num_labels: int = 10, image_size: int = 32, seed: int = 0) -> Path:
+    """A random-weight distilled DeiT in HF format, written by transformers itself, with a preprocessor config."""
+    import torch
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
+
+    torch.manual_seed(seed)
+    labels = {i: f"class_{i}" for i in range(num_labels)}
+    config = DeiTConfig(
+        image_size=image_size,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=num_labels,
+        id2label=labels,
+        label2id={v: k for k, v in labels.items()},
+    )
+    DeiTForImageClassificationWithTeacher(config).eval().save_pretrained(directory)
+    preprocess = {"size": image_size + 4, "crop_size": image_size, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    (directory / "preprocessor_config.json").write_text(json.dumps(preprocess))
+    return directory
+
+
+def image_bytes(
+    size: tuple[int, int] = (48, 40), color: tuple[int, int, int] = (200, 30, 30), fmt: str = "PNG"
+) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class ServerProcess:
+    """A ``python -m service`` child process; ``url`` is its base URL."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_records(self) -> list[dict[str, object]]:
+        records = []
+        for line in self.log().splitlines():
+            if line.startswith("{"):
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    continue
+        return records
+
+    def terminate(self, sig: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.process.wait(timeout=timeout)
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes] | None = None, timeout: float = 60.0) -> None:
+    """Poll /readyz until 200 (bounded), failing early if the process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before becoming ready")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+@contextmanager
+def run_server(
+    store: Path, tmp_path: Path, env: Mapping[str, str] | None = None, args: list[str] | None = None,
+    wait: bool = True,
+) -> Iterator[ServerProcess]:  # fmt: skip
+    """Start ``python -m service`` on a free port with ``DEIT_*`` settings; always stopped afterwards."""
+    port = free_port()
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("DEIT_")}
+    full_env.update({"DEIT_MODEL_STORE": str(store), "DEIT_PORT": str(port), "DEIT_HOST": "127.0.0.1"})
+    full_env.update(env or {})
+    log_path = tmp_path / f"server-{port}.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", *(args or [])], env=full_env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path, full_env)
+    try:
+        if wait:
+            wait_ready(server.url, process)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

@@ -137,7 +137,7 @@ class DeiTConfig:
                 model_type=str(model_type),
                 architecture=arch,
                 id2label=id2label,
-                torch_dtype=str(raw.get("torch_dtype") or "float32"),
+                torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
             )
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{source}: {e}") from e

@@ -22,6 +22,9 @@ from service.errors import CheckpointError, EmptyUpload, ImageTooLarge, InvalidI
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+# What ``DeiTImageProcessor`` falls back to when ``preprocessor_config.json`` omits ``image_mean``/``image_std``.
+IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
+IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
 _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
@@ -86,8 +89,8 @@ class PreprocessConfig:
             rh, rw = int(size["height"]), int(size["width"])
         crop = raw.get("crop_size", {"height": d.crop_height, "width": d.crop_width})
         ch, cw = (crop, crop) if isinstance(crop, int) else (int(crop["height"]), int(crop["width"]))
-        mean = raw.get("image_mean", d.image_mean)
-        std = raw.get("image_std", d.image_std)
+        mean = raw.get("image_mean", IMAGENET_STANDARD_MEAN)
+        std = raw.get("image_std", IMAGENET_STANDARD_STD)
         mean = [float(mean)] * 3 if isinstance(mean, (int, float)) else [float(x) for x in mean]
         std = [float(std)] * 3 if isinstance(std, (int, float)) else [float(x) for x in std]
         if len(mean) != 3 or len(std) != 3:
@@ -241,5 +244,5 @@ class Preprocessor:
                 image = image.resize(size, resample=Image.Resampling(cfg.resample))
         if cfg.do_center_crop:
             image = _center_crop(image, cfg.crop_height, cfg.crop_width)
-        pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).to(torch.float32)
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).to(torch.float32)
         return pixels.mul_(self._scale).sub_(self._shift)

@@ -1,12 +1,42 @@
-"""Fixtures shared by the service tests: a tiny model store written once per session."""
+"""Fixtures shared across the test suite."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import PreTrainedModel
+from transformers.utils import logging as transformers_logging
 
+from tests.factories import TINY, hf_model, save_hf
 from tests.serving import write_tiny_model
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Quiet, predictable runs: no progress bars, and one intra-op thread since tiny models gain nothing from more."""
+    transformers_logging.disable_progress_bar()
+    # OpenMP spin-waiting costs more than the tiny matmuls it splits; on a busy machine it slowed the suite 3×.
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def pixel_values() -> torch.Tensor:
+    """A reproducible batch of 3 images at the tiny models' native resolution."""
+    size = TINY["image_size"]
+    return torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1234))
+
+
+@pytest.fixture
+def distilled_model() -> PreTrainedModel:
+    """transformers' two-head DeiT with the tiny shapes and random weights."""
+    return hf_model("distilled", seed=7)
+
+
+@pytest.fixture
+def distilled_dir(distilled_model: PreTrainedModel, tmp_path: Path) -> Path:
+    """``distilled_model`` saved by ``save_pretrained`` as a safetensors checkpoint directory."""
+    return save_hf(distilled_model, tmp_path / "deit-tiny-distilled")
 
 
 @pytest.fixture(scope="session")

@@ -134,3 +134,80 @@ def run_server(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def noise_image_bytes(seed: int, size: tuple[int, int] = (40, 36)) -> bytes:
+    """A PNG of seeded random pixels: distinct seeds give distinct predictions, unlike flat colours."""
+    import numpy as np
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class Scrape:
+    """One parsed ``/metrics`` page (Prometheus text format, read by prometheus_client's own parser)."""
+
+    families: dict[str, list[tuple[str, dict[str, str], float]]]
+
+    @classmethod
+    def parse(cls, text: str) -> Scrape:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        families: dict[str, list[tuple[str, dict[str, str], float]]] = {}
+        for family in text_string_to_metric_families(text):
+            families[family.name] = [(s.name, dict(s.labels), float(s.value)) for s in family.samples]
+        return cls(families)
+
+    def value(self, sample: str, **labels: str) -> float:
+        """Sum of the samples named ``sample`` whose labels include ``labels``; 0 when none match."""
+        return sum(
+            value
+            for samples in self.families.values()
+            for name, sample_labels, value in samples
+            if name == sample and all(sample_labels.get(k) == v for k, v in labels.items())
+        )
+
+    def has_sample(self, sample: str, **labels: str) -> bool:
+        return any(
+            name == sample and all(sample_labels.get(k) == v for k, v in labels.items())
+            for samples in self.families.values()
+            for name, sample_labels, _ in samples
+        )
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def run_default_server(tmp_path: Path, wait: bool = True) -> Iterator[ServerProcess]:
+    """``deit-serve`` as a user starts it: the console script, no model store setting, from an unrelated directory.
+
+    Only the listening address is set (``DEIT_HOST``/``DEIT_PORT``), so the model store is the built-in default.
+    """
+    executable = Path(sys.executable).parent / "deit-serve"
+    if not executable.is_file():
+        raise FileNotFoundError(f"{executable} is missing: install the project (scripts/setup) to get the command")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEIT_")}
+    env.update({"DEIT_PORT": str(port), "DEIT_HOST": "127.0.0.1"})
+    log_path = tmp_path / f"server-{port}.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen([str(executable)], env=env, cwd=tmp_path, stdout=log_file, stderr=subprocess.STDOUT)
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path, env)
+    try:
+        if wait:
+            wait_ready(server.url, process)
+        yield server
+    finally:
+        stop_process(process)

@@ -1,0 +1,194 @@
+"""Forward-pass throughput of our DeiT against transformers' (SDPA attention), same weights, dtype and device.
+
+Both models are timed in one process, in alternating rounds, so the ratio is not skewed by other load drifting in
+or out. Random weights; each model is first checked to give the same logits as the other.
+
+    .venv/bin/python benchmarks/model_forward.py                       # tiny/small/base × batch 1/8/32
+    .venv/bin/python benchmarks/model_forward.py --sizes tiny --batches 1,8 --rounds 3 --round-time 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
+from transformers.utils import logging as transformers_logging
+
+from service.checkpoints import cpu_supports_bf16, load_checkpoint
+
+# The released distilled 224 variants (deit-reference.md): 12 layers, patch 16, MLP ratio 4, head_dim 64.
+SIZES: dict[str, tuple[int, int]] = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Result:
+    size: str
+    dtype: str
+    batch: int
+    ours_img_s: float
+    hf_img_s: float
+    max_abs_diff: float
+
+    @property
+    def ratio(self) -> float:
+        return self.ours_img_s / self.hf_img_s
+
+
+def hf_config(size: str) -> DeiTConfig:
+    hidden, heads = SIZES[size]
+    return DeiTConfig(
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=12,
+        image_size=224,
+        patch_size=16,
+        num_labels=1000,
+        attn_implementation="sdpa",
+    )
+
+
+def build_pair(size: str, dtype: torch.dtype, device: torch.device, directory: Path) -> tuple[nn.Module, nn.Module]:
+    """The same random weights as transformers' model and as ours, both in ``dtype`` on ``device``."""
+    if not (directory / "config.json").is_file():
+        torch.manual_seed(0)
+        DeiTForImageClassificationWithTeacher(hf_config(size)).save_pretrained(directory)
+    reference = DeiTForImageClassificationWithTeacher.from_pretrained(
+        directory, dtype=dtype, attn_implementation="sdpa"
+    )
+    reference = reference.to(device).eval().requires_grad_(False)
+    ours = load_checkpoint(directory, device=device, dtype=dtype).model
+    return ours, reference
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_iters(fn: Callable[[], object], iters: int, device: torch.device) -> float:
+    """Seconds per call, averaged over ``iters`` back-to-back calls."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+def compare(
+    ours: nn.Module, reference: nn.Module, x: Tensor, rounds: int, round_time: float, device: torch.device
+) -> tuple[float, float, float]:
+    """Per-call seconds of ours and of transformers (median over alternating rounds), and the largest logit gap."""
+
+    def run_ours() -> Tensor:
+        return ours(x)
+
+    def run_reference() -> Tensor:
+        return reference(pixel_values=x).logits
+
+    with torch.inference_mode():
+        gap = (run_ours().float() - run_reference().float()).abs().max().item()
+        # Warm-up (allocator, kernel selection), and a first estimate of the per-call time.
+        estimate = max(_time_iters(run_ours, 1, device), _time_iters(run_reference, 1, device))
+        iters = max(1, round(round_time / max(estimate, 1e-6)))
+        ours_times: list[float] = []
+        reference_times: list[float] = []
+        for i in range(rounds):
+            order = [(run_ours, ours_times), (run_reference, reference_times)]
+            for fn, times in order if i % 2 == 0 else order[::-1]:
+                times.append(_time_iters(fn, iters, device))
+    return statistics.median(ours_times), statistics.median(reference_times), gap
+
+
+def default_dtypes(device: torch.device) -> list[str]:
+    return ["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32", "bf16"]
+
+
+def run(
+    sizes: Sequence[str],
+    dtypes: Sequence[str],
+    batches: Sequence[int],
+    device: torch.device,
+    rounds: int,
+    round_time: float,
+) -> list[Result]:
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="deit-bench-") as tmp:
+        for size in sizes:
+            directory = Path(tmp) / size
+            for dtype_name in dtypes:
+                dtype = DTYPES[dtype_name]
+                ours, reference = build_pair(size, dtype, device, directory)
+                for batch in batches:
+                    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
+                    x = x.to(device=device, dtype=dtype)
+                    ours_s, ref_s, gap = compare(ours, reference, x, rounds, round_time, device)
+                    result = Result(size, dtype_name, batch, batch / ours_s, batch / ref_s, gap)
+                    results.append(result)
+                    print(_row(result), flush=True)
+                del ours, reference
+    return results
+
+
+_HEADER = (
+    f"{'model':<6} {'dtype':<5} {'batch':>5} {'ours img/s':>11} {'transformers img/s':>19} {'ratio':>6} {'max|Δ|':>8}"
+)
+
+
+def _row(r: Result) -> str:
+    return (
+        f"{r.size:<6} {r.dtype:<5} {r.batch:>5} {r.ours_img_s:>11.1f} {r.hf_img_s:>19.1f} {r.ratio:>6.2f} "
+        f"{r.max_abs_diff:>8.1e}"
+    )
+
+
+def _csv_ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _csv(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--sizes", type=_csv, default=list(SIZES), help="comma-separated: tiny,small,base")
+    parser.add_argument("--batches", type=_csv_ints, default=[1, 8, 32], help="comma-separated batch sizes")
+    parser.add_argument("--dtypes", type=_csv, default=None, help="fp32,bf16 (CPU); fp32,bf16,fp16 on CUDA")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating timed rounds per model (median taken)")
+    parser.add_argument("--round-time", type=float, default=1.0, help="target seconds per model per round")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args(argv)
+
+    unknown = [s for s in args.sizes if s not in SIZES] + [d for d in args.dtypes or [] if d not in DTYPES]
+    if unknown:
+        parser.error(f"unknown size or dtype: {unknown}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    transformers_logging.disable_progress_bar()
+    device = torch.device(args.device)
+    dtypes = args.dtypes or default_dtypes(device)
+
+    cpu_note = "" if device.type == "cuda" else f", native bf16: {cpu_supports_bf16()}"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"torch {torch.__version__}, {name}, {torch.get_num_threads()} threads{cpu_note}")
+    print(f"rounds {args.rounds} × ~{args.round_time:g}s per model; ratio = ours / transformers (higher is faster)")
+    print(_HEADER, flush=True)
+    run(args.sizes, dtypes, args.batches, device, args.rounds, args.round_time)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

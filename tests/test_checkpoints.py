@@ -155,7 +155,7 @@ def test_unknown_dtype_is_refused(distilled_dir: Path) -> None:
         load_checkpoint(distilled_dir, dtype="float8")
 
 
-def test_cuda_request_without_cuda_is_refused() -> None:
+def test_cuda_device_needs_cuda() -> None:
     if torch.cuda.is_available():
         assert resolve_device("cuda").type == "cuda"
     else:

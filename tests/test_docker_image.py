@@ -213,7 +213,7 @@ def test_image_serves_the_demo_model_and_drains_on_sigterm(
     assert response.status_code == 200, response.text
     (result,) = response.json()["results"]
     top = result["predictions"][0]
-    assert top["label"] == sample.name[0], f"{sample.name} classified as {result['predictions']}"
+    assert top["label"] == sample.name.split("_")[0], f"{sample.name} classified as {result['predictions']}"
 
     metrics = httpx.get(f"{url}/metrics", timeout=10.0).text
     assert re.search(r'^deit_requests_total\{[^}]*endpoint="/classify"[^}]*status="200"[^}]*\} 1\.0$', metrics, re.M), (

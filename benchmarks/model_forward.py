@@ -1,10 +1,11 @@
 """Forward-pass throughput of our DeiT against transformers' (SDPA attention), same weights, dtype and device.
 
-Both models are timed in one process, in alternating rounds, so the ratio is not skewed by other load drifting in
-or out. Random weights; each model is first checked to give the same logits as the other.
+Both models are timed in one process, in many short alternating rounds; the ratio is the median of the per-round
+ratios, so load that drifts in or out skews both sides alike. Random weights; the logits are compared first.
+On a shared CPU, ``--threads 1 --clock cpu`` counts only the CPU time this process got.
 
     .venv/bin/python benchmarks/model_forward.py                       # tiny/small/base × batch 1/8/32
-    .venv/bin/python benchmarks/model_forward.py --sizes tiny --batches 1,8 --rounds 3 --round-time 0.5
+    .venv/bin/python benchmarks/model_forward.py --sizes tiny --batches 1,8 --rounds 5 --round-time 0.3
 """
 
 from __future__ import annotations
@@ -37,11 +38,8 @@ class Result:
     batch: int
     ours_img_s: float
     hf_img_s: float
+    ratio: float
     max_abs_diff: float
-
-    @property
-    def ratio(self) -> float:
-        return self.ours_img_s / self.hf_img_s
 
 
 def hf_config(size: str) -> DeiTConfig:
@@ -76,20 +74,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_iters(fn: Callable[[], object], iters: int, device: torch.device) -> float:
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _time_iters(fn: Callable[[], object], iters: int, device: torch.device, clock: Callable[[], float]) -> float:
     """Seconds per call, averaged over ``iters`` back-to-back calls."""
     _sync(device)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(iters):
         fn()
     _sync(device)
-    return (time.perf_counter() - start) / iters
+    return (clock() - start) / iters
 
 
 def compare(
-    ours: nn.Module, reference: nn.Module, x: Tensor, rounds: int, round_time: float, device: torch.device
-) -> tuple[float, float, float]:
-    """Per-call seconds of ours and of transformers (median over alternating rounds), and the largest logit gap."""
+    ours: nn.Module,
+    reference: nn.Module,
+    x: Tensor,
+    rounds: int,
+    round_time: float,
+    device: torch.device,
+    clock: Callable[[], float],
+) -> tuple[float, float, float, float]:
+    """Median per-call seconds of ours and of transformers, median per-round speed ratio, largest logit gap."""
 
     def run_ours() -> Tensor:
         return ours(x)
@@ -100,15 +107,16 @@ def compare(
     with torch.inference_mode():
         gap = (run_ours().float() - run_reference().float()).abs().max().item()
         # Warm-up (allocator, kernel selection), and a first estimate of the per-call time.
-        estimate = max(_time_iters(run_ours, 1, device), _time_iters(run_reference, 1, device))
+        estimate = max(_time_iters(run_ours, 1, device, clock), _time_iters(run_reference, 1, device, clock))
         iters = max(1, round(round_time / max(estimate, 1e-6)))
         ours_times: list[float] = []
         reference_times: list[float] = []
         for i in range(rounds):
             order = [(run_ours, ours_times), (run_reference, reference_times)]
             for fn, times in order if i % 2 == 0 else order[::-1]:
-                times.append(_time_iters(fn, iters, device))
-    return statistics.median(ours_times), statistics.median(reference_times), gap
+                times.append(_time_iters(fn, iters, device, clock))
+    ratio = statistics.median(r / o for o, r in zip(ours_times, reference_times, strict=True))
+    return statistics.median(ours_times), statistics.median(reference_times), ratio, gap
 
 
 def default_dtypes(device: torch.device) -> list[str]:
@@ -122,6 +130,7 @@ def run(
     device: torch.device,
     rounds: int,
     round_time: float,
+    clock: Callable[[], float],
 ) -> list[Result]:
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="deit-bench-") as tmp:
@@ -133,8 +142,8 @@ def run(
                 for batch in batches:
                     x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
                     x = x.to(device=device, dtype=dtype)
-                    ours_s, ref_s, gap = compare(ours, reference, x, rounds, round_time, device)
-                    result = Result(size, dtype_name, batch, batch / ours_s, batch / ref_s, gap)
+                    ours_s, ref_s, ratio, gap = compare(ours, reference, x, rounds, round_time, device, clock)
+                    result = Result(size, dtype_name, batch, batch / ours_s, batch / ref_s, ratio, gap)
                     results.append(result)
                     print(_row(result), flush=True)
                 del ours, reference
@@ -167,8 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batches", type=_csv_ints, default=[1, 8, 32], help="comma-separated batch sizes")
     parser.add_argument("--dtypes", type=_csv, default=None, help="fp32,bf16 (CPU); fp32,bf16,fp16 on CUDA")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating timed rounds per model (median taken)")
-    parser.add_argument("--round-time", type=float, default=1.0, help="target seconds per model per round")
+    parser.add_argument("--rounds", type=int, default=9, help="alternating timed rounds per model (median taken)")
+    parser.add_argument("--round-time", type=float, default=0.5, help="target seconds per model per round")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="cpu: process CPU time (use 1 thread)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
 
@@ -184,9 +194,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     cpu_note = "" if device.type == "cuda" else f", native bf16: {cpu_supports_bf16()}"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__}, {name}, {torch.get_num_threads()} threads{cpu_note}")
-    print(f"rounds {args.rounds} × ~{args.round_time:g}s per model; ratio = ours / transformers (higher is faster)")
+    if args.clock == "cpu" and (device.type == "cuda" or torch.get_num_threads() > 1):
+        parser.error("--clock cpu measures one CPU thread's work: use it with --threads 1 on CPU")
+    print(
+        f"{args.rounds} rounds × ~{args.round_time:g}s per model, {args.clock} clock; "
+        "ratio = median per-round (transformers time / ours time), > 1: ours faster"
+    )
     print(_HEADER, flush=True)
-    run(args.sizes, dtypes, args.batches, device, args.rounds, args.round_time)
+    run(args.sizes, dtypes, args.batches, device, args.rounds, args.round_time, CLOCKS[args.clock])
     return 0
 
 

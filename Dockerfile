@@ -9,16 +9,19 @@
 # pay off on a GPU node. For a GPU image choose the CUDA wheel index that matches TORCH_VERSION and the nodes'
 # driver (see https://pytorch.org/get-started/locally/), e.g.
 #
-#   docker build -t deit-serve:cuda --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
+#   docker build -t deit-serve:cuda --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 \
+#     --build-arg TORCH_VERSION=2.13.0+cu128 .
 #   docker run --rm --gpus all -e DEIT_DEVICE=cuda -p 8000:8000 deit-serve:cuda
+#
+# (The +cu128 local version keeps a CPU wheel found in WHEELS_DIR from being taken instead.)
 #
 # The CUDA wheels bring their own CUDA runtime, cuDNN and NCCL as pip packages, so the slim Python base image is
 # enough: the host only needs the NVIDIA driver and the NVIDIA Container Toolkit. A CUDA base image
 # (BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 with a Python 3.11 installed at the same path in both
 # stages) works as well but adds nothing PyTorch uses. docs/deployment.md has the details.
 #
-# Offline or air-gapped builds: a BASE_IMAGE that carries wheels in WHEELS_DIR (default /opt/wheels) gets PyTorch
-# from there first; the index is used only when no matching wheel is there.
+# Builds that cannot reach PyTorch's index: a BASE_IMAGE that carries the wheel in WHEELS_DIR (default /opt/wheels)
+# gets PyTorch from there first; the index is used only when no matching wheel is there (WHEELS_DIR= : never).
 
 ARG BASE_IMAGE=python:3.11-slim
 
@@ -40,7 +43,7 @@ RUN python3 -m venv /opt/venv
 # its dependencies (sympy, networkx, ...; nvidia-* for CUDA builds) from PyPI and keeps the build already installed.
 # Then drop what serving never uses: C++ headers, C++ test binaries and protoc (for building extensions or testing
 # PyTorch itself; there is no compiler in this image anyway). torch/bin/torch_shm_manager stays: torch needs it.
-RUN (pip install --no-index --find-links "${WHEELS_DIR}" --no-deps "torch==${TORCH_VERSION}" \
+RUN ({ [ -n "${WHEELS_DIR}" ] && pip install --no-index --find-links "${WHEELS_DIR}" --no-deps "torch==${TORCH_VERSION}"; } \
       || pip install --index-url "${TORCH_INDEX_URL}" --no-deps "torch==${TORCH_VERSION}") \
  && pip install "torch==${TORCH_VERSION}" \
  && site=$(python -c "import sysconfig; print(sysconfig.get_path('purelib'))") \

@@ -403,7 +403,7 @@ def model_card(
 
 ## Held-out accuracy
 
-{len(split.test)} held-out digits ({TEST_FRACTION:.0%} of the data, stratified, split seed {SEED}) that neither the
+{len(split.test)} held-out digits ({TEST_FRACTION:.0%} of the data, stratified, split seed {SEED}) that neither the \
 teacher nor the student saw in training:
 
 | classifier | accuracy |

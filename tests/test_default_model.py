@@ -99,6 +99,7 @@ def test_model_directory_stays_small() -> None:
 
 def test_transformers_loads_it_and_agrees() -> None:
     from transformers import DeiTForImageClassificationWithTeacher
+    from transformers.models.deit.image_processing_pil_deit import DeiTImageProcessorPil
 
     checkpoint = _checkpoint("float32")
     reference = DeiTForImageClassificationWithTeacher.from_pretrained(MODEL_DIR, attn_implementation="eager").eval()
@@ -111,3 +112,9 @@ def test_transformers_loads_it_and_agrees() -> None:
     diff = (ours - theirs).abs().max().item()
     print(f"default model: max |ours - transformers| = {diff:.2e}")
     assert diff < 1e-4
+
+    processor = DeiTImageProcessorPil.from_pretrained(MODEL_DIR)
+    preprocessor = Preprocessor(checkpoint.preprocess)
+    images = [decode_image(path.read_bytes(), MAX_PIXELS) for path in sorted((MODEL_DIR / "samples").glob("*.png"))]
+    expected = processor(images, return_tensors="pt")["pixel_values"]
+    assert (torch.stack([preprocessor(image) for image in images]) - expected).abs().max().item() < 1e-5

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -16,7 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import uvicorn
+from fastapi import FastAPI
 from PIL import Image
+
+from service.app import create_app
+from service.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_MODEL = REPO / "model_store" / "deit-tiny-digits"
@@ -211,3 +217,70 @@ def run_default_server(tmp_path: Path, wait: bool = True) -> Iterator[ServerProc
         yield server
     finally:
         stop_process(process)
+
+
+# A DeiT with 578 tokens: tens of milliseconds per image on one CPU thread, so that requests queue behind a batch.
+SLOW_MODEL = {"image_size": 96, "patch_size": 4, "hidden_size": 192, "num_hidden_layers": 4}
+
+
+def write_slow_model(directory: Path, seed: int = 0) -> Path:
+    """A random-weight distilled DeiT large enough that deadlines, disconnects and drain happen while it is busy."""
+    import torch
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
+
+    torch.manual_seed(seed)
+    labels = {i: f"class_{i}" for i in range(10)}
+    config = DeiTConfig(
+        num_attention_heads=4,
+        intermediate_size=2 * SLOW_MODEL["hidden_size"],
+        num_labels=10,
+        id2label=labels,
+        label2id={v: k for k, v in labels.items()},
+        **SLOW_MODEL,
+    )
+    DeiTForImageClassificationWithTeacher(config).eval().save_pretrained(directory)
+    size = SLOW_MODEL["image_size"]
+    preprocess = {"size": size, "crop_size": size, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    (directory / "preprocessor_config.json").write_text(json.dumps(preprocess))
+    return directory
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, from ``VmRSS`` in ``/proc/<pid>/status``."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def multipart(images: list[bytes], prefix: str = "img") -> list[tuple[str, tuple[str, bytes, str]]]:
+    """``files=`` for httpx: one ``file`` field per image."""
+    return [("file", (f"{prefix}{i}.png", data, "image/png")) for i, data in enumerate(images)]
+
+
+@dataclass
+class InProcessServer:
+    """A uvicorn server running ``create_app`` in a thread of the test process, so tests can reach its internals."""
+
+    url: str
+    app: FastAPI
+    server: uvicorn.Server
+
+
+@contextmanager
+def serve_in_process(settings: Settings) -> Iterator[InProcessServer]:
+    """Serve ``create_app(settings)`` on ``settings.port`` from a background thread; stopped (drained) afterwards."""
+    app = create_app(settings)
+    config = uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_config=None, access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{settings.port}"
+    try:
+        wait_ready(url)
+        yield InProcessServer(url, app, server)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        if thread.is_alive():
+            raise RuntimeError("in-process server did not stop within 30 s")

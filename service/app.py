@@ -38,6 +38,12 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         store = ModelStore(settings, metrics)
+
+        def abandon_queued() -> None:
+            for served in store.models.values():
+                served.batcher.abandon()
+
+        lifecycle.on_abandon(abandon_queued)
         pool = ThreadPoolExecutor(max_workers=settings.preprocess_threads, thread_name_prefix="preprocess")
         app.state.deit = AppState(settings, metrics, lifecycle, store, pool)
         loading = asyncio.create_task(_load_models(store, lifecycle, metrics, on_fatal), name="load-models")

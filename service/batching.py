@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown, TooManyFiles
+from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, ServiceError, ShuttingDown, TooManyFiles
 from service.metrics import Metrics
 
 log = logging.getLogger("deit_serve.batching")
@@ -110,6 +110,8 @@ class Batcher:
         """Queue decoded images of an admitted request; returns their work items."""
         if len(pixels) > admission.pending:
             raise ValueError("more images than were admitted")
+        if self._closed:
+            raise ShuttingDown("the service is shutting down; retry on another instance")
         loop = asyncio.get_running_loop()
         items = [WorkItem(p, deadline, loop.create_future()) for p in pixels]
         self._queue.extend(items)
@@ -154,15 +156,30 @@ class Batcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for item in self._queue:
-            if not item.future.done():
-                item.future.set_exception(ShuttingDown("the service stopped before this image ran"))
-        self._queue.clear()
+        self._fail_queued(ShuttingDown("the service stopped before this image ran"))
         self._executor.shutdown(wait=True)
 
     def close(self) -> None:
         """Refuse new requests from now on (drain); queued work still runs."""
         self._closed = True
+
+    def abandon(self) -> None:
+        """The drain ran out of time: refuse new work and answer queued images 503 now; a running batch finishes."""
+        self._closed = True
+        self._fail_queued(ShuttingDown("the service is shutting down before this image could run; retry"))
+
+    def _fail_queued(self, error: ServiceError) -> None:
+        failed = 0
+        while self._queue:
+            item = self._queue.popleft()
+            self._admitted -= 1
+            if not item.future.done():
+                item.future.set_exception(error)
+                failed += 1
+        if failed:
+            self._metrics.dropped.labels(self.model_name, "shutdown").inc(failed)
+        self._metrics.queue_depth.labels(self.model_name).set(0)
+        self._changed.set()
 
     async def _loop(self) -> None:
         while True:

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from service.app import create_app
 from service.logs import configure_logging
-from service.server import DrainingServer
+from service.server import ANSWER_GRACE_S, DrainingServer
 from service.settings import Settings
 
 
@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         port=settings.port,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+        timeout_graceful_shutdown=ANSWER_GRACE_S,
         loop="auto",
         http="auto",
     )

@@ -82,6 +82,7 @@ async def _await_items(
 ) -> list[Tensor]:
     """Results of the request's images, or its items withdrawn from the queue on deadline / disconnect."""
     waiter: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*(i.future for i in items)))
+    waiter.add_done_callback(_consume)  # its error is read below, or nobody is left to read it (task cancelled)
     watcher: asyncio.Future[Any] = asyncio.ensure_future(disconnected())
     try:
         done, _ = await asyncio.wait(
@@ -91,7 +92,6 @@ async def _await_items(
         watcher.cancel()
     if waiter in done:
         return list(waiter.result())
-    waiter.add_done_callback(_consume)
     reason = "disconnect" if watcher in done else "deadline"
     cancel(items, reason)
     waiter.cancel()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from service.errors import NotReady, ShuttingDown
 
@@ -25,6 +25,7 @@ class Lifecycle:
         self.error: str | None = None
         self._inflight = 0
         self._idle: asyncio.Event | None = None
+        self._abandon_hooks: list[Callable[[], None]] = []
 
     @property
     def inflight(self) -> int:
@@ -39,6 +40,15 @@ class Lifecycle:
     def begin_drain(self) -> None:
         """Stop taking work (safe to call from a signal handler: it only flips the phase)."""
         self.phase = Phase.DRAINING
+
+    def on_abandon(self, hook: Callable[[], None]) -> None:
+        """Register what fails the work still waiting when the drain runs out of time."""
+        self._abandon_hooks.append(hook)
+
+    def abandon(self) -> None:
+        """The drain timeout passed: answer waiting requests now (503) instead of cutting their connections."""
+        for hook in self._abandon_hooks:
+            hook()
 
     @contextlib.contextmanager
     def request(self) -> Iterator[None]:

@@ -14,6 +14,9 @@ from service.lifecycle import Lifecycle, Phase
 
 log = logging.getLogger("deit_serve.server")
 
+# After the drain, how long uvicorn waits for the last answers (those of the batch that was running) to go out.
+ANSWER_GRACE_S = 5
+
 
 class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, drain_timeout_s: float) -> None:
@@ -37,8 +40,10 @@ class DrainingServer(uvicorn.Server):
         # Not uvicorn's handler: that one re-raises the signal after shutdown, so the exit status would not be 0.
         if self.lifecycle.phase is Phase.DRAINING or self._loop is None or not self.started:
             self.should_exit = True  # a second signal, or one before start-up finished: stop now
-            if self._drain_task is not None and self.lifecycle.phase is Phase.DRAINING and sig == 2:
-                self.force_exit = True
+            if self._loop is not None and self._drain_task is not None and self.lifecycle.phase is Phase.DRAINING:
+                self._loop.call_soon_threadsafe(self.lifecycle.abandon)
+                if sig == 2:
+                    self.force_exit = True
             return
         self.lifecycle.begin_drain()
         self._loop.call_soon_threadsafe(self._start_drain)
@@ -52,6 +57,7 @@ class DrainingServer(uvicorn.Server):
         finished = await self.lifecycle.wait_idle(self.drain_timeout_s)
         if not finished:
             log.warning("drain timeout passed with %d requests in flight", self.lifecycle.inflight)
+            self.lifecycle.abandon()
         else:
             log.info("drained")
         self.should_exit = True

@@ -15,6 +15,17 @@ from service.metrics import Metrics
 log = logging.getLogger("deit_serve.access")
 
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# An answer given before a body larger than this (or of unknown length) was read closes the connection: kept open,
+# the server would go on reading, and discarding, an upload it has refused. A smaller rest is discarded on a kept
+# connection, so that the client reads the answer instead of a reset (closing with unread data sends a TCP RST).
+DISCARD_LIMIT_BYTES = 1024 * 1024
+
+
+def _large_or_unknown_body(headers: dict[bytes, bytes]) -> bool:
+    if b"transfer-encoding" in headers:
+        return True
+    declared = headers.get(b"content-length", b"0")
+    return not declared.isdigit() or int(declared) > DISCARD_LIMIT_BYTES
 
 
 class RequestContextMiddleware:
@@ -34,18 +45,29 @@ class RequestContextMiddleware:
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id
         status = 500
+        unread_large_body = _large_or_unknown_body(headers)
+
+        async def receive_body() -> Message:
+            nonlocal unread_large_body
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                unread_large_body = False
+            return message
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+                sent_headers = list(message.get("headers", ()))
+                added = [(b"x-request-id", request_id.encode())]
+                if unread_large_body and not any(name.lower() == b"connection" for name, _ in sent_headers):
+                    added.append((b"connection", b"close"))
+                message["headers"] = [*sent_headers, *added]
             await send(message)
 
         self.metrics.inflight.inc()
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive_body, send_with_id)
         finally:
             self.metrics.inflight.dec()
             self._record(scope, state, status, time.perf_counter() - started, request_id)

@@ -25,6 +25,8 @@ IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 # What ``DeiTImageProcessor`` falls back to when ``preprocessor_config.json`` omits ``image_mean``/``image_std``.
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
+# Resizing by shortest edge keeps the aspect ratio: a 1×N strip would otherwise become an image of N×224 pixels.
+MAX_RESIZED_PIXELS = 64 * 2**20
 _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
@@ -147,7 +149,12 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageTooLarge(f"image too large to decode: {e}") from e
         except UnidentifiedImageError as e:
+            known = _format_by_signature(data)
+            if known is not None:  # the start of a PNG, JPEG… that Pillow could not make sense of: cut short or damaged
+                raise InvalidImage(f"{known} image is truncated or corrupt: its header could not be read") from e
             raise UnsupportedMediaType("not an image in a format this service can read") from e
+        except NotImplementedError as e:  # a known format, in a variant Pillow cannot decode (e.g. DDS pixel formats)
+            raise UnsupportedMediaType(f"an image format variant this service cannot read: {e}") from e
         except (OSError, SyntaxError, ValueError, TypeError, EOFError) as e:
             raise InvalidImage(f"image header could not be read: {e}") from e
         width, height = image.size
@@ -161,6 +168,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             return to_rgb(ImageOps.exif_transpose(image))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageTooLarge(f"image too large to decode: {e}") from e
+        except NotImplementedError as e:
+            raise UnsupportedMediaType(f"an image format variant this service cannot read: {e}") from e
         except (
             OSError,
             SyntaxError,
@@ -172,6 +181,22 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             ZeroDivisionError,
         ) as e:
             raise InvalidImage(f"image data is truncated or corrupt: {e}") from e
+
+
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+def _format_by_signature(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for signature, name in _SIGNATURES if data.startswith(signature)), None)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -240,6 +265,11 @@ class Preprocessor:
             image = to_rgb(image)
         if cfg.do_resize:
             size = _resize_size(cfg, image.width, image.height)
+            if size[0] * size[1] > MAX_RESIZED_PIXELS:
+                raise ImageTooLarge(
+                    f"a {image.width}×{image.height} image would be resized to {size[0]}×{size[1]} pixels, more than "
+                    f"{MAX_RESIZED_PIXELS}: its aspect ratio is too extreme"
+                )
             if size != image.size:
                 image = image.resize(size, resample=Image.Resampling(cfg.resample))
         if cfg.do_center_crop:

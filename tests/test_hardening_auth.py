@@ -1,0 +1,171 @@
+"""API keys and traceability against a real ``deit-serve`` process: keys guard classification and model listings
+(and /metrics when asked), probes stay open, and every request has an id and exactly one JSON log line."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.serving import ServerProcess, image_bytes, run_server
+
+KEYS = ("k1-secret", "k2-secret")
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    env = {"DEIT_API_KEYS": ",".join(KEYS)}
+    with run_server(tiny_store, tmp_path_factory.mktemp("keyed"), env=env) as server:
+        yield server
+
+
+def call(server: ServerProcess, method: str, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
+    if method == "POST":
+        files = [("file", ("a.png", image_bytes(), "image/png"))]
+        return httpx.post(f"{server.url}{path}", files=files, headers=headers)
+    return httpx.get(f"{server.url}{path}", headers=headers)
+
+
+GUARDED = [("POST", "/classify"), ("GET", "/v1/models"), ("GET", "/v1/models/tiny")]
+REFUSED_CREDENTIALS = {
+    "none": {},
+    "wrong-bearer": {"Authorization": "Bearer k3-secret"},
+    "wrong-header-key": {"X-API-Key": "k1-secreT"},
+    "empty-bearer": {"Authorization": "Bearer"},
+    "basic-scheme": {"Authorization": f"Basic {KEYS[0]}"},
+    "key-prefix": {"X-API-Key": KEYS[0][:-1]},
+}
+ACCEPTED_CREDENTIALS = {
+    "bearer-first": {"Authorization": f"Bearer {KEYS[0]}"},
+    "bearer-lowercase-scheme": {"Authorization": f"bearer {KEYS[1]}"},
+    "header-second": {"X-API-Key": KEYS[1]},
+}
+
+
+@pytest.mark.parametrize(("method", "path"), GUARDED)
+@pytest.mark.parametrize("credentials", REFUSED_CREDENTIALS)
+def test_guarded_endpoints_refuse_requests_without_a_valid_key(
+    keyed: ServerProcess, method: str, path: str, credentials: str
+) -> None:
+    response = call(keyed, method, path, REFUSED_CREDENTIALS[credentials])
+    assert response.status_code == 401, response.text
+    assert response.json()["error"]["code"] == "unauthorized"
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert not any(key in response.text for key in KEYS)
+
+
+@pytest.mark.parametrize(("method", "path"), GUARDED)
+@pytest.mark.parametrize("credentials", ACCEPTED_CREDENTIALS)
+def test_guarded_endpoints_accept_either_key_either_way(
+    keyed: ServerProcess, method: str, path: str, credentials: str
+) -> None:
+    response = call(keyed, method, path, ACCEPTED_CREDENTIALS[credentials])
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics"])
+def test_probes_and_metrics_stay_open_by_default(keyed: ServerProcess, path: str) -> None:
+    assert httpx.get(f"{keyed.url}{path}").status_code == 200
+
+
+def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(keyed: ServerProcess) -> None:
+    pulled = 0
+
+    def body() -> Iterator[bytes]:
+        nonlocal pulled
+        for _ in range(2048):  # 128 MiB offered
+            pulled += 65536
+            yield bytes(65536)
+
+    response = httpx.post(f"{keyed.url}/classify", content=body(), headers={"Content-Type": "image/png"}, timeout=30)
+    assert response.status_code == 401
+    assert response.headers["connection"] == "close"
+    assert pulled < 32 * 2**20
+
+
+def test_metrics_need_a_key_when_protected(tiny_store: Path, tmp_path: Path) -> None:
+    env = {"DEIT_API_KEYS": ",".join(KEYS), "DEIT_PROTECT_METRICS": "true"}
+    with run_server(tiny_store, tmp_path, env=env) as server:
+        refused = httpx.get(f"{server.url}/metrics")
+        wrong = httpx.get(f"{server.url}/metrics", headers={"Authorization": "Bearer nope"})
+        allowed = httpx.get(f"{server.url}/metrics", headers={"X-API-Key": KEYS[0]})
+        probes = [httpx.get(f"{server.url}{path}").status_code for path in ("/healthz", "/readyz")]
+    assert refused.status_code == 401
+    assert refused.json()["error"]["code"] == "unauthorized"
+    assert wrong.status_code == 401
+    assert allowed.status_code == 200
+    assert "deit_requests_total" in allowed.text
+    assert probes == [200, 200]
+
+
+# --- traceability ----------------------------------------------------------------------------------------------
+
+AUTH = {"Authorization": f"Bearer {KEYS[0]}"}
+
+
+def access_lines(server: ServerProcess, request_id: str) -> list[dict[str, Any]]:
+    return [r for r in server.log_records() if r.get("message") == "request" and r.get("request_id") == request_id]
+
+
+def wait_for_access_line(server: ServerProcess, request_id: str) -> dict[str, Any]:
+    """The access line is written after the response is sent: poll the log briefly (bounded)."""
+    for _ in range(200):
+        lines = access_lines(server, request_id)
+        if lines:
+            assert len(lines) == 1, lines
+            return lines[0]
+        httpx.get(f"{server.url}/healthz")  # a round trip through the server's event loop
+    raise AssertionError(f"no access log line for {request_id}")
+
+
+def test_a_valid_request_id_is_echoed_and_logged_once_with_batching_details(keyed: ServerProcess) -> None:
+    request_id = "trace-42.retry:1"
+    files = [("file", (f"{i}.png", image_bytes(color=(i, 50, 90)), "image/png")) for i in range(2)]
+    response = httpx.post(f"{keyed.url}/classify", files=files, headers={**AUTH, "X-Request-ID": request_id})
+    assert response.status_code == 200
+    assert response.headers["X-Request-ID"] == request_id
+
+    line = wait_for_access_line(keyed, request_id)
+    assert line["status"] == 200
+    assert line["model"] == "tiny"
+    assert line["images"] == 2
+    assert line["method"] == "POST"
+    assert line["path"] == "/classify"
+    assert line["batch_size"]
+    assert all(1 <= b <= 2 for b in line["batch_size"])
+    assert line["queue_ms"] >= 0
+    assert line["inference_ms"] > 0
+    assert line["duration_ms"] >= line["inference_ms"]
+    assert line["level"] == "info"
+
+
+@pytest.mark.parametrize("incoming", [None, "", "has space", "x" * 129, "semi;colon", "naïve".encode()])
+def test_a_missing_or_invalid_request_id_is_replaced(keyed: ServerProcess, incoming: str | bytes | None) -> None:
+    headers = [(name.encode(), value.encode()) for name, value in AUTH.items()]
+    if incoming is not None:
+        headers.append((b"X-Request-ID", incoming.encode() if isinstance(incoming, str) else incoming))
+    response = httpx.get(f"{keyed.url}/v1/models", headers=headers)
+    generated = response.headers["X-Request-ID"]
+    assert re.fullmatch(r"[0-9a-f]{32}", generated)
+    assert generated != incoming
+    assert wait_for_access_line(keyed, generated)["status"] == 200
+
+
+def test_refused_requests_are_traced_too(keyed: ServerProcess) -> None:
+    unauthorized = httpx.get(f"{keyed.url}/v1/models", headers={"X-Request-ID": "no-key-1"})
+    unsupported = httpx.post(
+        f"{keyed.url}/classify",
+        content=b"text",
+        headers={**AUTH, "Content-Type": "text/plain", "X-Request-ID": "txt-1"},
+    )
+    assert unauthorized.headers["X-Request-ID"] == "no-key-1"
+    assert unsupported.headers["X-Request-ID"] == "txt-1"
+    assert wait_for_access_line(keyed, "no-key-1")["status"] == 401
+    line = wait_for_access_line(keyed, "txt-1")
+    assert line["status"] == 415
+    assert line["error"] == "unsupported_media_type"
+    assert line["model"] == "tiny"

@@ -1,0 +1,70 @@
+"""A CI-sized load test: closed-loop clients at about four times what the server can take, for a few seconds. Only
+200, 503 and 504 may occur, memory stays bounded, and every 200 carries the prediction an idle server gives."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from benchmarks.load_test import main, run_load, sample_images
+from tests.serving import multipart, rss_bytes, run_server, write_slow_model
+
+
+@pytest.fixture(scope="module")
+def slow_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    store = tmp_path_factory.mktemp("slow-store")
+    write_slow_model(store / "slow")
+    return store
+
+
+def test_overload_answers_only_200_503_504_with_correct_predictions(
+    slow_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    queue = 8
+    env = {
+        "DEIT_MAX_QUEUE_SIZE": str(queue),
+        "DEIT_MAX_BATCH_SIZE": "4",
+        "DEIT_TORCH_THREADS": "1",
+        "DEIT_REQUEST_TIMEOUT_S": "5",
+    }
+    images = sample_images(8)
+    with run_server(slow_store, tmp_path, env=env) as server:
+        reference = []
+        for image in images:
+            response = httpx.post(f"{server.url}/classify", files=multipart([image]), params={"top_k": "2"})
+            first, second = response.json()["results"][0]["predictions"]
+            assert first["score"] - second["score"] > 1e-4, "a near tie would make the top-1 check meaningless"
+            reference.append((first["label"], first["score"]))
+        idle_rss = rss_bytes(server.process.pid)
+
+        report = asyncio.run(
+            run_load(server.url, images, concurrency=4 * queue, duration_s=4.0, server_pid=server.process.pid)
+        )
+
+        assert main(["--url", server.url, "--concurrency", "2", "--duration", "0.5", "--json"]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert server.process.poll() is None
+
+    summary = report.summary()
+    assert set(report.statuses) <= {200, 503, 504}, summary
+    assert report.statuses[200] >= 5, summary
+    assert report.statuses[503] > report.statuses[200], f"not overloaded: {summary}"
+    assert report.inconsistent_images() == [], summary
+    for index, seen in report.top1.items():
+        label, score = reference[index]
+        assert set(seen) == {label}
+        low, high = report.top1_score_range[index]
+        assert score == pytest.approx(low, abs=1e-4)
+        assert score == pytest.approx(high, abs=1e-4)
+    assert len(report.top1) == len(images), "every input was answered at least once"
+    peak = report.peak_rss_bytes
+    assert peak is not None
+    assert peak - idle_rss < 96 * 2**20, (idle_rss / 2**20, peak / 2**20)
+
+    assert set(printed["load"]["statuses"]) == {"200"}
+    assert printed["load"]["images_ok"] > 0
+    assert printed["load"]["inconsistent_images"] == []

@@ -35,7 +35,7 @@ class RequestStats:
 def _decode_and_preprocess(served: ServedModel, upload: Upload, max_pixels: int, metrics: Metrics) -> Tensor:
     started = time.perf_counter()
     try:
-        pixels = served.preprocessor(decode_image(upload.data, max_pixels))
+        pixels = served.preprocessor(decode_image(upload.data, max_pixels, served.preprocessor.draft_size))
     except ServiceError as e:
         e.message = f"{upload.filename}: {e.message}"
         raise

@@ -116,7 +116,12 @@ class ModelStore:
                 metrics=self.metrics,
             )
             served = ServedModel(
-                name, checkpoint, Preprocessor(checkpoint.preprocess), runner, batcher, time.perf_counter() - started
+                name,
+                checkpoint,
+                Preprocessor(checkpoint.preprocess, jpeg_draft=s.jpeg_draft),
+                runner,
+                batcher,
+                time.perf_counter() - started,
             )
             if s.warmup:
                 served.warm_up(s.max_batch_size)

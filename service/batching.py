@@ -61,6 +61,8 @@ class Batcher:
         max_batch_delay_s: float,
         max_queue_size: int,
         metrics: Metrics,
+        forward_workers: int = 1,
+        intra_op_threads: int | None = None,
     ) -> None:
         self.model_name = model_name
         self._runner = runner
@@ -72,7 +74,19 @@ class Batcher:
         self._admitted = 0  # images admitted and not yet batched: queued + still being decoded
         self._decoding = 0  # of those, images not yet in the queue
         self._changed = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{model_name}")
+        # Up to ``forward_workers`` batches run at once, batch i on forward thread i (one thread per slot).
+        # On CPU (``intra_op_threads`` set), only slot 0 ever splits a forward pass over several threads: all of
+        # them when it runs alone, all but one per other running batch otherwise; other slots run single-threaded.
+        # On two cores, two single-threaded passes side by side beat one pass split in two. And OpenMP spin-waits
+        # only while it manages no more threads than there are cores: a second thread team, even once, would
+        # slow every later forward pass down.
+        self.forward_workers = forward_workers
+        self._threads = intra_op_threads
+        self._executors = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{model_name}-{i}")
+            for i in range(forward_workers)
+        ]
+        self._slots: list[asyncio.Task[None] | None] = [None] * forward_workers
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -156,8 +170,12 @@ class Batcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        running = [task for task in self._slots if task is not None]
+        if running:  # batches already in a forward thread finish and answer their requests
+            await asyncio.gather(*running, return_exceptions=True)
         self._fail_queued(ShuttingDown("the service stopped before this image ran"))
-        self._executor.shutdown(wait=True)
+        for executor in self._executors:
+            executor.shutdown(wait=True)
 
     def close(self) -> None:
         """Refuse new requests from now on (drain); queued work still runs."""
@@ -186,17 +204,39 @@ class Batcher:
             while not self._queue:
                 self._changed.clear()
                 await self._changed.wait()
-            await self._gather_more()
-            batch = self._take_batch()
+            slot = next((i for i, task in enumerate(self._slots) if task is None), None)
+            if slot is None:
+                await asyncio.wait([t for t in self._slots if t is not None], return_when=asyncio.FIRST_COMPLETED)
+                continue
+            limit = self._batch_limit(slot)
+            await self._gather_more(limit)
+            batch = self._take_batch(limit)
             if batch:
-                await self._run(batch)
+                threads = self._threads_for(slot)
+                task = asyncio.create_task(self._run(batch, slot, threads), name=f"forward-{self.model_name}-{slot}")
+                self._slots[slot] = task
+                task.add_done_callback(lambda _, slot=slot: self._free(slot))  # type: ignore[misc]
 
-    async def _gather_more(self) -> None:
+    def _free(self, slot: int) -> None:
+        self._slots[slot] = None
+
+    def _others_running(self, slot: int) -> bool:
+        return any(task is not None for i, task in enumerate(self._slots) if i != slot)
+
+    def _batch_limit(self, slot: int) -> int:
+        """A batch takes its share of ``max_batch_size`` when it will run beside others (others are running, or
+        more images are queued than one share), so that the batches in flight are of similar sizes."""
+        share = max(1, self.max_batch_size // self.forward_workers)
+        if self._others_running(slot) or len(self._queue) > share:
+            return share
+        return self.max_batch_size
+
+    async def _gather_more(self, limit: int) -> None:
         """Wait (at most the batch delay) for images still being decoded, when that would fill the batch more."""
         if self._max_delay <= 0:
             return
         give_up = self._queue[0].enqueued + self._max_delay
-        while len(self._queue) < self.max_batch_size and self._decoding > 0:
+        while len(self._queue) < limit and self._decoding > 0:
             remaining = give_up - time.monotonic()
             if remaining <= 0:
                 return
@@ -204,11 +244,11 @@ class Batcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
 
-    def _take_batch(self) -> list[WorkItem]:
+    def _take_batch(self, limit: int) -> list[WorkItem]:
         now = time.monotonic()
         batch: list[WorkItem] = []
         expired = 0
-        while self._queue and len(batch) < self.max_batch_size:
+        while self._queue and len(batch) < limit:
             item = self._queue.popleft()
             self._admitted -= 1
             if item.deadline <= now:
@@ -226,12 +266,30 @@ class Batcher:
             wait.observe(item.queue_s)
         return batch
 
-    async def _run(self, batch: list[WorkItem]) -> None:
+    def _threads_for(self, slot: int) -> int | None:
+        """Slot 0: all intra-op threads when its batch runs alone with nothing queued behind it, else one fewer
+        per other slot. Other slots: one."""
+        if self._threads is None:
+            return None
+        if slot != 0:
+            return 1
+        if not self._others_running(slot) and not self._queue:
+            return self._threads
+        return max(1, self._threads - (self.forward_workers - 1))
+
+    def warm_up(self, batches: Sequence[Sequence[Tensor]]) -> None:
+        """Run ``batches`` on every forward thread (blocking), so that first requests pay no lazy initialisation."""
+        for slot, executor in enumerate(self._executors):
+            threads = self._threads if slot == 0 else (None if self._threads is None else 1)
+            for pixels in batches:
+                executor.submit(self._forward_with_oom_retry, pixels, threads).result()
+
+    async def _run(self, batch: list[WorkItem], slot: int, threads: int | None) -> None:
         loop = asyncio.get_running_loop()
         pixels = [item.pixels for item in batch]
         started = time.perf_counter()
         try:
-            probs = await loop.run_in_executor(self._executor, self._forward_with_oom_retry, pixels)
+            probs = await loop.run_in_executor(self._executors[slot], self._forward_with_oom_retry, pixels, threads)
         except Exception as e:
             self._metrics.batch_failures.labels(self.model_name).inc()
             log.exception("forward pass failed", extra={"model": self.model_name, "batch_size": len(batch)})
@@ -249,8 +307,11 @@ class Batcher:
             if not item.future.done():
                 item.future.set_result(probs[i])
 
-    def _forward_with_oom_retry(self, pixels: Sequence[Tensor]) -> Tensor:
-        """Run the batch; on out-of-memory, retry once as two half batches."""
+    def _forward_with_oom_retry(self, pixels: Sequence[Tensor], threads: int | None = None) -> Tensor:
+        """Run the batch (on ``threads`` intra-op threads: set for this thread only); on out-of-memory, retry once
+        as two half batches."""
+        if threads is not None:
+            torch.set_num_threads(threads)
         try:
             return self._runner(pixels)
         except torch.OutOfMemoryError:

@@ -33,7 +33,19 @@ class Settings(BaseSettings):
     default_model: str | None = Field(None, description="model used when a request names none (default: first)")
     default_top_k: int = Field(5, ge=1, description="predictions returned when top_k is not given")
     preprocess_threads: int = Field(2, ge=1, le=64, description="threads decoding and preprocessing images")
-    torch_threads: int = Field(0, ge=0, le=256, description="intra-op threads of the forward pass (0: torch default)")
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="intra-op threads of a forward pass that runs alone (0: torch default); passes that run "
+        "beside others use one each",
+    )
+    forward_workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="batches of one model that may run at once (0: auto: 2 on a two-thread CPU, else 1)",
+    )
     jpeg_draft: bool = Field(
         False,
         description="decode large JPEGs at 1/2, 1/4 or 1/8 scale (no smaller than the resize): several times faster "

@@ -22,7 +22,7 @@ log = logging.getLogger("deit_serve.store")
 
 
 class ModelRunner:
-    """The forward pass of one model: stack, move, run, softmax. Called from the model's forward thread only."""
+    """The forward pass of one model: stack, move, run, softmax. Called from the model's forward threads."""
 
     def __init__(self, checkpoint: LoadedCheckpoint) -> None:
         self.model = checkpoint.model
@@ -40,6 +40,11 @@ class ModelRunner:
             return torch.softmax(logits.float(), dim=-1).cpu()
 
 
+def default_forward_workers(device: torch.device, threads: int) -> int:
+    """Two batches at once, one per core, on a two-thread CPU; otherwise one batch on all threads (see Batcher)."""
+    return 2 if device.type == "cpu" and threads == 2 else 1
+
+
 @dataclass
 class ServedModel:
     name: str
@@ -55,10 +60,10 @@ class ServedModel:
         return self.checkpoint.labels
 
     def warm_up(self, max_batch_size: int) -> None:
-        """Run a dummy batch at the largest size (and size 1) so first requests pay no allocation or lazy init."""
+        """Run a dummy batch at the largest size (and size 1) on every forward thread, so that first requests pay
+        no allocation or lazy initialisation."""
         h, w = self.preprocessor.cfg.output_size
-        for n in sorted({1, max_batch_size}):
-            self.runner([torch.zeros(3, h, w)] * n)
+        self.batcher.warm_up([[torch.zeros(3, h, w)] * n for n in sorted({1, max_batch_size})])
         self.ready = True
 
 
@@ -92,6 +97,10 @@ class ModelStore:
     def load_all(self) -> None:
         """Load every model of the store (blocking; run off the event loop)."""
         s = self.settings
+        # Forward passes get their threads in their own threads (Batcher); this loading thread uses one, so that
+        # it never holds a second OpenMP thread team (see Batcher).
+        threads = s.torch_threads or torch.get_num_threads()
+        torch.set_num_threads(1)
         entries = discover(s.model_store)
         if s.default_model is not None and s.default_model not in {n for n, _ in entries}:
             raise ModelStoreError(f"default model {s.default_model!r} is not in the store {s.model_store}")
@@ -107,6 +116,7 @@ class ModelStore:
                     "the service serves classifiers"
                 )
             runner = ModelRunner(checkpoint)
+            on_cpu = checkpoint.device.type == "cpu"
             batcher = Batcher(
                 name,
                 runner,
@@ -114,6 +124,8 @@ class ModelStore:
                 max_batch_delay_s=s.max_batch_delay_ms / 1000,
                 max_queue_size=s.max_queue_size,
                 metrics=self.metrics,
+                forward_workers=s.forward_workers or default_forward_workers(checkpoint.device, threads),
+                intra_op_threads=threads if on_cpu else None,
             )
             served = ServedModel(
                 name,

@@ -18,17 +18,22 @@ from service.store import ServedModel
 from service.uploads import FILE_FIELD, read_uploads
 
 
-def _require_key(request: Request) -> None:
+# Dependencies are coroutines: FastAPI runs plain functions in its thread pool, a thread hop per request each.
+async def _state(request: Request) -> AppState:
+    return app_state(request)
+
+
+async def _require_key(request: Request) -> None:
     check_api_key(request, app_state(request).settings.api_keys)
 
 
-def _require_metrics_key(request: Request) -> None:
+async def _require_metrics_key(request: Request) -> None:
     settings = app_state(request).settings
     if settings.protect_metrics:
         check_api_key(request, settings.api_keys)
 
 
-State = Annotated[AppState, Depends(app_state)]
+State = Annotated[AppState, Depends(_state)]
 Authorized = Depends(_require_key)
 
 

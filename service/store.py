@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -55,7 +56,7 @@ class ServedModel:
     load_seconds: float
     ready: bool = False
 
-    @property
+    @functools.cached_property
     def labels(self) -> list[str]:
         return self.checkpoint.labels
 

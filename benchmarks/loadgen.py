@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -61,6 +62,17 @@ class LoadResult:
 
     @property
     def img_s(self) -> float:
+        """Throughput by Little's law: each of the ``concurrency`` clients always has one request in flight, so
+        img/s = concurrency / mean latency. Unlike answers counted in the window, this does not depend on where
+        the window falls between the bursts in which a batch's answers arrive (a batch of the small model holds
+        16 answers for two seconds). Only when nothing failed (failed requests are not retried at once)."""
+        if not self.latencies_s or self.errors:
+            return self.counted_img_s
+        return self.concurrency / statistics.fmean(self.latencies_s)
+
+    @property
+    def counted_img_s(self) -> float:
+        """Answers within the window over its length."""
         return len(self.latencies_s) / self.window_s
 
     @property
@@ -77,6 +89,7 @@ class LoadResult:
             "window_s": round(self.window_s, 3),
             "requests": len(self.latencies_s),
             "img_s": round(self.img_s, 2),
+            "counted_img_s": round(self.counted_img_s, 2),
             "p50_ms": round(self.p50_ms, 2),
             "p99_ms": round(self.p99_ms, 2),
             "errors": self.errors,
@@ -93,12 +106,13 @@ async def closed_loop(
     duration_s: float,
     server_pgid: int | None = None,
     timeout_s: float = 120,
+    drain: bool = True,
 ) -> LoadResult:
     """Requests (one image each) that finish inside the measured window count. The window opens once ``warmup_s``
     has passed and every client has had an answer (at high concurrency the first answers take several seconds:
     until then the server is filling up, not in its steady state), and lasts ``duration_s``. Requests in flight
-    when it closes are awaited, so the next run starts against an idle server. The machine's CPU over the window
-    is split between the server's process group, this process and the rest."""
+    when it closes are awaited (``drain``), so that the next run starts against an idle server, or abandoned. The
+    machine's CPU over the window is split between the server's process group, this process and the rest."""
     records: list[tuple[float, float, str]] = []  # (answered at, latency, error or "")
     window: list[float] = []  # [opens, closes], once known
     answered: set[int] = set()
@@ -135,7 +149,12 @@ async def closed_loop(
                 if error:
                     await asyncio.sleep(0.01)
 
-    await asyncio.gather(meter(), *(client(w) for w in range(concurrency)))
+    clients = [asyncio.ensure_future(client(w)) for w in range(concurrency)]
+    await meter()
+    if not drain:
+        for task in clients:
+            task.cancel()
+    await asyncio.gather(*clients, return_exceptions=not drain)
     for answered_at, latency, error in records:
         if window[0] <= answered_at <= window[1]:
             if error:
@@ -153,10 +172,17 @@ def run_closed_loop(
     warmup_s: float,
     duration_s: float,
     server_pgid: int | None = None,
+    drain: bool = True,
 ) -> LoadResult:
     """``closed_loop`` on a fresh event loop (uvloop when installed: less client CPU per request)."""
     coro = closed_loop(
-        url, bodies, concurrency=concurrency, warmup_s=warmup_s, duration_s=duration_s, server_pgid=server_pgid
+        url,
+        bodies,
+        concurrency=concurrency,
+        warmup_s=warmup_s,
+        duration_s=duration_s,
+        server_pgid=server_pgid,
+        drain=drain,
     )
     try:
         import uvloop
@@ -227,7 +253,7 @@ class CpuMeter:
         return CpuShares(server, client, max(0.0, (busy - b0) / elapsed - server - client))
 
 
-def wait_until_quiet(max_busy: float = 0.1, settle_s: float = 3.0, timeout_s: float = 120.0) -> float:
+def wait_until_quiet(max_busy: float = 0.1, settle_s: float = 2.0, timeout_s: float = 120.0) -> float:
     """Wait until the machine has been at most ``max_busy`` busy for ``settle_s`` seconds in a row (or the
     timeout passes); returns the busy fraction of the last second."""
     deadline = time.monotonic() + timeout_s
@@ -313,7 +339,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(group, signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=30)
+        process.wait(timeout=10)
     # Worker processes (LitServe's) may outlive the parent: the whole group goes.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(group, signal.SIGKILL)

@@ -145,19 +145,21 @@ class Pipeline:
         await self.classify([self.prepare(self.image()) for _ in range(batch)])
 
     async def overlapped(self, batch: int, seconds: float) -> float:
-        """img/s with enough requests in flight to keep every forward thread busy with batches of ``batch``,
-        counted over ``seconds`` from when every producer has had an answer (the steady state)."""
+        """img/s with enough requests in flight to keep every forward thread busy with batches of ``batch``:
+        concurrency / mean latency (Little's law) over ``seconds`` from when every producer has had an answer."""
         self.batcher.max_batch_size = batch
         concurrency = 2 * batch * self.batcher.forward_workers
-        answered_at: list[float] = []
+        latencies: list[tuple[float, float]] = []  # (answered at, latency)
         answered: set[int] = set()
         everyone_answered = asyncio.Event()
         window: list[float] = []
 
         async def producer(i: int) -> None:
             while not window or time.perf_counter() < window[1]:
+                t0 = time.perf_counter()
                 await self.request()
-                answered_at.append(time.perf_counter())
+                t1 = time.perf_counter()
+                latencies.append((t1, t1 - t0))
                 answered.add(i)
                 if len(answered) == concurrency:
                     everyone_answered.set()
@@ -168,14 +170,22 @@ class Pipeline:
             window.extend([opens, opens + seconds])
 
         await asyncio.gather(meter(), *(producer(i) for i in range(concurrency)))
-        return sum(window[0] <= t <= window[1] for t in answered_at) / seconds
+        in_window = [latency for t, latency in latencies if window[0] <= t <= window[1]]
+        # A window shorter than one round of answers (a slow model) falls back to every answer after it opened.
+        return concurrency / statistics.fmean(in_window or [latency for t, latency in latencies if t >= window[0]])
 
 
-async def _measure(pipeline: Pipeline, result: PipelineResult, batch_sizes: Sequence[int], seconds: float) -> None:
+async def _measure(
+    pipeline: Pipeline,
+    result: PipelineResult,
+    batch_sizes: Sequence[int],
+    forward_batches: Sequence[int],
+    seconds: float,
+) -> None:
     pipeline.batcher.start()
     h, w = pipeline.preprocessor.cfg.output_size
     try:
-        for b in sorted({1, *batch_sizes, result.max_batch_size}):
+        for b in forward_batches:
             pixels = list(torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(b)))
             ms = await _median_ms(lambda pixels=pixels: pipeline.classify(pixels), seconds)  # type: ignore[misc]
             result.forward_img_s[b] = b / ms * 1000
@@ -215,6 +225,7 @@ def measure(
     seconds: float,
     jpeg_draft: bool = False,
     forward_workers: int = 0,
+    forward_batches: Sequence[int] | None = None,
 ) -> PipelineResult:
     threads = torch_threads or torch.get_num_threads()
     torch.set_num_threads(1)  # this thread: loading and inputs only; forward passes get theirs in the batcher
@@ -233,7 +244,8 @@ def measure(
     )
     h, w = checkpoint.preprocess.output_size
     pipeline.batcher.warm_up([[torch.zeros(3, h, w)] * n for n in sorted({1, max_batch_size})])
-    asyncio.run(_measure(pipeline, result, batch_sizes, seconds))
+    forward_batches = sorted(forward_batches or {1, *batch_sizes, max_batch_size})
+    asyncio.run(_measure(pipeline, result, batch_sizes, forward_batches, seconds))
     return result
 
 
@@ -249,10 +261,10 @@ def report(results: Sequence[PipelineResult]) -> str:
         return ", ".join(f"{v:.0f} ({b})" for b, v in sorted(values.items())) or "-"
 
     for r in results:
+        max_batch = f"{r.max_batch_ms:.1f} ({r.max_batch_size})" if r.max_batch_ms else "-"
         lines.append(
             f"| {r.model} | {r.dtype} | {r.image_size} | {r.torch_threads}/{r.preprocess_threads}/{r.forward_workers} "
-            f"| {per_batch(r.forward_img_s)} "
-            f"| {r.max_batch_ms:.1f} ({r.max_batch_size}) | {r.preprocess_ms:.2f} | {r.single_image_ms:.2f} "
+            f"| {per_batch(r.forward_img_s)} | {max_batch} | {r.preprocess_ms:.2f} | {r.single_image_ms:.2f} "
             f"| {per_batch(r.serial_img_s)} | {per_batch(r.overlapped_img_s)} "
             f"| **{r.limit_img_s:.0f}** (batch {r.limit_batch}) |"
         )
@@ -270,6 +282,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", type=_csv, default=["float32", "bfloat16"], help="comma-separated dtypes")
     parser.add_argument("--image-size", choices=sorted(assets.IMAGE_SIZES), default="640x480")
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in _csv(s)], default=[8, 16, 32])
+    parser.add_argument(
+        "--forward-batches",
+        type=lambda s: [int(x) for x in _csv(s)],
+        help="batch sizes of the forward-only timing (default: 1, the batch sizes and the max batch size)",
+    )
     parser.add_argument("--max-batch-size", type=int, default=defaults["max_batch_size"])
     parser.add_argument("--torch-threads", type=int, default=defaults["torch_threads"], help="0: torch default")
     parser.add_argument("--preprocess-threads", type=int, default=defaults["preprocess_threads"])
@@ -293,6 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     seconds=args.seconds,
                     jpeg_draft=args.jpeg_draft,
                     forward_workers=args.forward_workers,
+                    forward_batches=args.forward_batches,
                 )
             )
             print(report(results[-1:]).splitlines()[-1], flush=True)

@@ -111,7 +111,7 @@ def run_pipeline_limit(
 ) -> PipelineResult:
     """``benchmarks/pipeline_limit.py`` in a child process; ``scope``: full, reduced (batch 8 only) or quick."""
     batch = int(settings.get("max_batch_size", DEFAULTS["max_batch_size"]))
-    sizes = {"full": [8, 16], "reduced": [8], "quick": [16]}[scope]
+    sizes = {"full": [8, 16, 32], "reduced": [8], "quick": [16]}[scope]
     argv = python_module(
         "benchmarks.pipeline_limit",
         "--model", model,
@@ -123,7 +123,7 @@ def run_pipeline_limit(
         "--torch-threads", settings.get("torch_threads", str(DEFAULTS["torch_threads"])),
         "--preprocess-threads", settings.get("preprocess_threads", str(DEFAULTS["preprocess_threads"])),
         "--forward-workers", settings.get("forward_workers", str(DEFAULTS["forward_workers"])),
-        "--seconds", "1.5" if scope == "full" else "1",
+        "--seconds", "3" if scope == "full" else "1",
         "--json", str(out),
         *(["--jpeg-draft"] if _on(settings.get("jpeg_draft", DEFAULTS["jpeg_draft"])) else []),
         "--" + ("" if _on(settings.get("keep_freed_memory", True)) else "no-") + "keep-freed-memory",

@@ -6,6 +6,7 @@ On a shared CPU, ``--threads 1 --clock cpu`` counts only the CPU time this proce
 
     .venv/bin/python benchmarks/model_forward.py                       # tiny/small/base × batch 1/8/32
     .venv/bin/python benchmarks/model_forward.py --sizes tiny --batches 1,8 --rounds 5 --round-time 0.3
+    .venv/bin/python benchmarks/model_forward.py --sizes tiny --batches 16 --compile   # ours under torch.compile
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ def run(
     rounds: int,
     round_time: float,
     clock: Callable[[], float],
+    compile_ours: bool = False,
 ) -> list[Result]:
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="deit-bench-") as tmp:
@@ -139,6 +141,8 @@ def run(
             for dtype_name in dtypes:
                 dtype = DTYPES[dtype_name]
                 ours, reference = build_pair(size, dtype, device, directory)
+                if compile_ours:
+                    ours = torch.compile(ours)  # type: ignore[assignment]  # compiled on the first call per batch
                 for batch in batches:
                     x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
                     x = x.to(device=device, dtype=dtype)
@@ -180,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--round-time", type=float, default=0.5, help="target seconds per model per round")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="cpu: process CPU time (use 1 thread)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--compile", action="store_true", help="ours under torch.compile (inductor), theirs eager")
     args = parser.parse_args(argv)
 
     unknown = [s for s in args.sizes if s not in SIZES] + [d for d in args.dtypes or [] if d not in DTYPES]
@@ -201,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ratio = median per-round (transformers time / ours time), > 1: ours faster"
     )
     print(_HEADER, flush=True)
-    run(args.sizes, dtypes, args.batches, device, args.rounds, args.round_time, CLOCKS[args.clock])
+    run(args.sizes, dtypes, args.batches, device, args.rounds, args.round_time, CLOCKS[args.clock], args.compile)
     return 0
 
 

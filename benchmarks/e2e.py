@@ -102,10 +102,6 @@ def server_spec(server: str, model_dir: Path, dtype: str, settings: dict[str, st
     raise ValueError(f"unknown server {server!r}")
 
 
-def _on(value: object) -> bool:
-    return str(value).lower() in ("1", "true", "yes", "on")
-
-
 def run_pipeline_limit(
     model: str, dtype: str, image_size: str, settings: dict[str, str], scope: str, out: Path
 ) -> PipelineResult:
@@ -125,8 +121,7 @@ def run_pipeline_limit(
         "--forward-workers", settings.get("forward_workers", str(DEFAULTS["forward_workers"])),
         "--seconds", "3" if scope == "full" else "1",
         "--json", str(out),
-        *(["--jpeg-draft"] if _on(settings.get("jpeg_draft", DEFAULTS["jpeg_draft"])) else []),
-        "--" + ("" if _on(settings.get("keep_freed_memory", True)) else "no-") + "keep-freed-memory",
+        *(["--jpeg-draft"] if settings.get("jpeg_draft", "").lower() in ("1", "true", "yes", "on") else []),
     )  # fmt: skip
     subprocess.run(argv, check=True, cwd=Path(__file__).resolve().parent.parent)
     return PipelineResult.from_json(json.loads(out.read_text())[0])

@@ -33,7 +33,6 @@ import torch
 from torch import Tensor
 
 from benchmarks import assets
-from service.allocator import keep_freed_memory
 from service.batching import Batcher
 from service.checkpoints import LoadedCheckpoint, load_checkpoint
 from service.metrics import Metrics
@@ -294,16 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="timing per measurement")
     parser.add_argument("--forward-workers", type=int, default=defaults["forward_workers"], help="0: auto")
     parser.add_argument("--jpeg-draft", action="store_true", help="decode JPEGs with draft scaling (opt-in setting)")
-    parser.add_argument(
-        "--keep-freed-memory",
-        action=argparse.BooleanOptionalAction,
-        default=defaults["keep_freed_memory"],
-        help="tune malloc as the service does (its keep_freed_memory setting)",
-    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    if args.keep_freed_memory:
-        keep_freed_memory()
     results = []
     for model in args.model:
         for dtype in args.dtype:

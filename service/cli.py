@@ -11,7 +11,6 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError
 
-from service.allocator import keep_freed_memory
 from service.app import create_app
 from service.logs import configure_logging
 from service.server import ANSWER_GRACE_S, DrainingServer
@@ -53,8 +52,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"deit-serve: invalid setting {where}: {err['msg']}", file=sys.stderr)
         sys.exit(2)
     configure_logging(settings.log_level)
-    if settings.keep_freed_memory:
-        keep_freed_memory()
     server: DrainingServer | None = None
 
     def on_fatal() -> None:

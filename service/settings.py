@@ -51,11 +51,6 @@ class Settings(BaseSettings):
         description="decode large JPEGs at 1/2, 1/4 or 1/8 scale (no smaller than the resize): several times faster "
         "for photos, but the pixels differ slightly from the reference preprocessing",
     )
-    keep_freed_memory: bool = Field(
-        True,
-        description="keep freed activations in the process for the next batch (glibc malloc thresholds): fewer page "
-        "faults and about a tenth more CPU throughput; the resident set stays at its high-water mark",
-    )
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest request body accepted")
     max_files: int = Field(64, ge=1, description="most images in one request")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest decoded image (width × height)")

@@ -32,7 +32,8 @@ class DeiTAPI(ls.LitAPI):  # type: ignore[misc]
         self.model = DeiTForImageClassificationWithTeacher.from_pretrained(self.model_dir, dtype=self.dtype).eval()
         self.processor = DeiTImageProcessorPil.from_pretrained(self.model_dir)
         self.labels = self.model.config.id2label
-        self.predict(torch.zeros(self.max_batch_size, 3, 224, 224))  # warm-up
+        size = self.model.config.image_size
+        self.predict(torch.zeros(self.max_batch_size, 3, size, size))  # warm-up at the model's input size
 
     # LitServe reads the payload type from this annotation at run time (Request: form or JSON body), so this
     # module does not use postponed annotations.

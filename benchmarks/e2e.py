@@ -4,9 +4,13 @@ For each model and dtype, in this order, each process alone on the machine while
 
 1. ``benchmarks/pipeline_limit.py`` in a child process: raw forward (ours and transformers'), one image's
    preprocess + forward, and decode + preprocess + forward with and without overlap (the pipeline limit);
-2. each server started, warmed up, driven by a closed loop at every concurrency, and stopped:
-   ours (``python -m service``), ``peers/fastapi_pipeline.py`` and ``peers/litserve_server.py``,
-   the same checkpoint and dtype for all, one JPEG per request.
+2. the three servers started and warmed up side by side — ours (``python -m service``),
+   ``peers/fastapi_pipeline.py`` and ``peers/litserve_server.py``, the same checkpoint and dtype for all — then
+   driven in turn by a closed loop, one JPEG per request: for each of ``--rounds`` rounds, each concurrency, each
+   server (the order reversed every other round), one measured window, in-flight answers awaited before the next.
+   Only the server under load works; the others sit idle. Interleaving puts the drift of a shared machine on all
+   servers alike: each server's figure is its median over the rounds, and each ratio the median of the ratios
+   within a round.
 
 Then one table with img/s, p50 and p99 of each server and the ratios of ours to the peers and to the limit, and
 the targets checked. Results also go to a JSON file.
@@ -19,11 +23,13 @@ the targets checked. Results also go to a JSON file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,11 +70,26 @@ class ServerRun:
     model: str
     dtype: str
     settings: dict[str, str]
-    busy_before: float  # fraction of the machine busy with other work just before the server started
-    levels: list[LoadResult] = field(default_factory=list)
+    busy_before: float  # fraction of the machine busy with other work just before the servers started
+    rounds: dict[int, list[LoadResult]] = field(default_factory=dict)  # by concurrency, one per round
+
+    @property
+    def levels(self) -> list[LoadResult]:
+        return [level for c in self.rounds if (level := self.at(c)) is not None]
 
     def at(self, concurrency: int) -> LoadResult | None:
-        return next((r for r in self.levels if r.concurrency == concurrency), None)
+        """The round with the median img/s (the lower of the middle two for an even count)."""
+        results = sorted(self.rounds.get(concurrency, []), key=lambda r: r.img_s)
+        return results[(len(results) - 1) // 2] if results else None
+
+
+def paired_ratio(ours: ServerRun | None, peer: ServerRun | None, concurrency: int) -> float | None:
+    """Median over rounds of ours' img/s over the peer's in the same round."""
+    if ours is None or peer is None:
+        return None
+    pairs = zip(ours.rounds.get(concurrency, []), peer.rounds.get(concurrency, []), strict=False)
+    ratios = [a.img_s / b.img_s for a, b in pairs if b.img_s > 0]
+    return statistics.median(ratios) if ratios else None
 
 
 def resolved_auto_dtype() -> str:
@@ -170,43 +191,56 @@ def plan(
     ]
 
 
-def measure_server(
-    spec: ServerSpec,
-    run: ServerRun,
+def measure_case(
+    runs: dict[str, ServerRun],
+    specs: dict[str, ServerSpec],
     bodies: Sequence[Body],
     concurrencies: Sequence[int],
+    rounds: int,
     warmup_s: float,
     duration_s: float,
     log_dir: Path,
 ) -> None:
-    log_path = log_dir / f"{run.server}-{run.model}-{run.dtype}.log"
-    with running(spec, log_path) as server:
-        # First requests after start-up pay for lazy initialisation (thread pools, allocator): not measured.
-        run_closed_loop(server.url, bodies, concurrency=4, warmup_s=0, duration_s=max(2.0, warmup_s))
-        for i, c in enumerate(concurrencies):
-            last = i == len(concurrencies) - 1  # nothing runs after it: answers still due are not waited for
-            result = run_closed_loop(
-                server.url,
-                bodies,
-                concurrency=c,
-                warmup_s=warmup_s,
-                duration_s=duration_s,
-                server_pgid=server.pgid,
-                drain=not last,
-            )
-            run.levels.append(result)
-            errors = f"  errors {result.errors}" if result.errors else ""
-            cpu = result.cpu
-            shares = f"  CPU server {cpu.server:.0%} client {cpu.client:.0%} other {cpu.other:.0%}" if cpu else ""
-            print(
-                f"  {SERVER_TITLES[run.server]:<19} {run.model:<6} {run.dtype:<9} c={c:<4} {result.img_s:8.1f} img/s  "
-                f"p50 {result.p50_ms:8.1f} ms  p99 {result.p99_ms:8.1f} ms{shares}{errors}",
-                flush=True,
-            )
+    """Start every server of one case, then measure them in turn (see the module's docstring)."""
+    with contextlib.ExitStack() as stack:
+        live = {}
+        for name, spec in specs.items():
+            run = runs[name]
+            live[name] = stack.enter_context(running(spec, log_dir / f"{name}-{run.model}-{run.dtype}.log"))
+            # First requests after start-up pay for lazy initialisation (thread pools, allocator): not measured.
+            run_closed_loop(live[name].url, bodies, concurrency=4, warmup_s=0, duration_s=max(2.0, warmup_s))
+        for r in range(rounds):
+            for c in concurrencies:
+                for name in list(live) if r % 2 == 0 else list(live)[::-1]:
+                    server, run = live[name], runs[name]
+                    result = run_closed_loop(
+                        server.url,
+                        bodies,
+                        concurrency=c,
+                        warmup_s=warmup_s,
+                        duration_s=duration_s,
+                        server_pgid=server.pgid,
+                    )
+                    run.rounds.setdefault(c, []).append(result)
+                    print(_line(r, run, result), flush=True)
 
 
 def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}×" if a and b else "-"
+
+
+def _line(round_index: int, run: ServerRun, result: LoadResult) -> str:
+    errors = f"  errors {result.errors}" if result.errors else ""
+    cpu = result.cpu
+    shares = f"  CPU server {cpu.server:.0%} client {cpu.client:.0%} other {cpu.other:.0%}" if cpu else ""
+    return (
+        f"  {round_index + 1} {SERVER_TITLES[run.server]:<19} {run.model:<6} {run.dtype:<9} c={result.concurrency:<4} "
+        f"{result.img_s:8.1f} img/s  p50 {result.p50_ms:8.1f} ms  p99 {result.p99_ms:8.1f} ms{shares}{errors}"
+    )
+
+
+def _times(ratio: float | None) -> str:
+    return f"{ratio:.2f}×" if ratio else "-"
 
 
 def _cell(r: LoadResult | None) -> str:
@@ -233,10 +267,10 @@ def e2e_table(runs: Sequence[ServerRun], limits: dict[tuple[str, str], PipelineR
         for c in concurrencies:
             ours, fastapi, lit = (by_server[s].at(c) if s in by_server else None for s in SERVERS)
             ours_img_s = ours.img_s if ours else None
+            vs = {peer: paired_ratio(by_server.get("ours"), by_server.get(peer), c) for peer in ("fastapi", "litserve")}
             lines.append(
                 f"| {model} | {dtype} | {c} | {_cell(ours)} | {_cell(fastapi)} | {_cell(lit)} "
-                f"| {_ratio(ours_img_s, fastapi.img_s if fastapi else None)} "
-                f"| {_ratio(ours_img_s, lit.img_s if lit else None)} "
+                f"| {_times(vs['fastapi'])} | {_times(vs['litserve'])} "
                 f"| {_ratio(ours_img_s, limit.limit_img_s if limit else None)} "
                 f"| {_other_cpu(r for r in (ours, fastapi, lit) if r is not None)} |"
             )
@@ -254,8 +288,7 @@ def targets(runs: Sequence[ServerRun], limits: dict[tuple[str, str], PipelineRes
         checks: list[tuple[str, float | None, float, bool]] = []  # name, value, target, higher is better
         if at_ref is not None:
             for peer, target in (("fastapi", TARGET_VS_FASTAPI), ("litserve", TARGET_VS_LITSERVE)):
-                other = by_server[peer].at(c_ref) if peer in by_server else None
-                value = at_ref.img_s / other.img_s if other and other.img_s else None
+                value = paired_ratio(ours, by_server.get(peer), c_ref)
                 checks.append((f"img/s vs {SERVER_TITLES[peer]} at c={c_ref}", value, target, True))
             checks.append(
                 (f"img/s vs pipeline limit at c={c_ref}", at_ref.img_s / limit.limit_img_s, TARGET_VS_LIMIT, True)
@@ -318,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in _csv(s)], default=[1, 8, 32, 128])
     parser.add_argument("--image-size", choices=sorted(assets.IMAGE_SIZES), default="640x480")
     parser.add_argument("--warmup", type=float, default=1.5, help="seconds of load before each measured window")
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds of each measured window")
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds of each measured window")
+    parser.add_argument("--rounds", type=int, default=2, help="measured windows per server and concurrency")
     parser.add_argument(
         "--set",
         dest="settings",
@@ -390,13 +424,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     model, case.dtype, args.image_size, settings, case.scope, out
                 )
         print(f"\n## end to end, DeiT-{model} {clock()}", flush=True)
-        for server in args.servers:
-            for case in model_cases:
-                busy = quiet()
-                run = ServerRun(server, model, case.dtype, settings if server == "ours" else {}, busy)
-                spec = server_spec(server, model_dir, case.dtype, settings)
-                measure_server(spec, run, bodies, case.concurrency, args.warmup, args.duration, out_dir)
-                runs.append(run)
+        for case in model_cases:
+            busy = quiet()
+            case_runs = {
+                server: ServerRun(server, model, case.dtype, settings if server == "ours" else {}, busy)
+                for server in args.servers
+            }
+            specs = {server: server_spec(server, model_dir, case.dtype, settings) for server in args.servers}
+            measure_case(case_runs, specs, bodies, case.concurrency, args.rounds, args.warmup, args.duration, out_dir)
+            runs.extend(case_runs.values())
 
     from benchmarks.pipeline_limit import report
 
@@ -426,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "dtype": r.dtype,
                         "settings": r.settings,
                         "busy_before": r.busy_before,
-                        "levels": [lvl.summary() for lvl in r.levels],
+                        "rounds": {c: [lvl.summary() for lvl in results] for c, results in r.rounds.items()},
                     }
                     for r in runs
                 ],

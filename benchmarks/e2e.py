@@ -8,9 +8,10 @@ For each model and dtype, in this order, each process alone on the machine while
    ``peers/fastapi_pipeline.py`` and ``peers/litserve_server.py``, the same checkpoint and dtype for all — then
    driven in turn by a closed loop, one JPEG per request: for each of ``--rounds`` rounds, each concurrency, each
    server (the order reversed every other round), one measured window, in-flight answers awaited before the next.
-   Only the server under load works; the others sit idle. Interleaving puts the drift of a shared machine on all
-   servers alike: each server's figure is its median over the rounds, and each ratio the median of the ratios
-   within a round.
+   Only the server under load runs: the others are paused (SIGSTOP to their process group; an idle LitServe
+   polls its queues and would take a tenth of the machine from the server being measured). Interleaving puts
+   the drift of a shared machine on all servers alike: each server's figure is its median over the rounds, and
+   each ratio the median of the ratios within a round.
 
 Then one table with img/s, p50 and p99 of each server and the ratios of ours to the peers and to the limit, and
 the targets checked. Results also go to a JSON file.
@@ -29,6 +30,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -42,6 +44,7 @@ from benchmarks import assets
 from benchmarks.loadgen import (
     Body,
     LoadResult,
+    RunningServer,
     ServerSpec,
     multipart,
     python_module,
@@ -203,16 +206,19 @@ def measure_case(
 ) -> None:
     """Start every server of one case, then measure them in turn (see the module's docstring)."""
     with contextlib.ExitStack() as stack:
-        live = {}
+        live: dict[str, RunningServer] = {}
+        stack.callback(_resume_all, live)  # a stopped process group would not act on SIGTERM
         for name, spec in specs.items():
             run = runs[name]
             live[name] = stack.enter_context(running(spec, log_dir / f"{name}-{run.model}-{run.dtype}.log"))
             # First requests after start-up pay for lazy initialisation (thread pools, allocator): not measured.
             run_closed_loop(live[name].url, bodies, concurrency=4, warmup_s=0, duration_s=max(2.0, warmup_s))
+            os.killpg(live[name].pgid, signal.SIGSTOP)
         for r in range(rounds):
             for c in concurrencies:
                 for name in list(live) if r % 2 == 0 else list(live)[::-1]:
                     server, run = live[name], runs[name]
+                    _resume(server)
                     result = run_closed_loop(
                         server.url,
                         bodies,
@@ -221,8 +227,20 @@ def measure_case(
                         duration_s=duration_s,
                         server_pgid=server.pgid,
                     )
+                    os.killpg(server.pgid, signal.SIGSTOP)
                     run.rounds.setdefault(c, []).append(result)
                     print(_line(r, run, result), flush=True)
+
+
+def _resume_all(live: dict[str, RunningServer]) -> None:
+    for server in live.values():
+        _resume(server)
+
+
+def _resume(server: RunningServer) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pgid, signal.SIGCONT)
+    time.sleep(0.2)  # its timers and threads catch up before load starts
 
 
 def _ratio(a: float | None, b: float | None) -> str:

@@ -68,7 +68,12 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
         lifespan=lifespan,
     )
     app.include_router(router)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics, access_log=settings.access_log)
+    # The documentation routes (/openapi.json, /docs, /redoc) do not mark the request with their route as the
+    # API's own do; their fixed paths name them in the metrics instead.
+    fixed_paths = frozenset(path for route in app.routes if "{" not in (path := getattr(route, "path", "{")))
+    app.add_middleware(
+        RequestContextMiddleware, metrics=metrics, access_log=settings.access_log, fixed_paths=fixed_paths
+    )
     _install_error_handlers(app)
     app.state.lifecycle = lifecycle
     app.state.settings = settings

@@ -29,10 +29,13 @@ def _large_or_unknown_body(headers: dict[bytes, bytes]) -> bool:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics, access_log: bool) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, access_log: bool, fixed_paths: frozenset[str] = frozenset()
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.access_log = access_log
+        self.fixed_paths = fixed_paths  # routes without path parameters, labelled by their path when unmarked
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -74,7 +77,7 @@ class RequestContextMiddleware:
 
     def _record(self, scope: Scope, state: dict[str, Any], status: int, elapsed: float, request_id: str) -> None:
         route = scope.get("route")
-        endpoint = getattr(route, "path", None) or "unmatched"
+        endpoint = getattr(route, "path", None) or (scope["path"] if scope["path"] in self.fixed_paths else "unmatched")
         model = state.get("model", "")
         self.metrics.requests.labels(model, endpoint, str(status)).inc()
         self.metrics.request_duration.labels(model, endpoint).observe(elapsed)

@@ -325,6 +325,12 @@ def test_openapi_documents_classify_and_its_errors(client: TestClient) -> None:
     assert docs.status_code == 200
     assert docs.headers["content-type"].startswith("text/html")
     assert "/openapi.json" in docs.text
+    scrape = Scrape.parse(client.get("/metrics").text)
+    assert scrape.value("deit_requests_total", model="", endpoint="/openapi.json", status="200") >= 1
+    assert scrape.value("deit_requests_total", model="", endpoint="/docs", status="200") >= 1
+    client.get("/no-such-page")
+    scrape = Scrape.parse(client.get("/metrics").text)
+    assert scrape.value("deit_requests_total", model="", endpoint="unmatched", status="404") >= 1
 
 
 # --- lifecycle ------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from transformers import PreTrainedModel
 from transformers.utils import logging as transformers_logging
 
 from tests.factories import TINY, hf_model, save_hf
-from tests.serving import write_tiny_model
+from tests.serving import write_slow_model, write_tiny_model
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -44,4 +44,12 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model store with one random-weight distilled DeiT named ``tiny`` (10 labels ``class_0``…``class_9``)."""
     store = tmp_path_factory.mktemp("store")
     write_tiny_model(store / "tiny")
+    return store
+
+
+@pytest.fixture(scope="module")
+def slow_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model store with one deliberately slow model named ``slow`` (see ``write_slow_model``)."""
+    store = tmp_path_factory.mktemp("slow-store")
+    write_slow_model(store / "slow")
     return store

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,24 +13,9 @@ import httpx
 import pytest
 
 from benchmarks.load_test import sample_images
-from tests.serving import Scrape, ServerProcess, multipart, run_server, write_slow_model
+from tests.serving import Scrape, ServerProcess, multipart, run_server, wait_until
 
 MODEL = "slow"
-
-
-@pytest.fixture(scope="module")
-def slow_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    store = tmp_path_factory.mktemp("slow-store")
-    write_slow_model(store / MODEL)
-    return store
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not met within {timeout}s")
-        time.sleep(0.01)
 
 
 def post(server: ServerProcess, images: list[bytes]) -> httpx.Response:

@@ -31,6 +31,7 @@ from tests.serving import (
     multipart,
     run_server,
     serve_in_process,
+    wait_until,
     write_slow_model,
 )
 
@@ -39,14 +40,6 @@ SLOW = "slow"
 
 def scrape(url: str) -> Scrape:
     return Scrape.parse(httpx.get(f"{url}/metrics", timeout=10).text)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not met within {timeout}s")
-        time.sleep(0.01)
 
 
 def post(url: str, images: list[bytes], **headers: str) -> httpx.Response:

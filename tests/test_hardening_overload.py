@@ -15,16 +15,9 @@ import httpx
 import pytest
 
 from benchmarks.load_test import run_load, sample_images
-from tests.serving import Scrape, ServerProcess, multipart, run_server, write_slow_model
+from tests.serving import Scrape, ServerProcess, multipart, run_server
 
 MODEL = "slow"
-
-
-@pytest.fixture(scope="module")
-def slow_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    store = tmp_path_factory.mktemp("slow-store")
-    write_slow_model(store / MODEL)
-    return store
 
 
 def scrape(server: ServerProcess) -> Scrape:

@@ -11,14 +11,7 @@ import httpx
 import pytest
 
 from benchmarks.load_test import main, run_load, sample_images
-from tests.serving import multipart, rss_bytes, run_server, write_slow_model
-
-
-@pytest.fixture(scope="module")
-def slow_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    store = tmp_path_factory.mktemp("slow-store")
-    write_slow_model(store / "slow")
-    return store
+from tests.serving import multipart, rss_bytes, run_server
 
 
 def test_overload_answers_only_200_503_504_with_correct_predictions(

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from fastapi import FastAPI, Request, Response
@@ -14,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
+from service.decode_pool import DecodePool
 from service.errors import ServiceError
 from service.lifecycle import Lifecycle, Phase
 from service.metrics import Metrics
@@ -22,6 +22,7 @@ from service.routes import router
 from service.settings import Settings
 from service.state import AppState, json_response
 from service.store import ModelStore
+from service.upload_budget import UploadBudget, default_budget_bytes
 
 log = logging.getLogger("deit_serve.app")
 
@@ -44,8 +45,9 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
                 served.batcher.abandon()
 
         lifecycle.on_abandon(abandon_queued)
-        pool = ThreadPoolExecutor(max_workers=settings.preprocess_threads, thread_name_prefix="preprocess")
-        app.state.deit = AppState(settings, metrics, lifecycle, store, pool)
+        pool = DecodePool(settings.preprocess_threads)
+        budget = UploadBudget(settings.max_inflight_upload_bytes or default_budget_bytes(settings.max_upload_bytes))
+        app.state.deit = AppState(settings, metrics, lifecycle, store, pool, budget)
         loading = asyncio.create_task(_load_models(store, lifecycle, metrics, on_fatal), name="load-models")
         app.state.loading = loading
         try:
@@ -59,7 +61,7 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
             await lifecycle.wait_idle(settings.drain_timeout_s)
             for served in store.models.values():
                 await served.batcher.stop()
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown()
 
     app = FastAPI(
         title="deit-serve",

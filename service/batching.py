@@ -141,9 +141,9 @@ class Batcher:
         for item in items:
             if not item.future.done():
                 item.future.cancel()
-                with contextlib.suppress(ValueError):
-                    self._queue.remove(item)
-                    removed += 1
+            with contextlib.suppress(ValueError):
+                self._queue.remove(item)
+                removed += 1
         self._admitted -= removed
         if removed:
             self._metrics.dropped.labels(self.model_name, reason).inc(removed)
@@ -251,6 +251,8 @@ class Batcher:
         while self._queue and len(batch) < limit:
             item = self._queue.popleft()
             self._admitted -= 1
+            if item.future.done():  # its request gave up on it
+                continue
             if item.deadline <= now:
                 item.future.set_exception(DeadlineExceeded("the request deadline passed while it was queued"))
                 expired += 1

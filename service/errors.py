@@ -86,6 +86,14 @@ class InvalidParameter(ServiceError):
     code = "invalid_parameter"
 
 
+class RequestTimeout(ServiceError):
+    """The client did not send its body within the request's deadline."""
+
+    status_code = 408
+    code = "request_timeout"
+    headers = {"Connection": "close"}  # noqa: RUF012
+
+
 # --- capacity / lifecycle -------------------------------------------------------------------------------------
 
 

@@ -1,22 +1,21 @@
-"""One classification request end to end: decode in the preprocessing pool, queue, await the batch, top-k."""
+"""One classification request end to end: decode in the shared decoding threads, queue, await the batch, top-k."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import Executor
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from service.batching import WorkItem
-from service.errors import ClientGone, DeadlineExceeded, ServiceError
+from service.decode_pool import DecodePool
+from service.errors import ClientGone, ServiceError, ShuttingDown
 from service.metrics import Metrics
 from service.preprocessing import decode_image
+from service.request_context import RequestContext
 from service.schemas import ImageResult, Prediction
 from service.store import ServedModel
 from service.uploads import Upload
@@ -48,61 +47,47 @@ async def classify(
     uploads: Sequence[Upload],
     *,
     top_k: int,
-    deadline: float,
-    pool: Executor,
+    context: RequestContext,
+    pool: DecodePool,
     max_pixels: int,
     metrics: Metrics,
-    disconnected: Callable[[], Awaitable[object]],
     stats: RequestStats,
 ) -> list[ImageResult]:
-    loop = asyncio.get_running_loop()
+    """Decode the uploads (taking turns with other requests for the decoding threads), queue them for a batch and
+    wait for their probabilities, all under the request's deadline and cancel signal."""
     batcher = served.batcher
     stats.images = len(uploads)
     with batcher.admit(len(uploads)) as admission:
-        jobs = [loop.run_in_executor(pool, _decode_and_preprocess, served, u, max_pixels, metrics) for u in uploads]
+        jobs = pool.submit(
+            context, [functools.partial(_decode_and_preprocess, served, u, max_pixels, metrics) for u in uploads]
+        )
         try:
-            pixels = await asyncio.gather(*jobs)
+            pixels = await context.run(asyncio.gather(*jobs))
         except BaseException:
             for job in jobs:
                 job.cancel()
+            if context.stopped:  # none of its images will run: those not decoded yet never start
+                metrics.dropped.labels(served.name, _stop_reason(context)).inc(len(uploads))
             raise
-        items = batcher.enqueue(admission, pixels, deadline)
-    probs = await _await_items(batcher.cancel, items, deadline, disconnected)
+        items = batcher.enqueue(admission, pixels, context.deadline)
+    try:
+        probs = await context.run(asyncio.gather(*(i.future for i in items)))
+    except ServiceError:
+        if context.stopped:  # withdraw the images that have not run yet
+            batcher.cancel(items, _stop_reason(context))
+        raise
     stats.batch_sizes = tuple(sorted({i.batch_size for i in items}))
     stats.queue_ms = max(i.queue_s for i in items) * 1000
     stats.inference_ms = max(i.forward_s for i in items) * 1000
     return _top_k(served.labels, uploads, probs, top_k)
 
 
-async def _await_items(
-    cancel: Callable[[Sequence[WorkItem], str], None],
-    items: list[WorkItem],
-    deadline: float,
-    disconnected: Callable[[], Awaitable[object]],
-) -> list[Tensor]:
-    """Results of the request's images, or its items withdrawn from the queue on deadline / disconnect."""
-    waiter: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*(i.future for i in items)))
-    waiter.add_done_callback(_consume)  # its error is read below, or nobody is left to read it (task cancelled)
-    watcher: asyncio.Future[Any] = asyncio.ensure_future(disconnected())
-    try:
-        done, _ = await asyncio.wait(
-            {waiter, watcher}, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
-        )
-    finally:
-        watcher.cancel()
-    if waiter in done:
-        return list(waiter.result())
-    reason = "disconnect" if watcher in done else "deadline"
-    cancel(items, reason)
-    waiter.cancel()
-    if reason == "disconnect":
-        raise ClientGone("the client disconnected before its images ran")
-    raise DeadlineExceeded("the request deadline passed before its images were classified")
-
-
-def _consume(task: asyncio.Future[Any]) -> None:
-    with contextlib.suppress(BaseException):
-        task.exception()
+def _stop_reason(context: RequestContext) -> str:
+    if isinstance(context.error, ClientGone):
+        return "disconnect"
+    if isinstance(context.error, ShuttingDown):
+        return "shutdown"
+    return "deadline"
 
 
 def _top_k(labels: list[str], uploads: Sequence[Upload], probs: list[Tensor], k: int) -> list[ImageResult]:

@@ -8,6 +8,7 @@ import enum
 from collections.abc import Callable, Iterator
 
 from service.errors import NotReady, ShuttingDown
+from service.request_context import RequestContext
 
 
 class Phase(str, enum.Enum):
@@ -26,6 +27,7 @@ class Lifecycle:
         self._inflight = 0
         self._idle: asyncio.Event | None = None
         self._abandon_hooks: list[Callable[[], None]] = []
+        self._requests: set[RequestContext] = set()
 
     @property
     def inflight(self) -> int:
@@ -46,20 +48,25 @@ class Lifecycle:
         self._abandon_hooks.append(hook)
 
     def abandon(self) -> None:
-        """The drain timeout passed: answer waiting requests now (503) instead of cutting their connections."""
+        """The drain timeout passed: answer every request in flight now (503), in whatever stage it is (still
+        sending its body, decoding, queued), instead of letting the server cut their connections."""
         for hook in self._abandon_hooks:
             hook()
+        for context in list(self._requests):
+            context.cancel(ShuttingDown("the service is shutting down before this request could finish; retry"))
 
     @contextlib.contextmanager
-    def request(self) -> Iterator[None]:
-        """Count a classification request as in flight for its whole duration."""
+    def request(self, context: RequestContext) -> Iterator[None]:
+        """Count a request as in flight for its whole duration; an abandoned drain cancels it."""
         self._inflight += 1
+        self._requests.add(context)
         if self._idle is not None:
             self._idle.clear()
         try:
             yield
         finally:
             self._inflight -= 1
+            self._requests.discard(context)
             if self._inflight == 0 and self._idle is not None:
                 self._idle.set()
 

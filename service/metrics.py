@@ -54,7 +54,10 @@ class Metrics:
             "deit_rejected", "Requests refused before inference, by reason", ["model", "reason"], registry=r
         )
         self.dropped = Counter(
-            "deit_dropped", "Queued images dropped before their batch ran, by reason", ["model", "reason"], registry=r
+            "deit_dropped",
+            "Images of stopped requests that never ran (not decoded, or withdrawn from the queue), by reason",
+            ["model", "reason"],
+            registry=r,
         )
         self.batch_failures = Counter("deit_batch_failures", "Forward passes that raised", ["model"], registry=r)
         self.model_info = Gauge(

@@ -8,6 +8,7 @@ import time
 import uuid
 from typing import Any
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.metrics import Metrics
@@ -26,6 +27,12 @@ def _large_or_unknown_body(headers: dict[bytes, bytes]) -> bool:
         return True
     declared = headers.get(b"content-length", b"0")
     return not declared.isdigit() or int(declared) > DISCARD_LIMIT_BYTES
+
+
+def request_arrival(request: Request) -> float:
+    """When the request reached the app (``time.monotonic()``): the origin of its deadline."""
+    arrived: float = request.state.arrived
+    return arrived
 
 
 class RequestContextMiddleware:
@@ -47,6 +54,7 @@ class RequestContextMiddleware:
         request_id = incoming if _VALID_ID.match(incoming) else uuid.uuid4().hex
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id
+        state["arrived"] = time.monotonic()
         status = 500
         unread_large_body = _large_or_unknown_body(headers)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -12,10 +11,12 @@ from service.auth import check_api_key
 from service.errors import InvalidParameter, NotReady
 from service.inference import RequestStats, classify
 from service.lifecycle import Phase
+from service.middleware import request_arrival
+from service.request_context import RequestContext
 from service.schemas import ClassifyResponse, ErrorBody, Health, ModelInfo, ModelList
 from service.state import AppState, app_state, json_response
 from service.store import ServedModel
-from service.uploads import FILE_FIELD, read_uploads
+from service.uploads import FILE_FIELD, read_uploads, watch_disconnect
 
 
 # Dependencies are coroutines: FastAPI runs plain functions in its thread pool, a thread hop per request each.
@@ -94,33 +95,25 @@ async def classify_images(
         raise InvalidParameter(f"top_k={top_k} exceeds the {num_labels} labels of model {served.name!r}")
     k = min(top_k or settings.default_top_k, num_labels)
     timeout = min(x_request_timeout or settings.request_timeout_s, settings.max_request_timeout_s)
-    deadline = time.monotonic() + timeout
+    context = RequestContext(request_arrival(request) + timeout)
     served.batcher.check_room(1)  # refuse before reading the body when the queue is already full
-    with state.lifecycle.request():
-        uploads = await read_uploads(request, settings.max_upload_bytes, settings.max_files)
+    with state.lifecycle.request(context), state.upload_budget.reservation() as reservation:
+        uploads = await read_uploads(request, settings.max_upload_bytes, settings.max_files, context, reservation)
         stats = RequestStats()
         request.state.stats = stats
-        results = await classify(
-            served,
-            uploads,
-            top_k=k,
-            deadline=deadline,
-            pool=state.preprocess_pool,
-            max_pixels=settings.max_image_pixels,
-            metrics=state.metrics,
-            disconnected=lambda: _wait_for_disconnect(request),
-            stats=stats,
-        )
+        async with watch_disconnect(request, context):
+            results = await classify(
+                served,
+                uploads,
+                top_k=k,
+                context=context,
+                pool=state.decode_pool,
+                max_pixels=settings.max_image_pixels,
+                metrics=state.metrics,
+                stats=stats,
+            )
     body = {"model": served.name, "results": [r.model_dump() for r in results]}
     return json_response(body)
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    """Returns when the client goes away (after the body was read, the next ASGI message is the disconnect)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
 
 
 def _model_info(served: ServedModel, default: str | None) -> ModelInfo:

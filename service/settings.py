@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest request body accepted")
     max_files: int = Field(64, ge=1, description="most images in one request")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest decoded image (width × height)")
+    max_inflight_upload_bytes: int = Field(
+        0,
+        ge=0,
+        description="request-body bytes held in memory at once, all requests together; more are refused (503) "
+        "before they are read (0: auto: a quarter of the memory, at least 4 largest uploads)",
+    )
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long accepted requests may finish")
     api_keys: Annotated[tuple[str, ...], NoDecode] = Field((), description="comma-separated API keys; empty: no auth")
     protect_metrics: bool = Field(False, description="require an API key on /metrics too")

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request, Response
 
+from service.decode_pool import DecodePool
 from service.lifecycle import Lifecycle
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store import ModelStore
+from service.upload_budget import UploadBudget
 
 
 @dataclass
@@ -21,7 +22,8 @@ class AppState:
     metrics: Metrics
     lifecycle: Lifecycle
     store: ModelStore
-    preprocess_pool: ThreadPoolExecutor
+    decode_pool: DecodePool
+    upload_budget: UploadBudget
 
 
 def app_state(request: Request) -> AppState:

@@ -1,16 +1,28 @@
-"""Reading image uploads from a request body, with the size and file-count limits enforced while streaming."""
+"""Reading image uploads from a request body: size, file-count, byte-budget and time limits enforced while streaming."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import python_multipart
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import parse_options_header
-from starlette.requests import ClientDisconnect, Request
+from python_multipart.multipart import MultipartState, parse_options_header
+from starlette.requests import Request
 
-from service.errors import BadRequest, ClientGone, EmptyUpload, PayloadTooLarge, TooManyFiles, UnsupportedMediaType
+from service.errors import (
+    BadRequest,
+    ClientGone,
+    EmptyUpload,
+    PayloadTooLarge,
+    RequestTimeout,
+    TooManyFiles,
+    UnsupportedMediaType,
+)
+from service.request_context import RequestContext
+from service.upload_budget import Reservation
 
 FILE_FIELD = "file"
 
@@ -31,36 +43,57 @@ class _Part:
     disposition: bytes = b""
 
 
-async def _limited(request: Request, max_bytes: int) -> AsyncIterator[bytes]:
-    """The body, chunk by chunk; 413 as soon as it passes ``max_bytes`` (the rest is never read)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+def _body_too_slow() -> RequestTimeout:
+    return RequestTimeout("the request body was not received before the request's deadline")
+
+
+async def _limited(
+    request: Request, max_bytes: int, context: RequestContext, reservation: Reservation
+) -> AsyncIterator[bytes]:
+    """The body, chunk by chunk, within the request's deadline; 413 as soon as it passes ``max_bytes`` (the rest is
+    never read). Its bytes are reserved in the upload budget before they are read: all at once when the length is
+    declared, else as they arrive."""
+    declared_header = request.headers.get("content-length")
+    declared = int(declared_header) if declared_header is not None and declared_header.isdigit() else None
+    if declared is not None and declared > max_bytes:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {max_bytes}")
+    if declared is not None:
+        reservation.grow(declared)
+    receive = request.receive
     seen = 0
-    try:
-        async for chunk in request.stream():
-            seen += len(chunk)
-            if seen > max_bytes:
-                raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
+    while True:
+        message = await context.run(receive(), _body_too_slow)
+        if message["type"] == "http.disconnect":
+            raise ClientGone("the client disconnected while sending")
+        chunk: bytes = message.get("body", b"")
+        seen += len(chunk)
+        if seen > max_bytes:
+            raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
+        if declared is None:
+            reservation.grow(len(chunk))
+        if chunk:
             yield chunk
-    except ClientDisconnect as e:
-        raise ClientGone("the client disconnected while sending") from e
+        if not message.get("more_body", False):
+            return
 
 
-async def read_uploads(request: Request, max_bytes: int, max_files: int) -> list[Upload]:
+async def read_uploads(
+    request: Request, max_bytes: int, max_files: int, context: RequestContext, reservation: Reservation
+) -> list[Upload]:
     """Images of a multipart upload (repeated field ``file``) or of a raw ``image/*`` body."""
     content_type = request.headers.get("content-type", "")
     media_type, params = parse_options_header(content_type)
+    body = _limited(request, max_bytes, context, reservation)
     if media_type == b"multipart/form-data":
         boundary = params.get(b"boundary")
         if not boundary:
             raise BadRequest("multipart body without a boundary in its Content-Type")
-        uploads = await _read_multipart(_limited(request, max_bytes), boundary, max_files)
+        uploads = await _read_multipart(body, boundary, max_files)
     elif media_type.startswith(b"image/") or media_type == b"application/octet-stream":
-        body = bytearray()
-        async for chunk in _limited(request, max_bytes):
-            body.extend(chunk)
-        uploads = [Upload(request.headers.get("x-filename", "image"), bytes(body))]
+        data = bytearray()
+        async for chunk in body:
+            data.extend(chunk)
+        uploads = [Upload(request.headers.get("x-filename", "image"), bytes(data))]
     else:
         raise UnsupportedMediaType(
             f"Content-Type {content_type or 'missing'!r} is not accepted: send multipart/form-data with one or more "
@@ -105,6 +138,7 @@ async def _read_multipart(stream: AsyncIterator[bytes], boundary: bytes, max_fil
     def on_part_end() -> None:
         if part.name == FILE_FIELD:
             uploads.append(Upload(part.filename or f"file{len(uploads)}", bytes(part.data)))
+            part.data = bytearray()  # one copy of each file at a time, not two
 
     callbacks = {
         "on_part_begin": on_part_begin,
@@ -122,4 +156,27 @@ async def _read_multipart(stream: AsyncIterator[bytes], boundary: bytes, max_fil
         parser.finalize()
     except FormParserError as e:
         raise BadRequest(f"malformed multipart body: {e}") from e
+    if parser.state != MultipartState.END:
+        # python-multipart's finalize() accepts a body cut short; files in it would be lost without a word.
+        raise BadRequest(
+            f"multipart body ends before its closing boundary (after {len(uploads)} complete file part(s)): "
+            "the upload was cut short"
+        )
     return uploads
+
+
+@contextlib.asynccontextmanager
+async def watch_disconnect(request: Request, context: RequestContext) -> AsyncIterator[None]:
+    """Cancel ``context`` if the client goes away once its body was read (the next ASGI message is then the
+    disconnect), so that its images still waiting to be decoded or batched never run."""
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        context.cancel(ClientGone("the client disconnected before its images ran"))
+
+    watcher = asyncio.create_task(watch(), name="watch-disconnect")
+    try:
+        yield
+    finally:
+        watcher.cancel()

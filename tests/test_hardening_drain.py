@@ -76,9 +76,15 @@ def test_a_drain_that_outlasts_its_timeout_answers_503_and_exits_0_in_bounded_ti
     slow_store: Path, tmp_path: Path
 ) -> None:
     drain_timeout = 1.0
-    env = {"DEIT_MAX_BATCH_SIZE": "1", "DEIT_TORCH_THREADS": "1", "DEIT_DRAIN_TIMEOUT_S": str(drain_timeout)}
+    # One image per forward pass, one pass at a time: each request's 64 images take seconds, more than the drain.
+    env = {
+        "DEIT_MAX_BATCH_SIZE": "1",
+        "DEIT_TORCH_THREADS": "1",
+        "DEIT_FORWARD_WORKERS": "1",
+        "DEIT_DRAIN_TIMEOUT_S": str(drain_timeout),
+    }
     with run_server(slow_store, tmp_path, env=env) as server, ThreadPoolExecutor(4) as pool:
-        accepted = accept_requests(server, pool, count=3, images=64)  # seconds of work
+        accepted = accept_requests(server, pool, count=3, images=64)
         signalled = time.monotonic()
         server.terminate(signal.SIGTERM)
         code = server.wait(timeout=30)

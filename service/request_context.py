@@ -1,0 +1,97 @@
+"""One request's lifetime: a single deadline and a single cancel signal, from its first byte to its answer.
+
+Every stage of a request (reading the body, decoding, waiting in the queue, the forward pass) runs under the same
+``RequestContext``: each wait is raced against the deadline and the cancel signal, so a request ends at its deadline
+or when its client leaves, whatever stage it is in, and work not yet started for it never starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from service.errors import DeadlineExceeded, ServiceError
+
+T = TypeVar("T")
+
+
+class RequestContext:
+    """Deadline and cancel signal of one request. Created and cancelled on the event loop; ``stopped`` may be read
+    from any thread (decoding threads check it before they start an image)."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.error: ServiceError | None = None  # why the request was cancelled, once it was
+        self._signal: asyncio.Future[None] | None = None  # resolved on cancel; awaited beside every stage
+        self._on_cancel: list[Callable[[ServiceError], None]] = []
+
+    @classmethod
+    def with_timeout(cls, timeout_s: float) -> RequestContext:
+        return cls(time.monotonic() + timeout_s)
+
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() >= self.deadline
+
+    @property
+    def stopped(self) -> bool:
+        """Cancelled, or past its deadline: nothing more should be started for this request."""
+        return self.error is not None or self.expired
+
+    def cancel(self, error: ServiceError) -> None:
+        """End the request with ``error`` (client gone, service shutting down); the first reason wins."""
+        if self.error is not None:
+            return
+        self.error = error
+        if self._signal is not None and not self._signal.done():
+            self._signal.set_result(None)
+        for hook in self._on_cancel:
+            hook(error)
+
+    def on_cancel(self, hook: Callable[[ServiceError], None]) -> None:
+        """Call ``hook`` when the request is cancelled (at once if it already is)."""
+        if self.error is not None:
+            hook(self.error)
+        else:
+            self._on_cancel.append(hook)
+
+    def check(self, timeout_error: Callable[[], ServiceError] | None = None) -> None:
+        """Raise the cancel reason, or the deadline's error, if the request should stop."""
+        if self.error is not None:
+            raise self.error
+        if self.expired:
+            raise (timeout_error or _deadline_passed)()
+
+    async def run(self, awaitable: Awaitable[T], timeout_error: Callable[[], ServiceError] | None = None) -> T:
+        """Await ``awaitable`` until the deadline or the cancel signal, whichever comes first. On either, it is
+        cancelled and the reason raised (``timeout_error()`` for the deadline, default: 504)."""
+        self.check(timeout_error)
+        task = asyncio.ensure_future(awaitable)
+        if self._signal is None:
+            self._signal = asyncio.get_running_loop().create_future()
+        waiters: set[asyncio.Future[Any]] = {task, self._signal}
+        try:
+            done, _ = await asyncio.wait(waiters, timeout=self.remaining(), return_when="FIRST_COMPLETED")
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if task in done:
+            return task.result()
+        task.cancel()
+        task.add_done_callback(_consume)
+        self.check(timeout_error)
+        raise (timeout_error or _deadline_passed)()  # the wait timed out a hair before the deadline
+
+
+def _deadline_passed() -> ServiceError:
+    return DeadlineExceeded("the request deadline passed before its images were classified")
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -46,7 +46,8 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
 
         lifecycle.on_abandon(abandon_queued)
         pool = DecodePool(settings.preprocess_threads)
-        budget = UploadBudget(settings.max_inflight_upload_bytes or default_budget_bytes(settings.max_upload_bytes))
+        budget_bytes = settings.max_inflight_upload_bytes or default_budget_bytes(settings.max_upload_bytes)
+        budget = UploadBudget(budget_bytes, metrics.upload_bytes)
         app.state.deit = AppState(settings, metrics, lifecycle, store, pool, budget)
         loading = asyncio.create_task(_load_models(store, lifecycle, metrics, on_fatal), name="load-models")
         app.state.loading = loading

@@ -64,5 +64,8 @@ class Metrics:
             "deit_model_info", "Loaded models (value 1)", ["model", "architecture", "dtype", "device"], registry=r
         )
         self.inflight = Gauge("deit_inflight_requests", "Requests being handled", registry=r)
+        self.upload_bytes = Gauge(
+            "deit_upload_bytes_in_flight", "Request-body bytes reserved by requests in flight", registry=r
+        )
         self.ready = Gauge("deit_ready", "1 when every model is loaded and warm and the service is not draining",
                            registry=r)  # fmt: skip

@@ -12,6 +12,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from prometheus_client import Gauge
+
 from service.errors import Overloaded
 
 # With no budget set: this share of the memory the process may use, and at least this many full-size uploads.
@@ -37,9 +39,15 @@ def default_budget_bytes(max_upload_bytes: int) -> int:
 class UploadBudget:
     """Bytes reserved by the requests in flight; all methods run on the event loop."""
 
-    def __init__(self, limit_bytes: int) -> None:
+    def __init__(self, limit_bytes: int, gauge: Gauge | None = None) -> None:
         self.limit_bytes = limit_bytes
         self.reserved = 0
+        self._gauge = gauge
+
+    def _add(self, n: int) -> None:
+        self.reserved += n
+        if self._gauge is not None:
+            self._gauge.set(self.reserved)
 
     @contextlib.contextmanager
     def reservation(self) -> Iterator[Reservation]:
@@ -48,7 +56,7 @@ class UploadBudget:
         try:
             yield held
         finally:
-            self.reserved -= held.bytes
+            self._add(-held.bytes)
             held.bytes = 0
 
 
@@ -65,5 +73,5 @@ class Reservation:
                 f"the service holds {budget.reserved} bytes of uploads in flight (limit {budget.limit_bytes}); "
                 "retry shortly"
             )
-        budget.reserved += n
+        budget._add(n)
         self.bytes += n

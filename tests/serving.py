@@ -6,6 +6,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
@@ -286,3 +288,32 @@ def serve_in_process(settings: Settings) -> Iterator[InProcessServer]:
         thread.join(timeout=30)
         if thread.is_alive():
             raise RuntimeError("in-process server did not stop within 30 s")
+
+
+def read_answer(sock: socket.socket) -> tuple[int, Any]:
+    """Status and JSON body of the HTTP/1.1 answer on ``sock``, read up to its Content-Length (bounded by 10 s)."""
+    sock.settimeout(10)
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < content_length(data):
+        try:
+            received = sock.recv(65536)
+        except ConnectionResetError:  # the server closed with upload bytes unread; what it sent was read first
+            break
+        if not received:
+            break
+        data += received
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body)
+
+
+def content_length(data: bytes) -> int:
+    for line in data.partition(b"\r\n\r\n")[0].split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+def expect_error(response: httpx.Response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code, response.text

@@ -5,6 +5,7 @@ the work outlasts it)."""
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +14,7 @@ import httpx
 import pytest
 
 from benchmarks.load_test import sample_images
-from tests.serving import Scrape, ServerProcess, multipart, run_server, wait_until
+from tests.serving import Scrape, ServerProcess, multipart, read_answer, run_server, wait_until
 
 MODEL = "slow"
 
@@ -100,3 +101,35 @@ def test_a_drain_that_outlasts_its_timeout_answers_503_and_exits_0_in_bounded_ti
     records = server.log_records()
     assert any(r.get("message") == "drain timeout passed with 3 requests in flight" for r in records)
     assert not [r for r in records if r.get("level") == "error"], "a timed-out drain is not an error"
+
+
+@pytest.mark.parametrize("signals", [1, 2], ids=["drain-timeout", "second-signal"])
+def test_uploads_still_being_read_when_the_drain_ends_get_503_json(
+    tiny_store: Path, tmp_path: Path, signals: int
+) -> None:
+    """A client stalled mid-body is answered ``shutting_down`` when the drain gives up (or at a second signal)."""
+    env = {"DEIT_DRAIN_TIMEOUT_S": "1"}
+    with run_server(tiny_store, tmp_path, env=env) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(
+                b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+            )
+            sock.sendall(bytes(1000))
+            wait_until(
+                lambda: Scrape.parse(httpx.get(f"{server.url}/metrics").text).value("deit_upload_bytes_in_flight") > 0,
+                what="upload being read",
+            )
+            signalled = time.monotonic()
+            for _ in range(signals):
+                server.terminate(signal.SIGTERM)
+                time.sleep(0.1)
+            status, body = read_answer(sock)
+            answered_after = time.monotonic() - signalled
+        code = server.wait(timeout=30)
+    assert (status, body["error"]["code"]) == (503, "shutting_down"), body
+    assert answered_after < (3.0 if signals == 1 else 1.5), answered_after
+    assert code == 0
+    log = server.log()
+    assert "Traceback" not in log
+    assert all(line.startswith("{") for line in log.splitlines() if line.strip()), log

@@ -4,7 +4,6 @@ bytes. Every input gets a 4xx JSON answer or a classification; none gets a 500 o
 from __future__ import annotations
 
 import io
-import json
 import random
 import select
 import socket
@@ -13,7 +12,6 @@ import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -24,7 +22,7 @@ from PIL import Image
 
 from service.errors import ServiceError
 from service.preprocessing import PreprocessConfig, Preprocessor, decode_image
-from tests.serving import ServerProcess, image_bytes, run_server
+from tests.serving import ServerProcess, expect_error, image_bytes, read_answer, run_server
 
 MAX_BYTES = 256 * 1024
 MAX_FILES = 4
@@ -52,35 +50,6 @@ def classify(server: ServerProcess, files: list[tuple[str, bytes]]) -> httpx.Res
     return httpx.post(
         f"{server.url}/classify", files=[("file", (name, data, "application/octet-stream")) for name, data in files]
     )
-
-
-def read_answer(sock: socket.socket) -> tuple[int, Any]:
-    """Status and JSON body of the HTTP/1.1 answer on ``sock``, read up to its Content-Length (bounded by 10 s)."""
-    sock.settimeout(10)
-    data = b""
-    while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < content_length(data):
-        try:
-            received = sock.recv(65536)
-        except ConnectionResetError:  # the server closed with upload bytes unread; what it sent was read first
-            break
-        if not received:
-            break
-        data += received
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), json.loads(body)
-
-
-def content_length(data: bytes) -> int:
-    for line in data.partition(b"\r\n\r\n")[0].split(b"\r\n"):
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return int(value)
-    return 0
-
-
-def expect_error(response: httpx.Response, status: int, code: str) -> None:
-    assert response.status_code == status, response.text
-    assert response.json()["error"]["code"] == code, response.text
 
 
 # --- size limits while streaming --------------------------------------------------------------------------------

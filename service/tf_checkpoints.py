@@ -39,7 +39,10 @@ def read_keras_h5(path: Path) -> dict[str, Tensor]:
     try:
         with h5py.File(path, "r") as f:
             if "layer_names" not in f.attrs:
-                raise CheckpointError(f"{path}: not a Keras weights file (no 'layer_names' attribute)")
+                raise CheckpointError(
+                    f"{path}: not a Keras weights file as transformers' TF save_pretrained writes (Keras 2 H5, "
+                    "with a 'layer_names' attribute)"
+                )
             tensors: dict[str, Tensor] = {}
             for layer in _strings(f.attrs["layer_names"]):
                 group = f[layer]

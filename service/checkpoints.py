@@ -1,5 +1,9 @@
 """Load DeiT checkpoints (HF directories, timm/facebookresearch ``.pth``) into ``service.model.DeiT``.
 
+HF directories may hold ``save_pretrained``'s weights, a state dict saved by hand from transformers ≥ 5 (its
+in-memory names), or a TensorFlow ``tf_model.h5``; the writer-specific renames live beside the model
+(``hf_names``, ``tf_checkpoints``, ``timm_convert``) and this module only reads files and loads strictly.
+
 Loading never executes code from a checkpoint (safetensors, or ``torch.load(weights_only=True)``), is strict
 (every missing, unexpected or mis-shaped tensor is an error naming key and file), and builds the model on the
 ``meta`` device so that the weights are held once, already in the target dtype.
@@ -21,10 +25,14 @@ from torch import Tensor
 
 from service.config import Architecture, DeiTConfig
 from service.errors import CheckpointError
+from service.hf_names import from_transformers5_names, has_transformers5_names
 from service.model import DeiT
 from service.preprocessing import PreprocessConfig
+from service.tf_checkpoints import H5_SUFFIXES, TF_WEIGHTS_NAME, is_tf_state_dict, read_keras_h5, tf_to_hf
+from service.timm_convert import is_timm_state_dict, timm_to_hf
 
 PTH_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+WEIGHT_SUFFIXES = (*PTH_SUFFIXES, *H5_SUFFIXES)
 LABEL_FILES = ("labels.txt", "labels.json")
 
 
@@ -92,6 +100,8 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 def _read_tensor_file(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
+    if path.suffix in H5_SUFFIXES:
+        return read_keras_h5(path)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -131,8 +141,9 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
 
 
 def _read_hf_weights(directory: Path) -> tuple[dict[str, Tensor], Path]:
-    """An HF directory's weights: single or sharded, safetensors preferred over ``.bin``."""
-    for name in ("model.safetensors", "pytorch_model.bin"):
+    """An HF directory's weights: single or sharded, safetensors preferred over ``.bin``, then TF's ``.h5``; else
+    the directory's one weights file of any name (a state dict saved by hand beside its ``config.json``)."""
+    for name in ("model.safetensors", "pytorch_model.bin", TF_WEIGHTS_NAME):
         if (directory / name).is_file():
             return _read_tensor_file(directory / name), directory / name
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
@@ -149,97 +160,25 @@ def _read_hf_weights(directory: Path) -> tuple[dict[str, Tensor], Path]:
             if missing:
                 raise CheckpointError(f"{index}: tensors listed but not in any shard: {missing[:5]}")
             return tensors, index
+    files = [p for p in sorted(directory.iterdir()) if p.is_file() and p.suffix in WEIGHT_SUFFIXES]
+    if len(files) == 1:
+        return _read_tensor_file(files[0]), files[0]
     raise CheckpointError(
-        f"{directory}: no weights found (expected model.safetensors, pytorch_model.bin or a sharded index)"
+        f"{directory}: no weights found (expected model.safetensors, pytorch_model.bin, {TF_WEIGHTS_NAME}, a sharded "
+        f"index, or exactly one {'/'.join(WEIGHT_SUFFIXES)} file; found {[f.name for f in files]})"
     )
 
 
-# --- timm / facebookresearch conversion ---------------------------------------------------------------------
-
-_TIMM_RENAMES = [
-    (r"^cls_token$", "embeddings.cls_token"),
-    (r"^dist_token$", "embeddings.distillation_token"),
-    (r"^pos_embed$", "embeddings.position_embeddings"),
-    (r"^patch_embed\.proj\.", "embeddings.patch_embeddings.projection."),
-    (r"^blocks\.(\d+)\.norm1\.", r"encoder.layer.\1.layernorm_before."),
-    (r"^blocks\.(\d+)\.attn\.proj\.", r"encoder.layer.\1.attention.output.dense."),
-    (r"^blocks\.(\d+)\.norm2\.", r"encoder.layer.\1.layernorm_after."),
-    (r"^blocks\.(\d+)\.mlp\.fc1\.", r"encoder.layer.\1.intermediate.dense."),
-    (r"^blocks\.(\d+)\.mlp\.fc2\.", r"encoder.layer.\1.output.dense."),
-    (r"^norm\.", "layernorm."),
-]
-_TIMM_HEADS = {"head.": "cls_classifier.", "head_dist.": "distillation_classifier."}
-
-
-def is_timm_state_dict(state: Mapping[str, Tensor]) -> bool:
-    keys = {k.removeprefix("module.") for k in state}
-    return "pos_embed" in keys and "cls_token" in keys
-
-
-def timm_to_hf(state: Mapping[str, Tensor], num_heads: int | None = None) -> tuple[dict[str, Tensor], DeiTConfig]:
-    """Convert a timm/facebookresearch DeiT state dict to HF names, reading the architecture from shapes."""
-    src = {k.removeprefix("module."): v for k, v in state.items()}
-    distilled = "dist_token" in src
-    model_type = "deit" if distilled else "vit"
-    prefix = f"{model_type}."
-    out: dict[str, Tensor] = {}
-    for key, value in src.items():
-        qkv = re.match(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", key)
-        if qkv:
-            layer, kind = qkv.groups()
-            for name, part in zip(("query", "key", "value"), value.chunk(3, dim=0), strict=True):
-                out[f"{prefix}encoder.layer.{layer}.attention.attention.{name}.{kind}"] = part.contiguous()
-            continue
-        head = next((h for h in _TIMM_HEADS if key.startswith(h)), None)
-        if head is not None:
-            out[_TIMM_HEADS[head] + key[len(head) :]] = value
-            continue
-        for pattern, repl in _TIMM_RENAMES:
-            new, count = re.subn(pattern, repl, key)
-            if count:
-                out[prefix + new] = value
-                break
-        else:
-            out[key] = value  # left as is: reported as unexpected by the strict load
-    if not distilled and "cls_classifier.weight" in out:
-        for p in ("weight", "bias"):
-            out[f"classifier.{p}"] = out.pop(f"cls_classifier.{p}")
-    config = _config_from_timm_shapes(src, model_type, num_heads)
-    return out, config
-
-
-def _config_from_timm_shapes(src: Mapping[str, Tensor], model_type: str, num_heads: int | None) -> DeiTConfig:
+def to_saved_layout(state: dict[str, Tensor], source: Path) -> dict[str, Tensor]:
+    """Any HF writer's tensor names (PyTorch on disk, transformers ≥ 5 in memory, TensorFlow) → the on-disk ones."""
     try:
-        hidden = int(src["cls_token"].shape[-1])
-        proj = src["patch_embed.proj.weight"]
-        patch = int(proj.shape[-1])
-        channels = int(proj.shape[1])
-        prefix = 2 if model_type == "deit" else 1
-        grid = round((src["pos_embed"].shape[1] - prefix) ** 0.5)
-        layers = len({m.group(1) for k in src if (m := re.match(r"^blocks\.(\d+)\.", k))})
-        intermediate = int(src["blocks.0.mlp.fc1.weight"].shape[0])
-        qkv_bias = "blocks.0.attn.qkv.bias" in src
-    except KeyError as e:
-        raise CheckpointError(f"timm checkpoint lacks tensor {e.args[0]!r} needed to read its architecture") from e
-    if "head.weight" in src:
-        arch = Architecture.DISTILLED if model_type == "deit" else Architecture.SINGLE_HEAD
-        num_labels = int(src["head.weight"].shape[0])
-    else:
-        arch, num_labels = Architecture.BARE, 0
-    return DeiTConfig(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=num_heads or max(1, hidden // 64),
-        intermediate_size=intermediate,
-        image_size=grid * patch,
-        patch_size=patch,
-        num_channels=channels,
-        layer_norm_eps=1e-6,
-        qkv_bias=qkv_bias,
-        model_type=model_type,
-        architecture=arch,
-        id2label={i: f"LABEL_{i}" for i in range(num_labels)},
-    )
+        if is_tf_state_dict(state):
+            state = tf_to_hf(state)
+        if has_transformers5_names(state):
+            state = from_transformers5_names(state)
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from e
+    return state
 
 
 # --- labels ---------------------------------------------------------------------------------------------------
@@ -286,7 +225,8 @@ def _add_missing_prefix(state: dict[str, Tensor], config: DeiTConfig) -> dict[st
     prefix = config.prefix
     if any(k.startswith(prefix) for k in state):
         return state
-    return {prefix + k: v for k, v in state.items()}
+    body = ("embeddings.", "encoder.", "layernorm.", "pooler.")
+    return {prefix + k if k.startswith(body) else k: v for k, v in state.items()}
 
 
 def build_model(
@@ -325,7 +265,7 @@ def _few(keys: list[str]) -> str:
 
 
 def _iter_candidates(path: Path) -> Iterator[Path]:
-    yield from sorted(p for p in path.iterdir() if p.is_file() and p.suffix in PTH_SUFFIXES)
+    yield from sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
 
 
 def load_checkpoint(path: Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
@@ -359,7 +299,7 @@ def _load_hf_directory(directory: Path, device: torch.device, dtype: torch.dtype
         raise CheckpointError(f"{config_path}: expected a JSON object")
     config = DeiTConfig.from_hf_dict(raw, source=str(config_path))
     state, weights_path = _read_hf_weights(directory)
-    state = _add_missing_prefix(state, config)
+    state = _add_missing_prefix(to_saved_layout(state, weights_path), config)
     if config.architecture is Architecture.BARE and f"{config.prefix}pooler.dense.weight" in state:
         config = replace(config, add_pooling_layer=True)
     config = _attach_labels(config, directory, weights_path, keep_existing=True)
@@ -372,10 +312,13 @@ def _load_single_file(path: Path, device: torch.device, dtype: torch.dtype, num_
     state = _read_tensor_file(path)
     if not is_timm_state_dict(state):
         raise CheckpointError(
-            f"{path}: not a timm/facebookresearch DeiT checkpoint (no 'cls_token'/'pos_embed'); "
-            "HF checkpoints need their config.json beside them"
+            f"{path}: not a timm/facebookresearch DeiT checkpoint (no 'pos_embed'/'patch_embed.proj.weight'); "
+            "HF and TensorFlow checkpoints need their config.json beside them"
         )
-    hf_state, config = timm_to_hf(state, num_heads=num_heads)
+    try:
+        hf_state, config = timm_to_hf(state, num_heads=num_heads)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from e
     config = _attach_labels(config, path.parent, path, keep_existing=False)
     model = build_model(config, hf_state, path, dtype, device)
     preprocess = PreprocessConfig.from_directory(path.parent, default_size=config.image_size)

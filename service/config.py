@@ -53,6 +53,10 @@ class DeiTConfig:
     model_type: str = "deit"
     architecture: Architecture = Architecture.DISTILLED
     add_pooling_layer: bool = False
+    # DeiT III (timm ``deit3_*``): a learned per-channel scale on each residual branch's output.
+    layer_scale: bool = False
+    # False for DeiT III: position embeddings cover the patches only, and the CLS token is prepended after them.
+    prefix_position_embeddings: bool = True
     id2label: dict[int, str] = field(default_factory=dict)
     torch_dtype: str = "float32"
 
@@ -85,6 +89,10 @@ class DeiTConfig:
         return (self.image_size // self.patch_size) ** 2
 
     @property
+    def num_position_embeddings(self) -> int:
+        return self.num_patches + (self.num_prefix_tokens if self.prefix_position_embeddings else 0)
+
+    @property
     def num_labels(self) -> int:
         return len(self.id2label)
 
@@ -103,6 +111,8 @@ class DeiTConfig:
         names = raw.get("architectures") or []
         arch: Architecture | None = None
         for name in names:
+            # TensorFlow classes (TFDeiT…) build the same model; transformers usually saves the PyTorch name anyway.
+            name = name.removeprefix("TF") if name.removeprefix("TF") in _ARCHITECTURES else name
             if name in _ARCHITECTURES:
                 arch = _ARCHITECTURES[name]
                 break

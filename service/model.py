@@ -37,11 +37,11 @@ class Embeddings(nn.Module):
         if use_mask_token:
             self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
         self.patch_embeddings = PatchEmbeddings(config)
-        self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_patches + config.num_prefix_tokens, d))
+        self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_position_embeddings, d))
 
     def positions_for(self, height: int, width: int) -> Tensor:
         """Position embeddings for an input of ``height``×``width`` pixels (bicubic-resized grid)."""
-        prefix = self.config.num_prefix_tokens
+        prefix = self.config.num_prefix_tokens if self.config.prefix_position_embeddings else 0
         pos = self.position_embeddings
         grid_h, grid_w = height // self.config.patch_size, width // self.config.patch_size
         stored = pos.shape[1] - prefix
@@ -63,6 +63,8 @@ class Embeddings(nn.Module):
         prefix = [self.cls_token.expand(batch, -1, -1)]
         if self.config.has_distillation_token:
             prefix.append(self.distillation_token.expand(batch, -1, -1))
+        if not self.config.prefix_position_embeddings:
+            return torch.cat([*prefix, x + self.positions_for(height, width)], dim=1)
         x = torch.cat([*prefix, x], dim=1)
         return x + self.positions_for(height, width)
 
@@ -116,8 +118,22 @@ class Dense(nn.Module):
         return self.dense(x)
 
 
+class LayerScale(nn.Module):
+    """DeiT III's per-channel residual-branch scale (named as transformers' Dinov2 names it)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.lambda1 = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.lambda1
+
+
 class Layer(nn.Module):
-    """Pre-norm transformer block: ``h = x + attn(ln(x))``, ``out = h + mlp(ln(h))`` with exact GELU."""
+    """Pre-norm transformer block: ``h = x + attn(ln(x))``, ``out = h + mlp(ln(h))`` with exact GELU.
+
+    With layer scale (DeiT III) each branch's output is multiplied by its learned per-channel scale first.
+    """
 
     def __init__(self, config: DeiTConfig) -> None:
         super().__init__()
@@ -127,10 +143,12 @@ class Layer(nn.Module):
         self.layernorm_after = nn.LayerNorm(d, eps=eps)
         self.intermediate = Dense(d, config.intermediate_size)
         self.output = Dense(config.intermediate_size, d)
+        self.layer_scale1: nn.Module = LayerScale(d) if config.layer_scale else nn.Identity()
+        self.layer_scale2: nn.Module = LayerScale(d) if config.layer_scale else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attention(self.layernorm_before(x))
-        return x + self.output(F.gelu(self.intermediate(self.layernorm_after(x))))
+        x = x + self.layer_scale1(self.attention(self.layernorm_before(x)))
+        return x + self.layer_scale2(self.output(F.gelu(self.intermediate(self.layernorm_after(x)))))
 
 
 class Encoder(nn.Module):

@@ -97,7 +97,11 @@ def test_serve_command_serves_the_demo_model(tmp_path: Path) -> None:
 
 
 def _check_curl_example(url: str) -> None:
-    """The README's curl output is what the service really answers (scores to 2 decimals across CPUs)."""
+    """The README's curl output is what the service really answers (scores to 2 decimals across CPUs and dtypes).
+
+    Classes whose scores lie within that tolerance of each other may come in either order (a near tie that
+    float32 and bfloat16 break differently); every other pair keeps the order shown.
+    """
     match = re.search(r"\$ curl -s -F file=@(\S+) '[^?]+\?top_k=(\d+)'\n(.*?)\n```", README, flags=re.S)
     assert match, "README lost its curl example"
     sample, top_k, shown_text = REPO / match.group(1), int(match.group(2)), match.group(3)
@@ -108,8 +112,15 @@ def _check_curl_example(url: str) -> None:
     live = response.json()
     assert live["model"] == shown["model"]
     live_preds, shown_preds = live["results"][0]["predictions"], shown["results"][0]["predictions"]
-    assert [p["label"] for p in live_preds] == [p["label"] for p in shown_preds]
-    assert [p["score"] for p in live_preds] == pytest.approx([p["score"] for p in shown_preds], abs=1e-2)
+    live_scores = {p["label"]: p["score"] for p in live_preds}
+    shown_scores = {p["label"]: p["score"] for p in shown_preds}
+    assert sorted(live_scores) == sorted(shown_scores)
+    assert live_scores == pytest.approx(shown_scores, abs=1e-2)
+    rank = {label: i for i, label in enumerate(live_scores)}
+    for i, first in enumerate(shown_preds):
+        for second in shown_preds[i + 1 :]:
+            if first["score"] - second["score"] > 1e-2:
+                assert rank[first["label"]] < rank[second["label"]], (first, second, live_preds)
 
 
 def _check_models_example(url: str) -> None:

@@ -16,11 +16,16 @@ import pytest
 from service.settings import DEFAULT_MODEL_STORE
 from tests.serving import DEMO_MODEL, REPO, free_port, stop_process, wait_ready
 
-# Build outputs and tool caches a working tree may hold; the copy the wheel is built from leaves them out.
-_NOT_SOURCES = shutil.ignore_patterns(
-    ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache",
-    ".hypothesis", ".whl", ".gl",
-)  # fmt: skip
+# Build outputs, tool caches and local checkpoints a working tree may hold at its root; the copy the wheel is built
+# from leaves them out (and byte code everywhere).
+_NOT_SOURCES = frozenset(
+    [".git", ".venv", "build", "dist", ".mypy_cache", ".ruff_cache", ".pytest_cache", ".hypothesis", "models"]
+)
+
+
+def _not_sources(directory: str, names: list[str]) -> set[str]:
+    skip = {n for n in names if n == "__pycache__" or n.endswith(".egg-info")}
+    return skip | (_NOT_SOURCES & set(names) if Path(directory) == REPO else set())
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +33,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project's wheel, built by pip from a copy of the whole tree (so the repository stays free of build/)."""
     root = tmp_path_factory.mktemp("wheel")
     source = root / "src"
-    shutil.copytree(REPO, source, ignore=_NOT_SOURCES)
+    shutil.copytree(REPO, source, ignore=_not_sources)
     pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q"]
     result = subprocess.run(
         [*pip_wheel, str(source), "-w", str(root / "dist")],

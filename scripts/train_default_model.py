@@ -3,7 +3,7 @@
 Every input goes through the service's own preprocessing (``service.preprocessing.Preprocessor``) with the
 ``preprocessor_config.json`` that is shipped, so the model is trained on exactly what the service feeds it.
 
-    .venv/bin/python scripts/train_default_model.py --out model_store/deit-tiny-digits
+    .venv/bin/python scripts/train_default_model.py --out service/data/model_store/deit-tiny-digits
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from service.preprocessing import PreprocessConfig, Preprocessor
 
 MODEL_NAME = "deit-tiny-digits"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO_ROOT / "model_store" / MODEL_NAME
+DEFAULT_OUT = REPO_ROOT / "service" / "data" / "model_store" / MODEL_NAME
 SEED = 0
 TEST_FRACTION = 0.2
 LABELS = [str(digit) for digit in range(10)]
@@ -428,7 +428,7 @@ teacher nor the student saw in training:
 ## Reproduce
 
 ```
-.venv/bin/python scripts/train_default_model.py --out model_store/{MODEL_NAME} --epochs {args.epochs} \\
+.venv/bin/python scripts/train_default_model.py --out service/data/model_store/{MODEL_NAME} --epochs {args.epochs} \\
     --teacher-epochs {args.teacher_epochs} --threads {args.threads} --seed {args.seed}
 ```
 

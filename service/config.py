@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from service.errors import CheckpointError
 
 
-class Architecture(str, Enum):
+class Architecture(StrEnum):
     """The model heads we can build; values are the HF class names."""
 
     BARE = "DeiTModel"

@@ -28,7 +28,7 @@ from service.app import create_app
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
-DEMO_MODEL = REPO / "model_store" / "deit-tiny-digits"
+DEMO_MODEL = REPO / "service" / "data" / "model_store" / "deit-tiny-digits"
 
 
 def write_tiny_model(directory: Path, num_labels: int = 10, image_size: int = 32, seed: int = 0) -> Path:

@@ -17,7 +17,7 @@ from service.checkpoints import LoadedCheckpoint, load_checkpoint
 from service.preprocessing import Preprocessor, decode_image
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL_DIR = ROOT / "model_store" / "deit-tiny-digits"
+MODEL_DIR = ROOT / "service" / "data" / "model_store" / "deit-tiny-digits"
 TRAINING_SCRIPT = ROOT / "scripts" / "train_default_model.py"
 MAX_BYTES = 5 * 1024 * 1024
 MAX_PIXELS = 40_000_000

@@ -478,7 +478,7 @@ def test_dockerfile_builds_in_stages_and_runs_unprivileged() -> None:
     assert copies == ["COPY --from=builder /opt/venv /opt/venv", "COPY --from=models /models /models"]
     (models,) = [stage for stage in stages[1:] if stage[0].endswith(" AS models")]
     model_copies = [line for line in models if line.startswith("COPY")]
-    assert model_copies == ["COPY model_store/deit-tiny-digits/ /models/deit-tiny-digits/"]
+    assert model_copies == ["COPY service/data/model_store/deit-tiny-digits/ /models/deit-tiny-digits/"]
     assert not any(re.search(r"\b(apt-get|pip) install\b", line) for line in runtime)
     env = " ".join(line for line in runtime if line.startswith("ENV"))
     assert "DEIT_HOST=0.0.0.0" in env
@@ -540,7 +540,7 @@ CONTEXT_NEEDED = (
     "README.md",
     "service/app.py",
     "service/data/imagenet1k_labels.txt",
-    "model_store/deit-tiny-digits/config.json",
+    "service/data/model_store/deit-tiny-digits/config.json",
 )
 
 

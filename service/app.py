@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
 from service.decode_pool import DecodePool
-from service.errors import ServiceError
+from service.errors import ModelLoadFailed, ServiceError
 from service.lifecycle import Lifecycle, Phase
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
@@ -86,20 +86,34 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
 async def _load_models(
     store: ModelStore, lifecycle: Lifecycle, metrics: Metrics, on_fatal: Callable[[], None] | None
 ) -> None:
+    """Load the store in a thread, then start the batchers. ANY failure ends start-up: one error line (naming the
+    model and its files when one failed) and ``on_fatal``, never a service left "starting" for ever."""
     try:
         await asyncio.to_thread(store.load_all)
-    except ServiceError as e:
-        lifecycle.phase, lifecycle.error = Phase.FAILED, e.message
-        log.error("model store failed to load: %s", e.message)
+        for served in store.models.values():
+            served.batcher.start()
+    except Exception as e:
+        message = e.message if isinstance(e, ServiceError) else f"{type(e).__name__}: {e}"
+        lifecycle.phase, lifecycle.error = Phase.FAILED, message
+        fields: dict[str, object] = {"code": e.code if isinstance(e, ServiceError) else "internal_error"}
+        if isinstance(e, ModelLoadFailed):
+            fields |= {"model": e.model, "source": e.source}
+        log.error("model store failed to load: %s", message, extra=fields, exc_info=_unexpected_cause(e))
         if on_fatal is not None:
             on_fatal()
         return
-    for served in store.models.values():
-        served.batcher.start()
     if lifecycle.phase is Phase.STARTING:
         lifecycle.phase = Phase.READY
         metrics.ready.set(1)
         log.info("ready", extra={"models": sorted(store.models), "default_model": store.default_name})
+
+
+def _unexpected_cause(error: BaseException) -> BaseException | None:
+    """The first error in the chain that is not one of our own checks: its traceback goes in the same JSON line."""
+    cause: BaseException | None = error
+    while isinstance(cause, ServiceError):
+        cause = cause.__cause__
+    return cause
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:

@@ -279,12 +279,15 @@ class Batcher:
             return self._threads
         return max(1, self._threads - (self.forward_workers - 1))
 
-    def warm_up(self, batches: Sequence[Sequence[Tensor]]) -> None:
-        """Run ``batches`` on every forward thread (blocking), so that first requests pay no lazy initialisation."""
+    def warm_up(self, batches: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+        """Run ``batches`` on every forward thread (blocking), so that first requests pay no lazy initialisation;
+        returns their outputs, for the caller to check."""
+        outputs = []
         for slot, executor in enumerate(self._executors):
             threads = self._threads if slot == 0 else (None if self._threads is None else 1)
             for pixels in batches:
-                executor.submit(self._forward_with_oom_retry, pixels, threads).result()
+                outputs.append(executor.submit(self._forward_with_oom_retry, pixels, threads).result())
+        return outputs
 
     async def _run(self, batch: list[WorkItem], slot: int, threads: int | None) -> None:
         loop = asyncio.get_running_loop()
@@ -304,10 +307,22 @@ class Batcher:
         self._metrics.forward_duration.labels(self.model_name).observe(elapsed)
         self._metrics.batch_size.labels(self.model_name).observe(len(batch))
         self._metrics.images.labels(self.model_name).inc(len(batch))
+        finite = torch.isfinite(probs.reshape(len(batch), -1)).all(dim=1).tolist()
+        if not all(finite):
+            self._metrics.nonfinite_outputs.labels(self.model_name).inc(finite.count(False))
+            log.error(
+                "non-finite model outputs",
+                extra={"model": self.model_name, "images": finite.count(False), "batch_size": len(batch)},
+            )
         for i, item in enumerate(batch):
             item.forward_s = elapsed
-            if not item.future.done():
+            if item.future.done():
+                continue
+            if finite[i]:
                 item.future.set_result(probs[i])
+            else:  # a NaN score would reach the client as null: a server fault, answered as one
+                reason = f"model {self.model_name!r} gave non-finite scores (NaN or infinity) for this image"
+                item.future.set_exception(InferenceFailed(reason))
 
     def _forward_with_oom_retry(self, pixels: Sequence[Tensor], threads: int | None = None) -> Tensor:
         """Run the batch (on ``threads`` intra-op threads: set for this thread only); on out-of-memory, retry once

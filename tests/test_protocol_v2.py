@@ -7,6 +7,7 @@ import io
 import json
 import struct
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.checkpoints import load_checkpoint
 from service.preprocessing import Preprocessor, decode_image
-from tests.serving import ServerProcess, run_server
+from tests.serving import Scrape, ServerProcess, run_server, wait_until
 
 MAX_FILES = 4
 NUM_LABELS = 10
@@ -241,3 +242,36 @@ def test_errors_take_the_protocol_shape(server: ServerProcess, pixels: np.ndarra
     request["outputs"] = [{"name": "boxes"}]
     assert "boxes" in _error(httpx.post(_infer_url(server), json=request), 400)
     assert "JSON" in _error(httpx.post(_infer_url(server), content=b"\xff\x00"), 400)
+
+
+def test_full_queue_is_refused_with_retry_after(slow_store: Path, tmp_path: Path) -> None:
+    """Both protocols are admitted by the model's queue like /classify: while one request's images fill it, another
+    is answered 503 with Retry-After at once, in the protocol's error shape."""
+    queue = 8
+    env = {
+        "DEIT_MAX_BATCH_SIZE": "1",
+        "DEIT_FORWARD_WORKERS": "1",
+        "DEIT_TORCH_THREADS": "1",
+        "DEIT_MAX_QUEUE_SIZE": str(queue),
+        "DEIT_MAX_FILES": str(queue),
+    }
+    images = [jpeg(seed, (96, 96)) for seed in range(queue)]
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [queue], "parameters": {"binary_data_size": 0}}
+    framed = b"".join(struct.pack("<I", len(d)) + d for d in images)
+    tensor["parameters"] = {"binary_data_size": len(framed)}
+    body, headers = _binary_request({"inputs": [tensor]}, framed)
+    with run_server(slow_store, tmp_path, env=env) as server, ThreadPoolExecutor(1) as pool:
+        url = _infer_url(server, "slow")
+        filling = pool.submit(httpx.post, url, content=body, headers=headers, timeout=60)
+        wait_until(lambda: _queued(server) >= 2, timeout=30, what="the first request's images queued")
+        refused = httpx.post(url, content=body, headers=headers, timeout=10)
+        hf_body = {"inputs": [base64.b64encode(d).decode() for d in images]}
+        refused_hf = httpx.post(f"{server.url}/", json=hf_body, timeout=10)
+        assert filling.result().status_code == 200
+    for r in (refused, refused_hf):
+        assert "capacity" in _error(r, 503)
+        assert r.headers["retry-after"] == "1"
+
+
+def _queued(server: ServerProcess) -> float:
+    return Scrape.parse(httpx.get(f"{server.url}/metrics", timeout=10).text).value("deit_queue_depth", model="slow")

@@ -146,3 +146,11 @@ def test_errors(server: ServerProcess) -> None:
     assert f"at most {MAX_FILES}" in _error(httpx.post(url, json=too_many, headers=AUTH), 413)
     assert "empty" in _error(httpx.post(url, content=b"", headers=AUTH), 422)
     assert _error(httpx.post(url, content=b"not an image", headers=AUTH), 415)
+
+
+def test_open_inference_protocol_needs_the_key_too(server: ServerProcess) -> None:
+    """On a server with API keys, V2 health stays open (probes) while metadata and inference need a key."""
+    assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
+    assert "API key" in _error(httpx.get(f"{server.url}/v2/models/tiny"), 401)
+    assert "API key" in _error(httpx.post(f"{server.url}/v2/models/tiny/infer", json={}), 401)
+    assert httpx.get(f"{server.url}/v2/models/tiny", headers=AUTH).status_code == 200

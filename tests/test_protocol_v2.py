@@ -143,6 +143,11 @@ def test_fp32_pixels_match_images_and_transformers(
     with torch.inference_mode():
         expected = reference(pixel_values=torch.from_numpy(pixels)).logits.numpy()
     np.testing.assert_allclose(result.as_numpy("logits"), expected, atol=1e-5)
+    half = triton.InferInput("pixel_values", list(pixels.shape), "FP16")
+    half.set_data_from_numpy(pixels.astype(np.float16), binary_data=True)
+    outputs = [triton.InferRequestedOutput("probabilities")]
+    from_half = client.infer("tiny", [half], outputs=outputs).as_numpy("probabilities")
+    np.testing.assert_allclose(from_half, classify_probs, atol=1e-3)
 
 
 def test_json_inputs_and_outputs(
@@ -242,6 +247,19 @@ def test_errors_take_the_protocol_shape(server: ServerProcess, pixels: np.ndarra
     request["outputs"] = [{"name": "boxes"}]
     assert "boxes" in _error(httpx.post(_infer_url(server), json=request), 400)
     assert "JSON" in _error(httpx.post(_infer_url(server), content=b"\xff\x00"), 400)
+
+
+def test_metrics_count_protocol_requests_by_route(server: ServerProcess, client: triton.InferenceServerClient) -> None:
+    def scrape() -> Scrape:
+        return Scrape.parse(httpx.get(f"{server.url}/metrics", timeout=10).text)
+
+    infer = {"model": "tiny", "endpoint": "/v2/models/{model_name}/versions/{model_version}/infer"}
+    before = scrape()
+    client.infer("tiny", [_bytes_input(IMAGES[:2])], model_version="1")
+    after = scrape()
+    counted = after.value("deit_requests_total", **infer, status="200") - before.value("deit_requests_total", **infer)
+    assert counted == 1
+    assert after.value("deit_images_total", model="tiny") - before.value("deit_images_total", model="tiny") == 2
 
 
 def test_full_queue_is_refused_with_retry_after(slow_store: Path, tmp_path: Path) -> None:

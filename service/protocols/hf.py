@@ -6,6 +6,7 @@ the answer is transformers' image-classification pipeline output, ``[{"label", "
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -61,7 +62,11 @@ async def _classify(request: Request, state: State, model: str | None, timeout: 
     request.state.model = served.name
     with accepting(state, served):
         body = await read_body(request, settings.max_upload_bytes)
-        images, params, batched = parse_request(body, request.headers.get("content-type", ""), settings.max_files)
+        content_type = request.headers.get("content-type", "")
+        loop = asyncio.get_running_loop()  # base64 of a large body: off the event loop
+        images, params, batched = await loop.run_in_executor(
+            state.preprocess_pool, parse_request, body, content_type, settings.max_files
+        )
         k, function = _parameters(params, len(served.labels))
         deadline = request_deadline(state, started, timeout)
         logits = await run_images(state, served, images, deadline=deadline, request=request)

@@ -37,21 +37,22 @@ async def _require_key(request: Request) -> None:
 
 
 State = Annotated[AppState, Depends(_state)]
-router = APIRouter(prefix="/v2", tags=["Open Inference Protocol"])
-models = APIRouter(dependencies=[Depends(_require_key)])
+# Full paths on one router, no prefix or nested router: the metrics label a request by its route's own path.
+router = APIRouter(tags=["Open Inference Protocol"])
+Authorized = [Depends(_require_key)]
 
 
-@router.get("", summary="Server metadata")
+@router.get("/v2", summary="Server metadata")
 async def server_metadata() -> dict[str, Any]:
     return {"name": "deit-serve", "version": __version__, "extensions": list(EXTENSIONS)}
 
 
-@router.get("/health/live", summary="Liveness")
+@router.get("/v2/health/live", summary="Liveness")
 async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/health/ready", summary="Readiness: every model loaded and warm, not draining")
+@router.get("/v2/health/ready", summary="Readiness: every model loaded and warm, not draining")
 async def ready(state: State) -> dict[str, bool]:
     if state.lifecycle.phase is not Phase.READY:
         raise NotReady(f"not ready: {state.lifecycle.phase.value}")
@@ -105,14 +106,20 @@ def _config(served: ServedModel, max_batch_size: int) -> dict[str, Any]:
     }
 
 
-@models.get("/models/{model_name}", summary="Model metadata")
-@models.get("/models/{model_name}/versions/{model_version}", summary="Model metadata of one version")
+@router.get("/v2/models/{model_name}", summary="Model metadata", dependencies=Authorized)
+@router.get(
+    "/v2/models/{model_name}/versions/{model_version}", summary="Model metadata of one version", dependencies=Authorized
+)
 async def model_metadata(state: State, model_name: str, model_version: str | None = None) -> dict[str, Any]:
     return _metadata(_model(state, model_name, model_version))
 
 
-@models.get("/models/{model_name}/ready", summary="Model readiness")
-@models.get("/models/{model_name}/versions/{model_version}/ready", summary="Model readiness of one version")
+@router.get("/v2/models/{model_name}/ready", summary="Model readiness", dependencies=Authorized)
+@router.get(
+    "/v2/models/{model_name}/versions/{model_version}/ready",
+    summary="Model readiness of one version",
+    dependencies=Authorized,
+)
 async def model_ready(state: State, model_name: str, model_version: str | None = None) -> dict[str, Any]:
     served = _model(state, model_name, model_version)
     if not served.ready or state.lifecycle.phase is not Phase.READY:
@@ -120,14 +127,22 @@ async def model_ready(state: State, model_name: str, model_version: str | None =
     return {"name": served.name, "ready": True}
 
 
-@models.get("/models/{model_name}/config", summary="Model configuration (Triton)")
-@models.get("/models/{model_name}/versions/{model_version}/config", summary="Model configuration of one version")
+@router.get("/v2/models/{model_name}/config", summary="Model configuration (Triton)", dependencies=Authorized)
+@router.get(
+    "/v2/models/{model_name}/versions/{model_version}/config",
+    summary="Model configuration of one version",
+    dependencies=Authorized,
+)
 async def model_config(state: State, model_name: str, model_version: str | None = None) -> dict[str, Any]:
     return _config(_model(state, model_name, model_version), state.settings.max_batch_size)
 
 
-@models.post("/models/{model_name}/infer", summary="Inference")
-@models.post("/models/{model_name}/versions/{model_version}/infer", summary="Inference on one version")
+@router.post("/v2/models/{model_name}/infer", summary="Inference", dependencies=Authorized)
+@router.post(
+    "/v2/models/{model_name}/versions/{model_version}/infer",
+    summary="Inference on one version",
+    dependencies=Authorized,
+)
 async def infer(
     request: Request,
     state: State,
@@ -171,6 +186,3 @@ def _header_length(request: Request) -> int | None:
     if not value.strip().isdigit():
         raise BadRequest(f"Inference-Header-Content-Length must be a byte count, not {value!r}")
     return int(value)
-
-
-router.include_router(models)

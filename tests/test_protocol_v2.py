@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import json
 import struct
@@ -208,6 +209,7 @@ def test_timeout_is_in_microseconds(server: ServerProcess, client: triton.Infere
     assert caught.value.status() == "504"
     assert "deadline" in caught.value.message()
     assert client.infer("tiny", [_bytes_input(IMAGES[:1])], timeout=30_000_000).as_numpy("logits") is not None
+    assert client.infer("tiny", [_bytes_input(IMAGES[:1])], timeout=0).as_numpy("logits") is not None  # none set
 
 
 def _error(r: httpx.Response, status: int) -> str:
@@ -247,6 +249,8 @@ def test_errors_take_the_protocol_shape(server: ServerProcess, pixels: np.ndarra
     request["outputs"] = [{"name": "boxes"}]
     assert "boxes" in _error(httpx.post(_infer_url(server), json=request), 400)
     assert "JSON" in _error(httpx.post(_infer_url(server), content=b"\xff\x00"), 400)
+    gzipped = httpx.post(_infer_url(server), content=gzip.compress(b"{}"), headers={"Content-Encoding": "gzip"})
+    assert "uncompressed" in _error(gzipped, 415)
 
 
 def test_metrics_count_protocol_requests_by_route(server: ServerProcess, client: triton.InferenceServerClient) -> None:

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from service import __version__
 from service.auth import check_api_key
 from service.engine import accepting, read_body, request_deadline, run_images, run_pixels
-from service.errors import BadRequest, ModelNotFound, NotReady
+from service.errors import BadRequest, ModelNotFound, NotReady, UnsupportedMediaType
 from service.lifecycle import Phase
 from service.protocols.v2_codec import IMAGE_INPUT, OUTPUTS, PIXELS_INPUT, build_infer_response, parse_infer_request
 from service.state import AppState, app_state
@@ -155,6 +155,9 @@ async def infer(
     served = _model(state, model_name, model_version)
     request.state.model = served.name
     header_length = _header_length(request)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not accepted: send the request uncompressed")
     with accepting(state, served):
         body = await read_body(request, settings.max_upload_bytes)
         loop = asyncio.get_running_loop()

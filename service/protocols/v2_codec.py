@@ -117,13 +117,13 @@ def _flag(params: dict[str, Any], name: str) -> bool:
 
 
 def _timeout(params: dict[str, Any]) -> float | None:
-    """Triton's ``timeout`` parameter is in microseconds."""
+    """Triton's ``timeout`` parameter is in microseconds; 0, as in Triton, sets none of its own."""
     value = params.get("timeout")
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise BadRequest(f"parameter 'timeout' must be a positive number of microseconds, not {value!r}")
-    return float(value) / 1e6
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise BadRequest(f"parameter 'timeout' must be a non-negative number of microseconds, not {value!r}")
+    return float(value) / 1e6 if value else None
 
 
 def _input(raw: Any, index: int) -> _Input:

@@ -18,6 +18,7 @@ from service.errors import ModelLoadFailed, ServiceError
 from service.lifecycle import Lifecycle, Phase
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
+from service.protocols import hf, plain_error_body, v2
 from service.routes import router
 from service.settings import Settings
 from service.state import AppState, json_response
@@ -71,6 +72,8 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
         lifespan=lifespan,
     )
     app.include_router(router)
+    app.include_router(v2.router)
+    app.include_router(hf.router)
     # The documentation routes (/openapi.json, /docs, /redoc) do not mark the request with their route as the
     # API's own do; their fixed paths name them in the metrics instead.
     fixed_paths = frozenset(path for route in app.routes if "{" not in (path := getattr(route, "path", "{")))
@@ -116,19 +119,21 @@ def _unexpected_cause(error: BaseException) -> BaseException | None:
     return cause
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
-    return json_response({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+def _error(request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    body = {"error": message} if plain_error_body(request) else {"error": {"code": code, "message": message}}
+    return json_response(body, status_code=status, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    """The one place where errors become HTTP responses: ``{"error": {"code", "message"}}``."""
+    """The one place where errors become HTTP responses: ``{"error": {"code", "message"}}``, or
+    ``{"error": "<message>"}`` on the Open Inference Protocol and Hugging Face paths (their clients read that)."""
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:
         request.state.error_code = exc.code
         if exc.status_code >= 500 and exc.status_code != 503:
             log.warning("request failed: %s", exc.message, extra={"code": exc.code})
-        return _error(exc.status_code, exc.code, exc.message, exc.headers)
+        return _error(request, exc.status_code, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -137,14 +142,14 @@ def _install_error_handlers(app: FastAPI) -> None:
             where = ".".join(str(x) for x in err.get("loc", ()))
             parts.append(f"{where}: {err.get('msg', 'invalid')}")
         request.state.error_code = "invalid_parameter"
-        return _error(422, "invalid_parameter", "; ".join(parts) or "invalid request")
+        return _error(request, 422, "invalid_parameter", "; ".join(parts) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
-        return _error(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+        return _error(request, exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error")
-        return _error(500, "internal_error", "internal server error")
+        return _error(request, 500, "internal_error", "internal server error")

@@ -30,7 +30,7 @@ Runner = Callable[[Sequence[Tensor]], Tensor]
 
 @dataclass(eq=False)
 class WorkItem:
-    """One image waiting for a batch; ``future`` receives its row of class probabilities."""
+    """One image waiting for a batch; ``future`` receives its row of class logits."""
 
     pixels: Tensor
     deadline: float

@@ -91,7 +91,7 @@ def _stop_reason(context: RequestContext) -> str:
 
 
 def _top_k(labels: list[str], uploads: Sequence[Upload], probs: list[Tensor], k: int) -> list[ImageResult]:
-    stacked = torch.stack(probs)
+    stacked = torch.softmax(torch.stack(probs), dim=-1)  # the batcher answers logits
     scores, indices = stacked.topk(min(k, stacked.shape[-1]), dim=-1)
     return [
         ImageResult(

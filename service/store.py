@@ -27,7 +27,10 @@ log = logging.getLogger("deit_serve.store")
 
 
 class ModelRunner:
-    """The forward pass of one model: stack, move, run, softmax. Called from the model's forward threads."""
+    """The forward pass of one model: stack, move, run. Called from the model's forward threads.
+
+    Answers float32 logits (the average of the CLS and distillation heads) on the CPU: /classify takes their
+    softmax, other protocols also return the logits themselves."""
 
     def __init__(self, checkpoint: LoadedCheckpoint) -> None:
         self.model = checkpoint.model
@@ -42,7 +45,7 @@ class ModelRunner:
         batch = batch.to(self.device, dtype=self.dtype, non_blocking=True)
         with torch.inference_mode():
             logits = self.model(batch)
-            return torch.softmax(logits.float(), dim=-1).cpu()
+            return logits.float().cpu()
 
 
 def default_forward_workers(device: torch.device, threads: int) -> int:

@@ -34,9 +34,9 @@ from torch import Tensor
 
 from benchmarks import assets
 from service.batching import Batcher
-from service.checkpoints import LoadedCheckpoint, load_checkpoint
 from service.metrics import Metrics
-from service.preprocessing import Preprocessor, decode_image
+from service.model.checkpoints import LoadedCheckpoint, load_checkpoint
+from service.model.preprocessing import Preprocessor, decode_image
 from service.settings import Settings
 from service.store import ModelRunner, default_forward_workers
 

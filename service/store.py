@@ -17,10 +17,10 @@ from PIL import Image
 from torch import Tensor
 
 from service.batching import Batcher
-from service.checkpoints import PTH_SUFFIXES, LoadedCheckpoint, load_checkpoint
 from service.errors import CheckpointError, ModelLoadFailed, ModelNotFound, ModelStoreError, ServiceError
 from service.metrics import Metrics
-from service.preprocessing import Preprocessor, decode_image
+from service.model.checkpoints import PTH_SUFFIXES, LoadedCheckpoint, load_checkpoint
+from service.model.preprocessing import Preprocessor, decode_image
 from service.settings import Settings
 
 log = logging.getLogger("deit_serve.store")

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from service.checkpoints import LoadedCheckpoint, load_checkpoint
-from service.preprocessing import Preprocessor, decode_image
+from service.model.checkpoints import LoadedCheckpoint, load_checkpoint
+from service.model.preprocessing import Preprocessor, decode_image
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "service" / "data" / "model_store" / "deit-tiny-digits"

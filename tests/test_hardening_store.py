@@ -21,10 +21,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from service.batching import Batcher
-from service.config import DeiTConfig
 from service.errors import CheckpointError, InferenceFailed, ModelLoadFailed
 from service.metrics import Metrics
-from service.preprocessing import MAX_CONFIG_SIDE, PreprocessConfig
+from service.model.architecture import DeiTConfig
+from service.model.preprocessing import MAX_CONFIG_SIDE, PreprocessConfig
 from service.settings import Settings
 from service.store import ModelStore
 from tests.serving import Scrape, ServerProcess, image_bytes, multipart, run_server, write_tiny_model

@@ -21,8 +21,8 @@ from PIL import Image
 from transformers import DeiTForImageClassificationWithTeacher
 from tritonclient.utils import InferenceServerException
 
-from service.checkpoints import load_checkpoint
-from service.preprocessing import Preprocessor, decode_image
+from service.model.checkpoints import load_checkpoint
+from service.model.preprocessing import Preprocessor, decode_image
 from tests.serving import Scrape, ServerProcess, run_server, wait_until
 
 MAX_FILES = 4

@@ -55,7 +55,7 @@ async def classify_named(
     return await _classify(request, state, model_name, x_request_timeout)
 
 
-async def _classify(request: Request, state: State, model: str | None, timeout: float | None) -> Response:
+async def _classify(request: Request, state: State, model: str | None, timeout_s: float | None) -> Response:
     started = time.monotonic()
     settings = state.settings
     served = state.store.get(model)
@@ -68,7 +68,7 @@ async def _classify(request: Request, state: State, model: str | None, timeout: 
             state.preprocess_pool, parse_request, body, content_type, settings.max_files
         )
         k, function = _parameters(params, len(served.labels))
-        deadline = request_deadline(state, started, timeout)
+        deadline = request_deadline(state, started, timeout_s)
         logits = await run_images(state, served, images, deadline=deadline, request=request)
     results = [_top_k(row, k, served.labels) for row in apply_function(logits, function)]
     return json_response(results if batched else results[0])

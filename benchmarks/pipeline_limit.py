@@ -35,8 +35,9 @@ from torch import Tensor
 from benchmarks import assets
 from service.batching import Batcher
 from service.checkpoints import LoadedCheckpoint, load_checkpoint
+from service.decoding import decode_image
 from service.metrics import Metrics
-from service.preprocessing import Preprocessor, decode_image
+from service.preprocessing import Preprocessor
 from service.settings import Settings
 from service.store import ModelRunner, default_forward_workers
 

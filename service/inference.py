@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 
 from service.batching import WorkItem
+from service.decoding import decode_image
 from service.errors import ClientGone, DeadlineExceeded, ServiceError
 from service.metrics import Metrics
-from service.preprocessing import decode_image
 from service.schemas import ImageResult, Prediction
 from service.store import ServedModel
 from service.uploads import Upload

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from service.checkpoints import LoadedCheckpoint, load_checkpoint
-from service.preprocessing import Preprocessor, decode_image
+from service.decoding import decode_image
+from service.preprocessing import Preprocessor
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "model_store" / "deit-tiny-digits"

@@ -22,8 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from service.decoding import decode_image
 from service.errors import ServiceError
-from service.preprocessing import PreprocessConfig, Preprocessor, decode_image
+from service.preprocessing import PreprocessConfig, Preprocessor
 from tests.serving import ServerProcess, image_bytes, run_server
 
 MAX_BYTES = 256 * 1024

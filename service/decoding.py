@@ -125,7 +125,7 @@ def _open(data: bytes, limit: int) -> tuple[Image.Image, str]:
             continue
         _check_pixels(name, image.size, limit)
         return image, name
-    other = identify_other_format(data)
+    other = _identify_other_format(data)
     if other is not None:
         raise UnsupportedMediaType(f"this looks like {other}, which is not an accepted format ({ACCEPTED_NAMES})")
     raise UnsupportedMediaType(f"not an image in a format this service can read ({ACCEPTED_NAMES})")
@@ -225,7 +225,7 @@ def _open_ico(data: bytes, limit: int) -> Image.Image:
 _HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
 
 
-def identify_other_format(data: bytes) -> str | None:
+def _identify_other_format(data: bytes) -> str | None:
     """Name the format of an upload no accepted reader claimed, from signatures only: no reader is run.
 
     Pillow's registered ``accept`` functions are pure tests on the first 16 bytes; readers of formats outside the
@@ -295,7 +295,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image = _to_8bit(image)
     has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
     if has_alpha:
-        rgba = image.convert("RGBA")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")  # no copy: this can be 4 bytes a pixel
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")

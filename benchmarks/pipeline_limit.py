@@ -36,7 +36,8 @@ from benchmarks import assets
 from service.batching import Batcher
 from service.metrics import Metrics
 from service.model.checkpoints import LoadedCheckpoint, load_checkpoint
-from service.model.preprocessing import Preprocessor, decode_image
+from service.model.decoding import decode_image
+from service.model.preprocessing import Preprocessor
 from service.settings import Settings
 from service.store import ModelRunner, default_forward_workers
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from service.decode_pool import DecodePool
 from service.errors import ClientGone, ServiceError, ShuttingDown
 from service.metrics import Metrics
-from service.model.preprocessing import decode_image
+from service.model.decoding import decode_image
 from service.request_context import RequestContext
 from service.schemas import ImageResult, Prediction
 from service.store import ServedModel

@@ -20,7 +20,8 @@ from service.batching import Batcher
 from service.errors import CheckpointError, ModelLoadFailed, ModelNotFound, ModelStoreError, ServiceError
 from service.metrics import Metrics
 from service.model.checkpoints import PTH_SUFFIXES, LoadedCheckpoint, load_checkpoint
-from service.model.preprocessing import Preprocessor, decode_image
+from service.model.decoding import decode_image
+from service.model.preprocessing import Preprocessor
 from service.settings import Settings
 
 log = logging.getLogger("deit_serve.store")

@@ -26,8 +26,9 @@ from torch import Tensor
 from service.errors import CheckpointError
 from service.model.architecture import Architecture
 from service.model.checkpoints import load_checkpoint
+from service.model.decoding import decode_image
 from service.model.deit import DeiT, LayerScale
-from service.model.preprocessing import Preprocessor, decode_image
+from service.model.preprocessing import Preprocessor
 from service.model.timm import timm_to_hf
 from tests.factories import HFKind, hf_model
 from tests.serving import ServerProcess, noise_image_bytes, run_server

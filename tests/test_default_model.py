@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from service.model.checkpoints import LoadedCheckpoint, load_checkpoint
-from service.model.preprocessing import Preprocessor, decode_image
+from service.model.decoding import decode_image
+from service.model.preprocessing import Preprocessor
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "service" / "data" / "model_store" / "deit-tiny-digits"

@@ -22,7 +22,8 @@ from transformers import DeiTForImageClassificationWithTeacher
 from tritonclient.utils import InferenceServerException
 
 from service.model.checkpoints import load_checkpoint
-from service.model.preprocessing import Preprocessor, decode_image
+from service.model.decoding import decode_image
+from service.model.preprocessing import Preprocessor
 from tests.serving import Scrape, ServerProcess, run_server, wait_until
 
 MAX_FILES = 4

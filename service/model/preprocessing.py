@@ -1,25 +1,24 @@
-"""Image decoding and DeiT preprocessing, equal to HF's ``DeiTImageProcessor`` (PIL path) for RGB inputs.
+"""DeiT preprocessing, equal to HF's ``DeiTImageProcessor`` (PIL path) for RGB inputs.
 
-Order: decode → first frame → EXIF orientation → RGB (transparency composited on white) → bicubic resize →
-center crop → ×rescale_factor → (x − mean) / std → CHW float32.
+Order (decoding in ``service.model.decoding``): decode → first frame → EXIF orientation → RGB (transparency
+composited on white) → bicubic resize → center crop → ×rescale_factor → (x − mean) / std → CHW float32.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
-from service.errors import CheckpointError, EmptyUpload, ImageTooLarge, InvalidImage, UnsupportedMediaType
+from service.errors import CheckpointError, ImageTooLarge
+from service.model.decoding import to_rgb
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -224,101 +223,6 @@ def _per_channel(value: object, where: str) -> tuple[float, float, float]:
         raise CheckpointError(f"{where} must be a number or a list of 3 numbers (R, G, B), got {value!r}")
     r, g, b = (_real(x, where) for x in value)
     return r, g, b
-
-
-# --- decoding -------------------------------------------------------------------------------------------------
-
-
-def decode_image(data: bytes, max_pixels: int, draft: tuple[int, int] | None = None) -> Image.Image:
-    """Decode an upload into an RGB image, refusing bombs before their pixels are decoded.
-
-    ``draft``: let the JPEG decoder scale down by 1/2, 1/4 or 1/8 while decoding, keeping at least this
-    (width, height). Much faster for large photos, but not the pixels of a full decode (opt-in, ``jpeg_draft``).
-    """
-    if not data:
-        raise EmptyUpload("the uploaded file is empty")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageTooLarge(f"image too large to decode: {e}") from e
-        except UnidentifiedImageError as e:
-            known = _format_by_signature(data)
-            if known is not None:  # the start of a PNG, JPEG… that Pillow could not make sense of: cut short or damaged
-                raise InvalidImage(f"{known} image is truncated or corrupt: its header could not be read") from e
-            raise UnsupportedMediaType("not an image in a format this service can read") from e
-        except NotImplementedError as e:  # a known format, in a variant Pillow cannot decode (e.g. DDS pixel formats)
-            raise UnsupportedMediaType(f"an image format variant this service cannot read: {e}") from e
-        except (OSError, SyntaxError, ValueError, TypeError, EOFError) as e:
-            raise InvalidImage(f"image header could not be read: {e}") from e
-        width, height = image.size
-        if width <= 0 or height <= 0:
-            raise InvalidImage(f"image has no pixels ({width}×{height})")
-        if width * height > max_pixels:
-            raise ImageTooLarge(f"image has {width}×{height} pixels, more than the limit of {max_pixels}")
-        try:
-            image.seek(0)  # first frame of animations
-            if draft is not None and image.format == "JPEG":
-                image.draft(None, draft)
-            image.load()
-            ImageOps.exif_transpose(image, in_place=True)  # not a copy of the whole image when upright already
-            return to_rgb(image)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageTooLarge(f"image too large to decode: {e}") from e
-        except NotImplementedError as e:
-            raise UnsupportedMediaType(f"an image format variant this service cannot read: {e}") from e
-        except (
-            OSError,
-            SyntaxError,
-            ValueError,
-            TypeError,
-            EOFError,
-            IndexError,
-            KeyError,
-            ZeroDivisionError,
-        ) as e:
-            raise InvalidImage(f"image data is truncated or corrupt: {e}") from e
-
-
-_SIGNATURES = (
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"GIF87a", "GIF"),
-    (b"GIF89a", "GIF"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-)
-
-
-def _format_by_signature(data: bytes) -> str | None:
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WebP"
-    return next((name for signature, name in _SIGNATURES if data.startswith(signature)), None)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode to 8-bit RGB; transparency is composited on white, high bit depths scaled to 8 bits."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        image = _to_8bit(image)
-    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def _to_8bit(image: Image.Image) -> Image.Image:
-    arr = np.asarray(image).astype(np.float64)
-    if image.mode == "F":
-        scale = 255.0 if float(np.nanmax(arr, initial=0.0)) <= 1.0 else 1.0
-    else:
-        scale = 1 / 257 if float(arr.max(initial=0)) > 255 else 1.0
-    arr = np.nan_to_num(arr * scale, nan=0.0)
-    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
 
 
 # --- preprocessing --------------------------------------------------------------------------------------------

@@ -147,6 +147,21 @@ def run_server(
                 process.wait()
 
 
+def spawn_server(store: Path, tmp_path: Path, port: int, env: Mapping[str, str] | None = None) -> ServerProcess:
+    """Start ``python -m service`` on a given ``port`` (a replica its balancer expects there) and return at once;
+    the caller stops it (``stop_process``). Each start on a port gets its own log file."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("DEIT_")}
+    full_env.update({"DEIT_MODEL_STORE": str(store), "DEIT_PORT": str(port), "DEIT_HOST": "127.0.0.1"})
+    full_env.update(env or {})
+    starts = len(list(tmp_path.glob(f"server-{port}-*.log")))
+    log_path = tmp_path / f"server-{port}-{starts}.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service"], env=full_env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    return ServerProcess(process, f"http://127.0.0.1:{port}", log_path, full_env)
+
+
 def noise_image_bytes(seed: int, size: tuple[int, int] = (40, 36)) -> bytes:
     """A PNG of seeded random pixels: distinct seeds give distinct predictions, unlike flat colours."""
     import numpy as np

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
 from service.decode_pool import DecodePool
+from service.deps import AppState, json_response
 from service.errors import ModelLoadFailed, ServiceError
 from service.lifecycle import Lifecycle, Phase
 from service.metrics import Metrics
@@ -21,7 +22,6 @@ from service.middleware import RequestContextMiddleware
 from service.protocols import hf, plain_error_body, v2
 from service.routes import router
 from service.settings import Settings
-from service.state import AppState, json_response
 from service.store import ModelStore
 from service.upload_budget import UploadBudget, default_budget_bytes
 
@@ -39,14 +39,14 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        store = ModelStore(settings, metrics)
+        pool = DecodePool(settings.preprocess_threads)
+        store = ModelStore(settings, metrics, pool)
 
         def abandon_queued() -> None:
             for served in store.models.values():
                 served.batcher.abandon()
 
         lifecycle.on_abandon(abandon_queued)
-        pool = DecodePool(settings.preprocess_threads)
         budget_bytes = settings.max_inflight_upload_bytes or default_budget_bytes(settings.max_upload_bytes)
         budget = UploadBudget(budget_bytes, metrics.upload_bytes)
         app.state.deit = AppState(settings, metrics, lifecycle, store, pool, budget)

@@ -2,129 +2,24 @@
 
 from __future__ import annotations
 
-import functools
-import io
 import itertools
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
-from torch import Tensor
 
 from service.batching import Batcher
+from service.decode_pool import DecodePool
 from service.errors import CheckpointError, ModelLoadFailed, ModelNotFound, ModelStoreError, ServiceError
 from service.metrics import Metrics
 from service.model.checkpoints import PTH_SUFFIXES, LoadedCheckpoint, load_checkpoint
-from service.model.decoding import decode_image
 from service.model.preprocessing import Preprocessor
+from service.runner import ModelRunner, checkpoint_forward, default_forward_workers
+from service.served import ServedModel
 from service.settings import Settings
 
 log = logging.getLogger("deit_serve.store")
-
-
-class ModelRunner:
-    """The forward pass of one model: stack, move, run. Called from the model's forward threads.
-
-    Answers float32 logits (the average of the CLS and distillation heads) on the CPU: /classify takes their
-    softmax, other protocols also return the logits themselves."""
-
-    def __init__(self, checkpoint: LoadedCheckpoint) -> None:
-        self.model = checkpoint.model
-        self.device = checkpoint.device
-        self.dtype = checkpoint.dtype
-        self._pin = self.device.type == "cuda"
-
-    def __call__(self, pixels: Sequence[Tensor]) -> Tensor:
-        batch = torch.stack(list(pixels))
-        if self._pin:
-            batch = batch.pin_memory()
-        batch = batch.to(self.device, dtype=self.dtype, non_blocking=True)
-        with torch.inference_mode():
-            logits = self.model(batch)
-            return logits.float().cpu()
-
-
-def default_forward_workers(device: torch.device, threads: int) -> int:
-    """Two batches at once, one per core, on a two-thread CPU; otherwise one batch on all threads (see Batcher)."""
-    return 2 if device.type == "cpu" and threads == 2 else 1
-
-
-@dataclass
-class ServedModel:
-    name: str
-    checkpoint: LoadedCheckpoint
-    preprocessor: Preprocessor
-    runner: ModelRunner
-    batcher: Batcher
-    load_seconds: float
-    ready: bool = False
-
-    @functools.cached_property
-    def labels(self) -> list[str]:
-        return self.checkpoint.labels
-
-    @property
-    def preprocess_source(self) -> str:
-        """Where the model's preprocessing comes from, for error messages."""
-        source = self.checkpoint.source
-        path = (source if source.is_dir() else source.parent) / "preprocessor_config.json"
-        return str(path) if path.is_file() else f"the default preprocessing of {source}"
-
-    def probe(self) -> Tensor:
-        """Decode and preprocess a synthetic photo-like JPEG the way uploads are, so that a preprocessing config
-        that cannot produce the model's input fails start-up instead of every request."""
-        try:
-            pixels = self.preprocessor(decode_image(PROBE_JPEG, PROBE_PIXELS, self.preprocessor.draft_size))
-        except Exception as e:
-            raise ModelStoreError(f"{self.preprocess_source}: preprocessing fails: {type(e).__name__}: {e}") from e
-        expected = (3, *self.preprocessor.cfg.output_size)
-        finite = bool(torch.isfinite(pixels).all())
-        if tuple(pixels.shape) != expected or not finite:
-            got = f"shape {tuple(pixels.shape)}" if finite else "NaN or infinite values"
-            raise ModelStoreError(f"{self.preprocess_source}: preprocessing gave {got}, not {expected} finite values")
-        return pixels
-
-    def warm_up(self, max_batch_size: int) -> None:
-        """Run the probe image through the model at the largest batch size (and size 1) on every forward thread,
-        so that first requests pay no allocation or lazy initialisation, and check the scores that come out."""
-        pixels = self.probe()
-        sizes = sorted({1, max_batch_size})
-        try:
-            outputs = self.batcher.warm_up([[pixels] * n for n in sizes])
-        except Exception as e:
-            raise ModelStoreError(
-                f"warm-up forward pass on the output of {self.preprocess_source} failed: {type(e).__name__}: {e}"
-            ) from e
-        classes = len(self.labels)
-        for probs in outputs:
-            if probs.ndim != 2 or probs.shape[1] != classes:
-                raise ModelStoreError(f"warm-up gave scores of shape {tuple(probs.shape)}, not (batch, {classes})")
-            if not bool(torch.isfinite(probs).all()):
-                raise ModelStoreError(
-                    f"warm-up forward pass gave non-finite scores (NaN or infinity) from the weights in "
-                    f"{self.checkpoint.source} on the output of {self.preprocess_source}"
-                )
-        self.ready = True
-
-
-def _probe_jpeg() -> bytes:
-    """A 160×120 JPEG of smooth gradients and seeded noise: decodes through the same path as an upload."""
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:120, 0:160]
-    base = np.stack([x * 255 / 159, y * 255 / 119, (x + y) * 255 / 278], axis=-1)
-    pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
-PROBE_JPEG = _probe_jpeg()
-PROBE_PIXELS = 160 * 120
 
 
 def _check_weights(checkpoint: LoadedCheckpoint) -> None:
@@ -166,9 +61,10 @@ def discover(store: Path) -> list[tuple[str, Path]]:
 class ModelStore:
     """The loaded models by name; the first one (or ``default_model``) answers requests that name none."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, decode_pool: DecodePool) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.decode_pool = decode_pool
         self.models: dict[str, ServedModel] = {}
         self.default_name: str | None = settings.default_model
 
@@ -208,8 +104,13 @@ class ModelStore:
                 "the service feeds it RGB images (3)"
             )
         _check_weights(checkpoint)
-        runner = ModelRunner(checkpoint)
         on_cpu = checkpoint.device.type == "cpu"
+        runner = ModelRunner(
+            name,
+            checkpoint_forward(checkpoint),
+            forward_workers=s.forward_workers or default_forward_workers(checkpoint.device, threads),
+            intra_op_threads=threads if on_cpu else None,
+        )
         batcher = Batcher(
             name,
             runner,
@@ -217,16 +118,16 @@ class ModelStore:
             max_batch_delay_s=s.max_batch_delay_ms / 1000,
             max_queue_size=s.max_queue_size,
             metrics=self.metrics,
-            forward_workers=s.forward_workers or default_forward_workers(checkpoint.device, threads),
-            intra_op_threads=threads if on_cpu else None,
         )
         served = ServedModel(
             name,
             checkpoint,
             Preprocessor(checkpoint.preprocess, jpeg_draft=s.jpeg_draft),
-            runner,
             batcher,
-            time.perf_counter() - started,
+            self.decode_pool,
+            self.metrics,
+            s.max_image_pixels,
+            load_seconds=time.perf_counter() - started,
         )
         if s.warmup:
             served.warm_up(s.max_batch_size)
@@ -259,7 +160,3 @@ class ModelStore:
             known = ", ".join(sorted(self.models)) or "none loaded yet"
             raise ModelNotFound(f"model {name!r} not found; available: {known}")
         return self.models[key]
-
-    @property
-    def ready(self) -> bool:
-        return bool(self.models) and all(m.ready for m in self.models.values())

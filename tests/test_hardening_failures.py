@@ -169,8 +169,8 @@ def batcher_of(server: InProcessServer) -> Batcher:
 
 def install(server: InProcessServer, oom_above: int) -> FaultyRunner:
     batcher = batcher_of(server)
-    runner = FaultyRunner(batcher._runner, oom_above)
-    batcher._runner = runner
+    runner = FaultyRunner(batcher.runner.forward, oom_above)
+    batcher.runner.forward = runner
     return runner
 
 

@@ -21,10 +21,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from service.batching import Batcher
+from service.decode_pool import DecodePool
 from service.errors import CheckpointError, InferenceFailed, ModelLoadFailed
 from service.metrics import Metrics
 from service.model.architecture import DeiTConfig
 from service.model.preprocessing import MAX_CONFIG_SIDE, PreprocessConfig
+from service.runner import ModelRunner
 from service.settings import Settings
 from service.store import ModelStore
 from tests.serving import Scrape, ServerProcess, image_bytes, multipart, run_server, write_tiny_model
@@ -154,7 +156,7 @@ def test_nan_weights_are_refused_at_load_naming_the_tensor_and_file(tiny_model_d
     values: dict[str, Any] = {"model_store": store, "device": "cpu", "dtype": "float32", "warmup": False}
     settings = Settings(**values)
     with pytest.raises(ModelLoadFailed, match=r"'deit\.layernorm\.weight' holds NaN") as caught:
-        ModelStore(settings, Metrics(settings.max_batch_size)).load_all()
+        ModelStore(settings, Metrics(settings.max_batch_size), DecodePool(1)).load_all()
     assert caught.value.model == BROKEN
     assert f"{BROKEN}/model.safetensors" in caught.value.message
 
@@ -170,9 +172,8 @@ def _nan_for_negative(pixels: Sequence[Tensor]) -> Tensor:
 @pytest.mark.asyncio
 async def test_a_non_finite_row_fails_only_its_own_image() -> None:
     metrics = Metrics(8)
-    batcher = Batcher(
-        "m", _nan_for_negative, max_batch_size=8, max_batch_delay_s=0.0, max_queue_size=8, metrics=metrics
-    )
+    runner = ModelRunner("m", _nan_for_negative)
+    batcher = Batcher("m", runner, max_batch_size=8, max_batch_delay_s=0.0, max_queue_size=8, metrics=metrics)
     batcher.start()
     try:
         with batcher.admit(2) as admission:

@@ -6,37 +6,25 @@ the answer is transformers' image-classification pipeline output, ``[{"label", "
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
-import time
 from typing import Annotated, Any
 
 import torch
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Header, Request, Response
 from torch import Tensor
 
-from service.auth import check_api_key
-from service.engine import accepting, read_body, request_deadline, run_images
+from service.deps import Authorized, State, accepting_model, admit, json_response
 from service.errors import BadRequest, EmptyUpload, InvalidParameter, TooManyFiles
-from service.state import AppState, app_state, json_response
+from service.served import EncodedImage
 
 FUNCTIONS = ("softmax", "sigmoid", "none")
 DEFAULT_TOP_K = 5  # the pipeline's default
 
 
-async def _state(request: Request) -> AppState:
-    return app_state(request)
-
-
-async def _require_key(request: Request) -> None:
-    check_api_key(request, app_state(request).settings.api_keys)
-
-
-State = Annotated[AppState, Depends(_state)]
 Timeout = Annotated[float | None, Header(gt=0, description="seconds this request may take (capped by the server)")]
-router = APIRouter(tags=["Hugging Face API"], dependencies=[Depends(_require_key)])
+router = APIRouter(tags=["Hugging Face API"], dependencies=[Authorized])
 _DESCRIPTION = (
     'Raw image body, or JSON `{"inputs": "<base64 image>", "parameters": {"top_k": K, '
     '"function_to_apply": "softmax"|"sigmoid"|"none"}}`. Answers `[{"label", "score"}]` highest first.'
@@ -56,20 +44,17 @@ async def classify_named(
 
 
 async def _classify(request: Request, state: State, model: str | None, timeout_s: float | None) -> Response:
-    started = time.monotonic()
     settings = state.settings
-    served = state.store.get(model)
-    request.state.model = served.name
-    with accepting(state, served):
-        body = await read_body(request, settings.max_upload_bytes)
+    served = accepting_model(state, model)
+    async with admit(request, state, served, timeout_s) as admitted:
+        body = await admitted.body()
         content_type = request.headers.get("content-type", "")
-        loop = asyncio.get_running_loop()  # base64 of a large body: off the event loop
-        images, params, batched = await loop.run_in_executor(
-            state.preprocess_pool, parse_request, body, content_type, settings.max_files
+        # base64 of a large body: off the event loop
+        images, params, batched = await state.decode_pool.run(
+            admitted.context, lambda: parse_request(body, content_type, settings.max_files)
         )
         k, function = _parameters(params, len(served.labels))
-        deadline = request_deadline(state, started, timeout_s)
-        logits = await run_images(state, served, images, deadline=deadline, request=request)
+        logits = await admitted.logits([EncodedImage(f"image {i}", data) for i, data in enumerate(images)])
     results = [_top_k(row, k, served.labels) for row in apply_function(logits, function)]
     return json_response(results if batched else results[0])
 

@@ -6,21 +6,19 @@ codes of the native API.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Annotated, Any
 
 import torch
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Header, Request, Response
 
 from service import __version__
-from service.auth import check_api_key
-from service.engine import accepting, read_body, request_deadline, run_images, run_pixels
+from service.deps import AppState, State, admit
+from service.deps import Authorized as AuthorizedDep
 from service.errors import BadRequest, ModelNotFound, NotReady, UnsupportedMediaType
 from service.lifecycle import Phase
+from service.middleware import request_arrival
 from service.protocols.v2_codec import IMAGE_INPUT, OUTPUTS, PIXELS_INPUT, build_infer_response, parse_infer_request
-from service.state import AppState, app_state
-from service.store import ServedModel
+from service.served import EncodedImage, ServedModel
 
 VERSION = "1"  # every model has one version
 PLATFORM = "pytorch_deit"
@@ -28,18 +26,9 @@ EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration")
 HEADER_LENGTH = "inference-header-content-length"
 
 
-async def _state(request: Request) -> AppState:
-    return app_state(request)
-
-
-async def _require_key(request: Request) -> None:
-    check_api_key(request, app_state(request).settings.api_keys)
-
-
-State = Annotated[AppState, Depends(_state)]
 # Full paths on one router, no prefix or nested router: the metrics label a request by its route's own path.
 router = APIRouter(tags=["Open Inference Protocol"])
-Authorized = [Depends(_require_key)]
+Authorized = [AuthorizedDep]
 
 
 @router.get("/v2", summary="Server metadata")
@@ -150,29 +139,28 @@ async def infer(
     model_version: str | None = None,
     x_request_timeout: Annotated[float | None, Header(gt=0)] = None,
 ) -> Response:
-    started = time.monotonic()
     settings = state.settings
+    state.lifecycle.check_accepting()
     served = _model(state, model_name, model_version)
-    request.state.model = served.name
     header_length = _header_length(request)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
         raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not accepted: send the request uncompressed")
-    with accepting(state, served):
-        body = await read_body(request, settings.max_upload_bytes)
-        loop = asyncio.get_running_loop()
-        parsed = await loop.run_in_executor(
-            state.preprocess_pool,
+    async with admit(request, state, served, x_request_timeout) as admitted:
+        body = await admitted.body()
+        parsed = await state.decode_pool.run(
+            admitted.context,
             lambda: parse_infer_request(
-                body, header_length, input_size=served.preprocessor.cfg.output_size, max_elements=settings.max_files
+                body, header_length, input_size=served.input_size, max_elements=settings.max_files
             ),
         )
-        deadline = request_deadline(state, started, x_request_timeout, parsed.timeout_s)
+        if parsed.timeout_s is not None:
+            admitted.context.shorten(request_arrival(request) + parsed.timeout_s)
         if parsed.images is not None:
-            logits = await run_images(state, served, parsed.images, deadline=deadline, request=request)
+            logits = await admitted.logits([EncodedImage(f"image {i}", data) for i, data in enumerate(parsed.images)])
         else:
             assert parsed.pixels is not None
-            logits = await run_pixels(state, served, parsed.pixels, deadline=deadline, request=request)
+            logits = await admitted.logits(parsed.pixels)
     tensors = {"logits": logits, "probabilities": torch.softmax(logits, dim=-1)}
     content, json_length = build_infer_response(served.name, VERSION, parsed.id, parsed.outputs, tensors, served.labels)
     if json_length is None:

@@ -150,13 +150,14 @@ async def get_model(name: str, state: State) -> ModelInfo:
     return _model_info(state.store.get(name), state.store.default_name)
 
 
-@router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+@router.api_route("/healthz", methods=["GET", "HEAD"], response_model=Health, summary="Liveness: the process answers")
 async def healthz() -> Health:
     return Health(status="alive")
 
 
-@router.get(
+@router.api_route(
     "/readyz",
+    methods=["GET", "HEAD"],
     response_model=Health,
     summary="Readiness: every model loaded and warm, not draining",
     responses=_errors(503),

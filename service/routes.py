@@ -150,18 +150,19 @@ async def get_model(name: str, state: State) -> ModelInfo:
     return _model_info(state.store.get(name), state.store.default_name)
 
 
-@router.api_route("/healthz", methods=["GET", "HEAD"], response_model=Health, summary="Liveness: the process answers")
+@router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+@router.head("/healthz", include_in_schema=False)  # probes that only look at the status
 async def healthz() -> Health:
     return Health(status="alive")
 
 
-@router.api_route(
+@router.get(
     "/readyz",
-    methods=["GET", "HEAD"],
     response_model=Health,
     summary="Readiness: every model loaded and warm, not draining",
     responses=_errors(503),
 )
+@router.head("/readyz", include_in_schema=False)
 async def readyz(state: State) -> Health:
     phase = state.lifecycle.phase
     if phase is not Phase.READY:

@@ -31,7 +31,7 @@ REFUSE_LOG_INTERVAL_S = 10.0
 
 
 class HeadTooLarge(Exception):
-    """Raised from a parser callback to stop parsing a head with too many header fields."""
+    """Raised from the parser's headers-complete callback to refuse a head with too many header fields."""
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
@@ -50,7 +50,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         self._in_head = True  # the bytes that come next belong to a request head
         self._head_bytes = 0
-        self._header_count = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._closing = False
 
@@ -96,12 +95,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return  # answered and closing: input is dropped until the client closes or the linger time ends
         view: bytes | memoryview = data
         while self._in_head:
-            if self._head_timer is None:
-                self._arm_head_timer()  # from the first byte of a request that follows a response
             budget = self.limits.max_header_bytes - self._head_bytes
             if len(view) <= budget:
                 self._head_bytes += len(view)
                 self._feed(view)
+                if self._in_head and self._head_bytes and self._head_timer is None and not self._closing:
+                    # Part of a head came and the rest did not: from here it has the header timeout to arrive.
+                    # A head that arrives whole (the usual case) costs no timer.
+                    self._arm_head_timer()
                 return
             # Feed only what the head may still take: the parser buffers a header line in full before any callback,
             # so a too-long head must be cut off here, not after it has been held.
@@ -155,19 +156,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             cycle.message_event.set()
         self._answer_and_close(status, code, message)
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._header_count = 0
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_count += 1
-        if self._header_count > self.limits.max_headers:
-            raise HeadTooLarge(f"the request has more than {self.limits.max_headers} header fields")
-        super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._cancel_head_timer()
+        # Counted once the head is read, not per header: the head's byte limit already bounds what was held, and a
+        # check per header field costs every request a Python call per header.
+        if len(self.headers) > self.limits.max_headers:
+            raise HeadTooLarge(f"the request has more than {self.limits.max_headers} header fields")
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.serving import ServerProcess, image_bytes, multipart, run_server, wait_until
+from tests.serving import ServerProcess, image_bytes, multipart, noise_image_bytes, run_server, wait_until
 
 MAX_HEADER_BYTES = 8192
 MAX_HEADERS = 20
@@ -193,12 +193,43 @@ def test_connections_above_the_cap_are_refused_with_503_json(server: ServerProce
     wait_until(lambda: httpx.get(f"{server.url}/healthz").status_code == 200, timeout=10, what="served again")
 
 
-def test_classify_still_works(server: ServerProcess) -> None:
-    response = httpx.post(
-        f"{server.url}/classify", files=multipart([image_bytes()]), headers={"X-API-Key": KEY}, timeout=30
+@pytest.mark.parametrize("image", [image_bytes(), noise_image_bytes(1, size=(200, 200))], ids=["small", "large"])
+def test_classify_still_works(server: ServerProcess, image: bytes) -> None:
+    # Head and body in one send: the large body lands in the same reads as the head, far past the head's byte limit,
+    # and must not count against it.
+    built = httpx.Request("POST", f"{server.url}/classify", files=multipart([image]))
+    body = built.read()
+    assert len(body) < 2048 or len(body) > 8 * MAX_HEADER_BYTES
+    head = (
+        f"POST /classify HTTP/1.1\r\nHost: t\r\nX-API-Key: {KEY}\r\nConnection: close\r\n"
+        f"Content-Type: {built.headers['content-type']}\r\nContent-Length: {len(body)}\r\n\r\n"
     )
-    assert response.status_code == 200, response.text
-    assert response.json()["results"][0]["predictions"]
+    status, _, answer = exchange(server, head.encode() + body)
+    assert status == 200, answer
+    assert answer["results"][0]["predictions"]
+
+
+def test_pipelined_requests_are_all_answered(server: ServerProcess) -> None:
+    one = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+    with connect(server) as sock:
+        send(sock, one * 3 + one.replace(b"Host: t", b"Host: t\r\nConnection: close"))
+        answers, _ = read_until_closed(sock, limit_s=10)
+    assert answers.count(b"HTTP/1.1 200 OK") == 4
+    assert answers.count(b'{"status":"alive"}') == 4
+
+
+def test_slow_head_after_a_first_response_is_cut_off(server: ServerProcess) -> None:
+    with connect(server) as sock:
+        send(sock, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        sock.settimeout(10)
+        first = b""
+        while b'{"status":"alive"}' not in first:
+            first += sock.recv(65536)
+        started = time.monotonic()
+        send(sock, b"GET /healthz HTTP/1.1\r\nHost: t\r\n")  # before the keep-alive timeout; never finished
+        answer, closed = read_until_closed(sock, limit_s=HEADER_TIMEOUT_S + MARGIN_S)
+    assert HEADER_TIMEOUT_S - 0.5 <= closed - started <= HEADER_TIMEOUT_S + MARGIN_S
+    assert_json_error(parse(answer), 408, "request_timeout")
 
 
 def test_x_api_key_is_stripped_like_bearer(server: ServerProcess) -> None:

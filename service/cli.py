@@ -56,18 +56,20 @@ def http_options(settings: Settings) -> dict[str, Any]:
         max_connections=settings.max_connections,
     )
     try:
-        from service.http_protocol import limited_protocol
+        import httptools  # noqa: F401
     except ImportError:
         log.warning(
-            "httptools is not installed (pip install 'deit-serve[fast]'): serving with h11, which bounds the request "
-            "head's size but not its header count or its time, and answers parser errors and the connection limit "
-            "in text/plain"
+            "httptools is not installed (pip install 'deit-serve[fast]'): serving with h11, which bounds what it "
+            "holds of a request head but not its header count or its time, and answers parser errors and the "
+            "connection limit in text/plain"
         )
         return {
             "http": "h11",
             "h11_max_incomplete_event_size": limits.max_header_bytes,
             "limit_concurrency": limits.max_connections,
         }
+    from service.http_protocol import limited_protocol
+
     return {"http": limited_protocol(limits)}
 
 

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,13 +21,24 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.serving import ServerProcess, image_bytes, multipart, noise_image_bytes, run_server, wait_until
+from tests.serving import (
+    ServerProcess,
+    free_port,
+    image_bytes,
+    multipart,
+    noise_image_bytes,
+    run_server,
+    stop_process,
+    wait_ready,
+    wait_until,
+)
 
 MAX_HEADER_BYTES = 8192
 MAX_HEADERS = 20
 HEADER_TIMEOUT_S = 3.0
 KEEP_ALIVE_TIMEOUT_S = 1
 MAX_CONNECTIONS = 6
+BACKLOG = 77
 KEY = "s3cret-key"
 # Slack for a loaded machine on top of a timeout; a server without the bound holds the connection far longer.
 MARGIN_S = 4.0
@@ -40,6 +52,7 @@ def server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "DEIT_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
         "DEIT_KEEP_ALIVE_TIMEOUT_S": str(KEEP_ALIVE_TIMEOUT_S),
         "DEIT_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+        "DEIT_BACKLOG": str(BACKLOG),
         "DEIT_API_KEYS": KEY,
     }
     with run_server(tiny_store, tmp_path_factory.mktemp("http-limits"), env=env) as process:
@@ -193,6 +206,15 @@ def test_connections_above_the_cap_are_refused_with_503_json(server: ServerProce
     wait_until(lambda: httpx.get(f"{server.url}/healthz").status_code == 200, timeout=10, what="served again")
 
 
+def test_listen_backlog_is_the_setting(server: ServerProcess) -> None:
+    if shutil.which("ss") is None:
+        pytest.skip("needs ss (iproute2) to read a listening socket's backlog")
+    port = server.url.rsplit(":", 1)[1]
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    [line] = out.splitlines()
+    assert line.split()[2] == str(BACKLOG)  # Send-Q of a listening socket: its backlog
+
+
 @pytest.mark.parametrize("image", [image_bytes(), noise_image_bytes(1, size=(200, 200))], ids=["small", "large"])
 def test_classify_still_works(server: ServerProcess, image: bytes) -> None:
     # Head and body in one send: the large body lands in the same reads as the head, far past the head's byte limit,
@@ -267,3 +289,28 @@ def test_api_keys_of_only_separators_is_a_start_up_error(tiny_store: Path) -> No
     assert result.returncode == 2, result.stderr
     assert "api_keys" in result.stderr
     assert "holds no API key" in result.stderr
+
+
+def test_without_httptools_h11_still_bounds_the_head(tiny_store: Path, tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEIT_")}
+    env.update({"DEIT_MODEL_STORE": str(tiny_store), "DEIT_PORT": str(port), "DEIT_MAX_HEADER_BYTES": "8192"})
+    launcher = "import sys; sys.modules['httptools'] = None; from service.cli import main; main()"
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen([sys.executable, "-c", launcher], env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, process)
+        fallback = ServerProcess(process, url, log_path)
+        # h11 bounds what it buffers of a head still incomplete after a read (a read is at most 256 KiB), so the
+        # head must span several reads to be refused.
+        request = b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * (4 << 20) + b"\r\n\r\n"
+        with connect(fallback) as sock:
+            send(sock, request)
+            answer, _ = read_until_closed(sock, limit_s=10)
+        assert answer.startswith(b"HTTP/1.1 400 ")
+        assert httpx.get(f"{url}/healthz").status_code == 200
+        assert "serving with h11" in fallback.log()
+    finally:
+        stop_process(process)

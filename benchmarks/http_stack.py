@@ -61,14 +61,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=4.0, help="seconds of each measured window")
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="measure only these (with fast)"
+    )
     args = parser.parse_args(argv)
+    variants = {name: VARIANTS[name] for name in VARIANTS if name == "fast" or name in args.variants}
     bodies = _bodies()
-    img_s: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    cpu_ms: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    img_s: dict[str, list[float]] = {name: [] for name in variants}
+    cpu_ms: dict[str, list[float]] = {name: [] for name in variants}
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="deit-http-") as tmp:
         for r in range(args.rounds):
-            for name, blocked in VARIANTS.items():
+            for name, blocked in variants.items():
                 wait_until_quiet(timeout_s=30)
                 with running(_spec(blocked, name in UNLIMITED), Path(tmp) / f"{r}-{len(img_s[name])}.log") as server:
                     run_closed_loop(server.url, bodies, concurrency=4, warmup_s=0, duration_s=1.0)
@@ -91,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nc={args.concurrency}, demo model, medians of {args.rounds} rounds\n")
     print("| variant | img/s | vs fast | server CPU ms / request | vs fast |")
     print("|---|--:|--:|--:|--:|")
-    for name in VARIANTS:
+    for name in variants:
         i = statistics.median(img_s[name])
         c = statistics.median(cpu_ms[name] or [float("nan")])
         print(f"| {name} | {i:.0f} | {i / base_img:.2f}× | {c:.2f} | {c / base_cpu:.2f}× |")

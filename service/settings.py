@@ -59,7 +59,7 @@ class Settings(BaseSettings):
         0,
         ge=0,
         description="request-body bytes held in memory at once, all requests together; more are refused (503) "
-        "before they are read (0: auto: a quarter of the memory, at least 4 largest uploads)",
+        "before they are read (0: auto: 8 largest uploads, at most an eighth of the memory)",
     )
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long accepted requests may finish")
     max_header_bytes: int = Field(

@@ -262,11 +262,12 @@ def test_metrics_count_protocol_requests_by_route(server: ServerProcess, client:
 def test_full_queue_is_refused_with_retry_after(slow_store: Path, tmp_path: Path) -> None:
     """Both protocols are admitted by the model's queue like /classify: while one request's images fill it, another
     is answered 503 with Retry-After at once, in the protocol's error shape."""
-    queue = 8
+    queue = 32  # one image per float32 pass, one pass at a time: the queue stays full for a good fraction of a second
     env = {
         "DEIT_MAX_BATCH_SIZE": "1",
         "DEIT_FORWARD_WORKERS": "1",
         "DEIT_TORCH_THREADS": "1",
+        "DEIT_DTYPE": "float32",
         "DEIT_MAX_QUEUE_SIZE": str(queue),
         "DEIT_MAX_FILES": str(queue),
     }
@@ -275,13 +276,14 @@ def test_full_queue_is_refused_with_retry_after(slow_store: Path, tmp_path: Path
     framed = b"".join(struct.pack("<I", len(d)) + d for d in images)
     tensor["parameters"] = {"binary_data_size": len(framed)}
     body, headers = _binary_request({"inputs": [tensor]}, framed)
-    with run_server(slow_store, tmp_path, env=env) as server, ThreadPoolExecutor(1) as pool:
+    hf_body = {"inputs": [base64.b64encode(d).decode() for d in images]}
+    with run_server(slow_store, tmp_path, env=env) as server, ThreadPoolExecutor(3) as pool:
         url = _infer_url(server, "slow")
         filling = pool.submit(httpx.post, url, content=body, headers=headers, timeout=60)
         wait_until(lambda: _queued(server) >= 2, timeout=30, what="the first request's images queued")
-        refused = httpx.post(url, content=body, headers=headers, timeout=10)
-        hf_body = {"inputs": [base64.b64encode(d).decode() for d in images]}
-        refused_hf = httpx.post(f"{server.url}/", json=hf_body, timeout=10)
+        v2_refusal = pool.submit(httpx.post, url, content=body, headers=headers, timeout=10)
+        hf_refusal = pool.submit(httpx.post, f"{server.url}/", json=hf_body, timeout=10)
+        refused, refused_hf = v2_refusal.result(), hf_refusal.result()
         assert filling.result().status_code == 200
     for r in (refused, refused_hf):
         assert "capacity" in plain_error(r, 503)

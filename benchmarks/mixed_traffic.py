@@ -1,10 +1,11 @@
 """Mixed classify + embed traffic against one model: do the two kinds of request share forward passes?
 
-One server (started here on a free port), three closed-loop phases of ``--concurrency`` clients each, repeated
-``--rounds`` times in turn: classify only, half the clients classifying and half embedding, embed only. Each phase
-reports img/s, p50 latency, and the mean of ``deit_batch_size`` over its forward passes (from /metrics, the
-difference of the histogram's sum and count across the phase). Batches of mixed traffic as large as those of one
-kind mean that both kinds were answered from the same passes; two separate queues would halve them.
+One server (started here on a free port), closed-loop phases repeated ``--rounds`` times in turn: ``--concurrency``
+clients classifying; the same number, half classifying and half embedding; all embedding; and, as the control, only
+the classifying half of the mixed phase. Each phase reports img/s, p50 latency, and the mean of ``deit_batch_size``
+over its forward passes (from /metrics, the difference of the histogram's sum and count across the phase). Mixed
+batches as large as those of one kind at full concurrency, and larger than the control's, mean that both kinds were
+answered from the same passes: were each kind batched on its own, a mixed batch would be the control's size.
 
     .venv/bin/python -m benchmarks.mixed_traffic --concurrency 16 --duration 10
 """
@@ -25,7 +26,13 @@ import httpx
 from benchmarks.load_test import sample_images
 from benchmarks.loadgen import REPO, ServerSpec, multipart, python_module, running
 
-PHASES = ("classify only", "mixed", "embed only")
+# name: the endpoints its clients take in turn, and the share of --concurrency it runs at.
+PHASES: dict[str, tuple[tuple[str, ...], float]] = {
+    "classify only": (("/classify",), 1.0),
+    "mixed classify + embed": (("/classify", "/embed"), 1.0),
+    "embed only": (("/embed",), 1.0),
+    "control: the classify half alone": (("/classify",), 0.5),
+}
 
 
 @dataclass
@@ -52,7 +59,8 @@ def _histogram(metrics_text: str, name: str) -> tuple[float, float]:
 
 async def _phase(base: str, name: str, images: Sequence[bytes], concurrency: int, duration_s: float) -> Phase:
     """Closed loop: each client always has one one-image request in flight, for ``duration_s`` seconds."""
-    paths = {"classify only": ["/classify"], "mixed": ["/classify", "/embed"], "embed only": ["/embed"]}[name]
+    paths, share = PHASES[name]
+    concurrency = max(1, round(concurrency * share))
     bodies = [multipart(data, f"{i}.png", media_type="image/png") for i, data in enumerate(images)]
     result = Phase(name)
     async with httpx.AsyncClient(timeout=60) as admin:
@@ -85,7 +93,7 @@ async def _phase(base: str, name: str, images: Sequence[bytes], concurrency: int
 
 async def _run(base: str, concurrency: int, duration_s: float, rounds: int) -> dict[str, list[Phase]]:
     images = sample_images(32)
-    await _phase(base, "mixed", images, concurrency, 2.0)  # warm the connections and the model
+    await _phase(base, "mixed classify + embed", images, concurrency, 2.0)  # warm the connections and the model
     results: dict[str, list[Phase]] = {name: [] for name in PHASES}
     for _ in range(rounds):
         for name in PHASES:
@@ -95,10 +103,11 @@ async def _run(base: str, concurrency: int, duration_s: float, rounds: int) -> d
 
 def _table(results: dict[str, list[Phase]], concurrency: int) -> str:
     rows = [
-        f"| traffic (c={concurrency}) | img/s | p50 ms | mean deit_batch_size | forward passes | errors |",
-        "|---|--:|--:|--:|--:|--:|",
+        "| traffic | clients | img/s | p50 ms | mean deit_batch_size | forward passes | errors |",
+        "|---|--:|--:|--:|--:|--:|--:|",
     ]
     for name, phases in results.items():
+        clients = max(1, round(concurrency * PHASES[name][1]))
         images = sum(p.images for p in phases)
         seconds = sum(p.seconds for p in phases)
         latencies = [t for p in phases for t in p.latencies_s]
@@ -107,7 +116,9 @@ def _table(results: dict[str, list[Phase]], concurrency: int) -> str:
         p50 = statistics.median(latencies) * 1000 if latencies else float("nan")
         mean = batched / batches if batches else float("nan")
         errors = sum(p.errors for p in phases)
-        rows.append(f"| {name} | {images / seconds:.1f} | {p50:.1f} | {mean:.2f} | {batches:.0f} | {errors} |")
+        rows.append(
+            f"| {name} | {clients} | {images / seconds:.1f} | {p50:.1f} | {mean:.2f} | {batches:.0f} | {errors} |"
+        )
     return "\n".join(rows)
 
 

@@ -21,18 +21,18 @@ from torch import Tensor
 
 from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, ServiceError, ShuttingDown, TooManyFiles
 from service.metrics import Metrics
-from service.runner import ModelRunner
+from service.runner import ModelRunner, Outputs
 
 log = logging.getLogger("deit_serve.batching")
 
 
 @dataclass(eq=False)
 class WorkItem:
-    """One image waiting for a batch; ``future`` receives its row of class logits."""
+    """One image waiting for a batch; ``future`` receives its row of each of the forward pass's outputs."""
 
     pixels: Tensor
     deadline: float
-    future: asyncio.Future[Tensor]
+    future: asyncio.Future[Outputs]
     enqueued: float = field(default_factory=time.monotonic)
     # Filled in when its batch runs, for the request's log line.
     batch_size: int = 0
@@ -229,11 +229,11 @@ class Batcher:
             wait.observe(item.queue_s)
         return batch
 
-    async def _answer(self, batch: list[WorkItem], outputs: asyncio.Future[Tensor]) -> None:
-        """Give each image of a batch its row of the outputs (or the batch's error) when its forward pass ends."""
+    async def _answer(self, batch: list[WorkItem], outputs: asyncio.Future[Outputs]) -> None:
+        """Give each image of a batch its row of each output (or the batch's error) when its forward pass ends."""
         started = time.perf_counter()
         try:
-            probs = await outputs
+            results = await outputs
         except Exception as e:
             self._metrics.batch_failures.labels(self.model_name).inc()
             log.exception("forward pass failed", extra={"model": self.model_name, "batch_size": len(batch)})
@@ -246,7 +246,7 @@ class Batcher:
         self._metrics.forward_duration.labels(self.model_name).observe(elapsed)
         self._metrics.batch_size.labels(self.model_name).observe(len(batch))
         self._metrics.images.labels(self.model_name).inc(len(batch))
-        finite = torch.isfinite(probs.reshape(len(batch), -1)).all(dim=1).tolist()
+        finite = _finite_rows(results, len(batch))
         if not all(finite):
             self._metrics.nonfinite_outputs.labels(self.model_name).inc(finite.count(False))
             log.error(
@@ -258,7 +258,16 @@ class Batcher:
             if item.future.done():
                 continue
             if finite[i]:
-                item.future.set_result(probs[i])
+                item.future.set_result({name: values[i] for name, values in results.items()})
             else:  # a NaN score would reach the client as null: a server fault, answered as one
-                reason = f"model {self.model_name!r} gave non-finite scores (NaN or infinity) for this image"
+                reason = f"model {self.model_name!r} gave non-finite outputs (NaN or infinity) for this image"
                 item.future.set_exception(InferenceFailed(reason))
+
+
+def _finite_rows(outputs: Outputs, batch_size: int) -> list[bool]:
+    """Per image: whether every one of its outputs is finite."""
+    finite = torch.ones(batch_size, dtype=torch.bool)
+    for values in outputs.values():
+        finite &= torch.isfinite(values.reshape(batch_size, -1)).all(dim=1)
+    result: list[bool] = finite.tolist()
+    return result

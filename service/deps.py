@@ -88,6 +88,18 @@ class Admitted:
         async with watch_disconnect(self.request, self.context):
             return await self.served.classify(inputs, top_k=top_k, context=self.context, stats=self.stats)
 
+    async def embed(self, inputs: Inputs, pooling: str | None, normalize: bool) -> Tensor:
+        async with watch_disconnect(self.request, self.context):
+            return await self.served.embed(
+                inputs, pooling=pooling, normalize=normalize, context=self.context, stats=self.stats
+            )
+
+    async def outputs(self, inputs: Inputs) -> dict[str, Tensor]:
+        """Every output of one forward pass per input (logits and embedding features), for front doors that
+        answer several of them at once."""
+        async with watch_disconnect(self.request, self.context):
+            return await self.served.outputs(inputs, self.context, self.stats)
+
 
 def accepting_model(state: AppState, name: str | None) -> ServedModel:
     """The model a request names (or the default), once the service takes work: 503 while loading or draining

@@ -49,6 +49,12 @@ class BadRequest(ServiceError):
     code = "bad_request"
 
 
+class TaskNotSupported(BadRequest):
+    """The model does not do what was asked (classification by a model without a classification head)."""
+
+    code = "task_not_supported"
+
+
 class Unauthorized(ServiceError):
     status_code = 401
     code = "unauthorized"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -11,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from service.deps import Authorized, MetricsAuthorized, State, accepting_model, admit, json_response
 from service.errors import InvalidParameter, NotReady
 from service.lifecycle import Phase
-from service.schemas import ClassifyResponse, ErrorBody, Health, ModelInfo, ModelList
+from service.schemas import ClassifyResponse, EmbedResponse, ErrorBody, Health, ModelInfo, ModelList
 from service.served import ServedModel
 from service.uploads import FILE_FIELD
 
@@ -65,6 +66,7 @@ async def classify_images(
     ] = None,
 ) -> Response:
     served = accepting_model(state, model)
+    served.check_classifies()
     num_labels = len(served.labels)
     if top_k is not None and top_k > num_labels:
         raise InvalidParameter(f"top_k={top_k} exceeds the {num_labels} labels of model {served.name!r}")
@@ -82,12 +84,83 @@ async def classify_images(
     return json_response(body)
 
 
+OCTET_STREAM = "application/octet-stream"
+SHAPE_HEADER = "X-Embedding-Shape"
+
+
+@router.post(
+    "/embed",
+    response_model=EmbedResponse,
+    summary="Embed one or more images: one float vector per image",
+    description="The same uploads as /classify. Each image's final-normed tokens pooled into one vector: the "
+    "model's natural pooling unless `pooling` names another (GET /v1/models lists them). With `Accept: "
+    f"{OCTET_STREAM}` the body is the raw little-endian float32 matrix, its shape in `{SHAPE_HEADER}: N,D`. "
+    "Embedding and classification requests share forward passes.",
+    responses={200: {"content": {OCTET_STREAM: {}}}, **_errors(400, 401, 404, 413, 415, 422, 499, 500, 503, 504)},
+    openapi_extra=_CLASSIFY_BODY,
+    dependencies=[Authorized],
+)
+async def embed_images(
+    request: Request,
+    state: State,
+    model: Annotated[str | None, Query(description="model name (default model when omitted)")] = None,
+    pooling: Annotated[str | None, Query(description="cls, distillation, cls_distillation, mean or pooler")] = None,
+    normalize: Annotated[bool, Query(description="scale each vector to unit length")] = False,
+    encoding: Annotated[
+        Literal["float", "base64"], Query(description="JSON numbers, or base64 of little-endian float32")
+    ] = "float",
+    x_request_timeout: Annotated[
+        float | None, Header(gt=0, description="seconds this request may take (capped by the server)")
+    ] = None,
+) -> Response:
+    served = accepting_model(state, model)
+    chosen = served.pooling(pooling)
+    raw = _wants_octet_stream(request.headers.get("accept", ""))
+    if raw and encoding != "float":
+        raise InvalidParameter(f"encoding={encoding} is for JSON bodies; Accept: {OCTET_STREAM} is raw float32")
+    async with admit(request, state, served, x_request_timeout) as admitted:
+        uploads = await admitted.uploads()
+        vectors = await admitted.embed(uploads, chosen, normalize)
+    n, dim = vectors.shape
+    if raw:
+        headers = {SHAPE_HEADER: f"{n},{dim}", "X-Embedding-Dtype": "float32", "X-Embedding-Pooling": chosen.value}
+        return Response(vectors.numpy().astype("<f4").tobytes(), media_type=OCTET_STREAM, headers=headers)
+    rows: list[Any] = (
+        [base64.b64encode(row.numpy().astype("<f4").tobytes()).decode() for row in vectors]
+        if encoding == "base64"
+        else vectors.tolist()
+    )
+    body = {
+        "model": served.name,
+        "pooling": chosen.value,
+        "normalized": normalize,
+        "encoding": encoding,
+        "dim": dim,
+        "results": [{"filename": u.name, "embedding": row} for u, row in zip(uploads, rows, strict=True)],
+    }
+    return json_response(body)
+
+
+def _wants_octet_stream(accept: str) -> bool:
+    """Raw float32 when the client lists application/octet-stream before (or without) application/json."""
+    for part in accept.split(","):
+        media_type = part.split(";", 1)[0].strip().lower()
+        if media_type == OCTET_STREAM:
+            return True
+        if media_type == "application/json":
+            return False
+    return False
+
+
 def _model_info(served: ServedModel, default: str | None) -> ModelInfo:
     cp = served.checkpoint
     return ModelInfo(
         name=served.name,
         architecture=cp.config.architecture.value,
-        num_labels=cp.config.num_labels,
+        tasks=served.tasks,
+        num_labels=cp.config.num_labels if served.classifies else 0,
+        embedding_dim=served.embedding_dim,
+        poolings=[p.value for p in served.poolings],
         image_size=cp.config.image_size,
         input_size=served.preprocessor.cfg.output_size,
         dtype=str(cp.dtype).removeprefix("torch."),

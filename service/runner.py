@@ -21,21 +21,24 @@ from service.model.checkpoints import LoadedCheckpoint
 
 log = logging.getLogger("deit_serve.runner")
 
-Forward = Callable[[Sequence[Tensor]], Tensor]
+Outputs = dict[str, Tensor]  # per output name (logits, token features), one row per image of the batch
+Forward = Callable[[Sequence[Tensor]], Outputs]
 
 
 def checkpoint_forward(checkpoint: LoadedCheckpoint) -> Forward:
-    """Stack, move, run: float32 logits (the average of the CLS and distillation heads) on the CPU."""
+    """Stack, move, run: float32 outputs on the CPU, the logits (the average of the CLS and distillation heads) of
+    a classifier and the token features its embeddings are pooled from (``DeiT.outputs``), from one pass."""
     model, device, dtype = checkpoint.model, checkpoint.device, checkpoint.dtype
     pin = device.type == "cuda"
 
-    def forward(pixels: Sequence[Tensor]) -> Tensor:
+    def forward(pixels: Sequence[Tensor]) -> Outputs:
         batch = torch.stack(list(pixels))
         if pin:
             batch = batch.pin_memory()
         batch = batch.to(device, dtype=dtype, non_blocking=True)
         with torch.inference_mode():
-            return model(batch).float().cpu()
+            outputs = model.outputs(batch)
+            return {name: value.float().cpu() for name, value in outputs.items()}
 
     return forward
 
@@ -59,7 +62,7 @@ class ModelRunner:
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{model_name}-{i}")
             for i in range(forward_workers)
         ]
-        self._running: list[asyncio.Future[Tensor] | None] = [None] * forward_workers
+        self._running: list[asyncio.Future[Outputs] | None] = [None] * forward_workers
 
     def free_slot(self) -> int | None:
         return next((i for i, running in enumerate(self._running) if running is None), None)
@@ -77,7 +80,7 @@ class ModelRunner:
             return share
         return max_batch_size
 
-    def start(self, slot: int, pixels: Sequence[Tensor], *, more_queued: bool) -> asyncio.Future[Tensor]:
+    def start(self, slot: int, pixels: Sequence[Tensor], *, more_queued: bool) -> asyncio.Future[Outputs]:
         """Run one batch on ``slot`` (claimed at once, freed when it ends); its future holds the outputs."""
         threads = self._threads_for(slot, more_queued)
         loop = asyncio.get_running_loop()
@@ -103,7 +106,7 @@ class ModelRunner:
             return self._threads
         return max(1, self._threads - (self.forward_workers - 1))
 
-    def warm_up(self, batches: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+    def warm_up(self, batches: Sequence[Sequence[Tensor]]) -> list[Outputs]:
         """Run ``batches`` on every forward thread (blocking), so that first requests pay no lazy initialisation;
         returns their outputs, for the caller to check."""
         outputs = []
@@ -121,7 +124,7 @@ class ModelRunner:
         for executor in self._executors:
             executor.shutdown(wait=True)
 
-    def _forward_with_oom_retry(self, pixels: Sequence[Tensor], threads: int | None = None) -> Tensor:
+    def _forward_with_oom_retry(self, pixels: Sequence[Tensor], threads: int | None = None) -> Outputs:
         """Run the batch (on ``threads`` intra-op threads: set for this thread only); on out-of-memory, retry once
         as two half batches."""
         if threads is not None:
@@ -135,4 +138,5 @@ class ModelRunner:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             half = len(pixels) // 2
-            return torch.cat([self.forward(pixels[:half]), self.forward(pixels[half:])])
+            first, second = self.forward(pixels[:half]), self.forward(pixels[half:])
+            return {name: torch.cat([first[name], second[name]]) for name in first}

@@ -21,10 +21,29 @@ class ClassifyResponse(BaseModel):
     results: list[ImageResult]
 
 
+class Embedding(BaseModel):
+    filename: str
+    embedding: list[float] | str = Field(
+        description="the vector: JSON numbers, or with encoding=base64 its little-endian float32 bytes in base64"
+    )
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    pooling: str = Field(description="how the tokens became one vector (the model's natural pooling unless asked)")
+    normalized: bool = Field(description="whether each vector was scaled to unit length")
+    encoding: str = Field(description="'float' (JSON numbers) or 'base64' (little-endian float32)")
+    dim: int = Field(description="length of each vector")
+    results: list[Embedding]
+
+
 class ModelInfo(BaseModel):
     name: str
     architecture: str
+    tasks: list[str] = Field(description="what the model serves: 'embed', and 'classify' when it has a head")
     num_labels: int
+    embedding_dim: int = Field(description="length of its /embed vectors")
+    poolings: list[str] = Field(description="poolings /embed offers for it, the default first")
     image_size: int
     input_size: tuple[int, int] = Field(description="(height, width) of the preprocessed input")
     dtype: str

@@ -20,10 +20,11 @@ from torch import Tensor
 
 from service.batching import Batcher
 from service.decode_pool import DecodePool
-from service.errors import ClientGone, ModelStoreError, ServiceError, ShuttingDown
+from service.errors import ClientGone, InvalidParameter, ModelStoreError, ServiceError, ShuttingDown, TaskNotSupported
 from service.metrics import Metrics
 from service.model.checkpoints import LoadedCheckpoint
 from service.model.decoding import decode_image
+from service.model.pooling import LOGITS, Pooling, default_pooling, feature_names, pool, poolings
 from service.model.preprocessing import Preprocessor
 from service.request_context import RequestContext
 
@@ -55,6 +56,9 @@ class RequestStats:
 
 Inputs = Sequence[EncodedImage] | Tensor  # encoded images, or preprocessed pixels [N, 3, H, W]
 
+CLASSIFY = "classify"
+EMBED = "embed"
+
 
 @dataclass(eq=False)
 class ServedModel:
@@ -76,12 +80,66 @@ class ServedModel:
     def input_size(self) -> tuple[int, int]:
         return self.preprocessor.cfg.output_size
 
+    @property
+    def classifies(self) -> bool:
+        return self.checkpoint.config.architecture.classifies
+
+    @property
+    def tasks(self) -> list[str]:
+        """What this model serves: every model embeds; those with a classification head also classify."""
+        return [CLASSIFY, EMBED] if self.classifies else [EMBED]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.checkpoint.config.hidden_size
+
+    @property
+    def poolings(self) -> tuple[Pooling, ...]:
+        """The poolings this model offers, its natural (default) one first."""
+        return poolings(self.checkpoint.config)
+
+    def pooling(self, name: str | None) -> Pooling:
+        """The pooling a request names (its natural one when none), or 422 naming those the model offers."""
+        if name is None:
+            return default_pooling(self.checkpoint.config)
+        offered = self.poolings
+        if name not in offered:
+            raise InvalidParameter(
+                f"pooling={name!r} is not offered by model {self.name!r}; choose one of {', '.join(offered)}"
+            )
+        return Pooling(name)
+
+    def check_classifies(self) -> None:
+        """400 for a classification request to a model without a classification head, naming what it serves."""
+        if not self.classifies:
+            raise TaskNotSupported(
+                f"model {self.name!r} ({self.checkpoint.config.architecture.value}) has no classification head; "
+                "it serves embeddings: POST /embed"
+            )
+
     # --- requests ----------------------------------------------------------------------------------------------
 
     async def logits(self, inputs: Inputs, context: RequestContext, stats: RequestStats | None = None) -> Tensor:
-        """Logits ``[N, num_labels]`` (the average of the CLS and distillation heads) of the inputs: encoded images
-        are decoded taking turns with other requests for the decoding threads; all of them then share forward
-        passes with other requests' images. Ends at the context's deadline or cancel signal, in any stage."""
+        """Logits ``[N, num_labels]`` (the average of the CLS and distillation heads) of the inputs."""
+        self.check_classifies()
+        return (await self.outputs(inputs, context, stats))[LOGITS]
+
+    async def embed(
+        self, inputs: Inputs, *, pooling: str | None = None, normalize: bool = False, context: RequestContext,
+        stats: RequestStats | None = None,
+    ) -> Tensor:  # fmt: skip
+        """Embeddings ``[N, hidden_size]``: the ``pooling`` (default the model's natural one) of each input's
+        final-normed tokens, of unit length when ``normalize``; from the same forward passes as classification."""
+        chosen = self.pooling(pooling)
+        return pool(await self.outputs(inputs, context, stats), chosen, normalize)
+
+    async def outputs(
+        self, inputs: Inputs, context: RequestContext, stats: RequestStats | None = None
+    ) -> dict[str, Tensor]:
+        """Every output of the forward pass (``DeiT.outputs``), stacked ``[N, ...]``: encoded images are decoded
+        taking turns with other requests for the decoding threads; all of them then share forward passes with
+        other requests' images, classify and embed alike. Ends at the context's deadline or cancel signal, in any
+        stage."""
         stats = stats if stats is not None else RequestStats()
         batcher = self.batcher
         count = len(inputs)
@@ -101,7 +159,7 @@ class ServedModel:
         stats.batch_sizes = tuple(sorted({i.batch_size for i in items}))
         stats.queue_ms = max(i.queue_s for i in items) * 1000
         stats.inference_ms = max(i.forward_s for i in items) * 1000
-        return torch.stack(rows)
+        return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
 
     async def classify(
         self, inputs: Inputs, *, top_k: int, context: RequestContext, stats: RequestStats | None = None
@@ -171,16 +229,26 @@ class ServedModel:
             raise ModelStoreError(
                 f"warm-up forward pass on the output of {self.preprocess_source} failed: {type(e).__name__}: {e}"
             ) from e
-        classes = len(self.labels)
-        for probs in outputs:
-            if probs.ndim != 2 or probs.shape[1] != classes:
-                raise ModelStoreError(f"warm-up gave scores of shape {tuple(probs.shape)}, not (batch, {classes})")
-            if not bool(torch.isfinite(probs).all()):
+        expected = self._output_widths()
+        for out in outputs:
+            shapes = {name: tuple(values.shape) for name, values in out.items()}
+            batch = next(iter(shapes.values()))[0]
+            want = {name: (batch, width) for name, width in expected.items()}
+            if shapes != want:
+                raise ModelStoreError(f"warm-up gave outputs of shapes {shapes}, not {want}")
+            if not all(bool(torch.isfinite(values).all()) for values in out.values()):
                 raise ModelStoreError(
                     f"warm-up forward pass gave non-finite scores (NaN or infinity) from the weights in "
                     f"{self.checkpoint.source} on the output of {self.preprocess_source}"
                 )
         self.ready = True
+
+    def _output_widths(self) -> dict[str, int]:
+        """Each output of the forward pass and its width: the logits of a classifier, the features of every one."""
+        config = self.checkpoint.config
+        widths = {LOGITS: len(self.labels)} if self.classifies else {}
+        widths.update(dict.fromkeys(feature_names(config), config.hidden_size))
+        return widths
 
 
 def _stop_reason(context: RequestContext) -> str:

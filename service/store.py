@@ -94,10 +94,6 @@ class ModelStore:
         s = self.settings
         started = time.perf_counter()
         checkpoint = load_checkpoint(path, device=s.device, dtype=s.dtype)
-        if not checkpoint.config.architecture.classifies:
-            raise ModelStoreError(
-                f"{checkpoint.config.architecture.value} has no classification head; the service serves classifiers"
-            )
         if checkpoint.config.num_channels != 3:
             raise CheckpointError(
                 f"{checkpoint.source}: the model takes {checkpoint.config.num_channels} input channels; "

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from service.batching import Batcher
 from service.metrics import Metrics
-from service.runner import ModelRunner
+from service.runner import ModelRunner, Outputs
 
 
 class RecordingRunner:
@@ -26,7 +26,7 @@ class RecordingRunner:
         self.most_at_once = 0
         self._lock = threading.Lock()
 
-    def __call__(self, pixels: Sequence[Tensor]) -> Tensor:
+    def __call__(self, pixels: Sequence[Tensor]) -> Outputs:
         with self._lock:
             self.running += 1
             self.most_at_once = max(self.most_at_once, self.running)
@@ -34,7 +34,7 @@ class RecordingRunner:
         with self._lock:
             self.running -= 1
             self.calls.append((threading.current_thread().name, torch.get_num_threads(), len(pixels)))
-        return torch.stack([p.sum().reshape(1) for p in pixels])
+        return {"logits": torch.stack([p.sum().reshape(1) for p in pixels])}
 
 
 def _batcher(runner: RecordingRunner, workers: int, threads: int | None, max_batch_size: int = 8) -> Batcher:
@@ -51,7 +51,7 @@ def _batcher(runner: RecordingRunner, workers: int, threads: int | None, max_bat
 async def _classify(batcher: Batcher, values: Sequence[float]) -> list[float]:
     with batcher.admit(len(values)) as admission:
         items = batcher.enqueue(admission, [torch.full((2,), v) for v in values], time.monotonic() + 30)
-    return [float(t.item()) for t in await asyncio.gather(*(i.future for i in items))]
+    return [float(row["logits"].item()) for row in await asyncio.gather(*(i.future for i in items))]
 
 
 @pytest.mark.asyncio

@@ -30,7 +30,7 @@ def call(server: ServerProcess, method: str, path: str, headers: dict[str, str] 
     return httpx.get(f"{server.url}{path}", headers=headers)
 
 
-GUARDED = [("POST", "/classify"), ("GET", "/v1/models"), ("GET", "/v1/models/tiny")]
+GUARDED = [("POST", "/classify"), ("POST", "/embed"), ("GET", "/v1/models"), ("GET", "/v1/models/tiny")]
 REFUSED_CREDENTIALS = {
     "none": {},
     "wrong-bearer": {"Authorization": "Bearer k3-secret"},

@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from torch import Tensor
 
 from benchmarks.load_test import sample_images
 from service.batching import Batcher
+from service.runner import Forward, Outputs
 from service.settings import Settings
 from tests.serving import (
     InProcessServer,
@@ -134,14 +135,14 @@ def test_a_client_leaving_mid_upload_is_logged_and_the_server_keeps_serving(slow
 class FaultyRunner:
     """The real runner behind a gate, raising out-of-memory above ``oom_above`` images or on an all-black input."""
 
-    def __init__(self, real: Callable[[Sequence[Tensor]], Tensor], oom_above: int) -> None:
+    def __init__(self, real: Forward, oom_above: int) -> None:
         self.real = real
         self.oom_above = oom_above
         self.sizes: list[int] = []
         self.gate = threading.Event()
         self.entered = threading.Event()
 
-    def __call__(self, pixels: Sequence[Tensor]) -> Tensor:
+    def __call__(self, pixels: Sequence[Tensor]) -> Outputs:
         self.sizes.append(len(pixels))
         self.entered.set()
         if not self.gate.wait(30):

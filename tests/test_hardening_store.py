@@ -26,7 +26,7 @@ from service.errors import CheckpointError, InferenceFailed, ModelLoadFailed
 from service.metrics import Metrics
 from service.model.architecture import DeiTConfig
 from service.model.preprocessing import MAX_CONFIG_SIDE, PreprocessConfig
-from service.runner import ModelRunner
+from service.runner import ModelRunner, Outputs
 from service.settings import Settings
 from service.store import ModelStore
 from tests.serving import Scrape, ServerProcess, image_bytes, multipart, run_server, write_tiny_model
@@ -164,9 +164,9 @@ def test_nan_weights_are_refused_at_load_naming_the_tensor_and_file(tiny_model_d
 # --- the batcher: only the image with non-finite scores fails, its batch-mates are answered ------------------------
 
 
-def _nan_for_negative(pixels: Sequence[Tensor]) -> Tensor:
+def _nan_for_negative(pixels: Sequence[Tensor]) -> Outputs:
     rows = [torch.full((3,), math.nan) if p.sum() < 0 else torch.softmax(p, dim=0) for p in pixels]
-    return torch.stack(rows)
+    return {"logits": torch.stack(rows), "cls": torch.stack([p.abs() for p in pixels])}
 
 
 @pytest.mark.asyncio
@@ -182,8 +182,9 @@ async def test_a_non_finite_row_fails_only_its_own_image() -> None:
         results = await asyncio.gather(good.future, bad.future, return_exceptions=True)
     finally:
         await batcher.stop()
-    assert isinstance(results[0], Tensor)
-    assert bool(torch.isfinite(results[0]).all())
+    assert isinstance(results[0], dict)
+    assert bool(torch.isfinite(results[0]["logits"]).all())
+    torch.testing.assert_close(results[0]["cls"], pixels[0])  # its row of every output
     assert isinstance(results[1], InferenceFailed)
     assert "non-finite" in results[1].message
     assert metrics.registry.get_sample_value("deit_nonfinite_outputs_total", {"model": "m"}) == 1

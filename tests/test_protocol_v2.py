@@ -109,7 +109,11 @@ def test_health_and_metadata(client: triton.InferenceServerClient) -> None:
     config = client.get_model_config("tiny")
     assert config["max_batch_size"] == 32
     assert {i["name"]: i["dims"] for i in config["input"]} == {"image": [1], "pixel_values": [3, SIZE, SIZE]}
-    assert {o["name"]: o["dims"] for o in config["output"]} == {"probabilities": [10], "logits": [10]}
+    assert {o["name"]: o["dims"] for o in config["output"]} == {
+        "probabilities": [10],
+        "logits": [10],
+        "embedding": [32],
+    }
 
 
 def test_binary_jpegs_with_classification(client: triton.InferenceServerClient, classify_probs: np.ndarray) -> None:

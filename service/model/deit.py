@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from service.model.architecture import Architecture, DeiTConfig
+from service.model.pooling import LOGITS, Pooling, feature_names
 
 
 class PatchEmbeddings(nn.Module):
@@ -226,10 +227,8 @@ class DeiT(nn.Module):
     def forward(self, pixel_values: Tensor, bool_masked_pos: Tensor | None = None) -> Tensor:
         seq = self.backbone(pixel_values, bool_masked_pos)
         arch = self.config.architecture
-        if arch is Architecture.DISTILLED:
-            return (self.cls_classifier(seq[:, 0]) + self.distillation_classifier(seq[:, 1])) / 2
-        if arch is Architecture.SINGLE_HEAD:
-            return self.classifier(seq[:, 0])
+        if arch.classifies:
+            return self._logits(seq)
         if arch is Architecture.MASKED_IMAGE_MODELING:
             patches = seq[:, self.config.num_prefix_tokens :]
             grid_h = pixel_values.shape[-2] // self.config.patch_size
@@ -237,6 +236,30 @@ class DeiT(nn.Module):
             grid = patches.transpose(1, 2).reshape(patches.shape[0], -1, grid_h, grid_w)
             return self.decoder(grid)
         return seq
+
+    def _logits(self, seq: Tensor) -> Tensor:
+        if self.config.architecture is Architecture.DISTILLED:
+            return (self.cls_classifier(seq[:, 0]) + self.distillation_classifier(seq[:, 1])) / 2
+        return self.classifier(seq[:, 0])
+
+    def outputs(self, pixel_values: Tensor) -> dict[str, Tensor]:
+        """What serving needs of one pass, per image: the logits (classifiers) and the final-normed token features
+        every pooling is made from (``service.model.pooling``), so one pass answers classify and embed alike."""
+        backbone = self.backbone
+        seq = backbone(pixel_values)
+        out: dict[str, Tensor] = {}
+        if self.config.architecture.classifies:
+            out[LOGITS] = self._logits(seq)
+        for name in feature_names(self.config):
+            if name is Pooling.CLS:
+                out[name] = seq[:, 0]
+            elif name is Pooling.DISTILLATION:
+                out[name] = seq[:, 1]
+            elif name is Pooling.MEAN:
+                out[name] = seq[:, self.config.num_prefix_tokens :].mean(dim=1)
+            elif name is Pooling.POOLER and backbone.pooler is not None:
+                out[name] = backbone.pooler(seq)
+        return out
 
     def head_logits(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
         """The distilled model's CLS-head and distillation-head logits, separately (for evaluation)."""

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import torch
 from fastapi import APIRouter, Header, Request, Response
+from torch import Tensor
 
 from service import __version__
 from service.deps import AppState, State, admit
@@ -17,7 +18,15 @@ from service.deps import Authorized as AuthorizedDep
 from service.errors import BadRequest, ModelNotFound, NotReady, UnsupportedMediaType
 from service.lifecycle import Phase
 from service.middleware import request_arrival
-from service.protocols.v2_codec import IMAGE_INPUT, OUTPUTS, PIXELS_INPUT, build_infer_response, parse_infer_request
+from service.model.pooling import LOGITS, pool
+from service.protocols.v2_codec import (
+    CLASSIFICATION_OUTPUTS,
+    EMBEDDING_OUTPUT,
+    IMAGE_INPUT,
+    PIXELS_INPUT,
+    build_infer_response,
+    parse_infer_request,
+)
 from service.served import EncodedImage, ServedModel
 
 VERSION = "1"  # every model has one version
@@ -55,9 +64,15 @@ def _model(state: AppState, name: str, version: str | None) -> ServedModel:
     return served
 
 
+def _output_widths(served: ServedModel) -> dict[str, int]:
+    """The outputs a model gives and their width: the class scores of a classifier, the embedding of every one."""
+    widths = dict.fromkeys(CLASSIFICATION_OUTPUTS, len(served.labels)) if served.classifies else {}
+    widths[EMBEDDING_OUTPUT] = served.embedding_dim
+    return widths
+
+
 def _metadata(served: ServedModel) -> dict[str, Any]:
     h, w = served.preprocessor.cfg.output_size
-    labels = len(served.labels)
     return {
         "name": served.name,
         "versions": [VERSION],
@@ -66,14 +81,14 @@ def _metadata(served: ServedModel) -> dict[str, Any]:
             {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1, 1]},
             {"name": PIXELS_INPUT, "datatype": "FP32", "shape": [-1, 3, h, w]},
         ],
-        "outputs": [{"name": name, "datatype": "FP32", "shape": [-1, labels]} for name in OUTPUTS],
+        "outputs": [{"name": n, "datatype": "FP32", "shape": [-1, d]} for n, d in _output_widths(served).items()],
+        "tasks": served.tasks,
     }
 
 
 def _config(served: ServedModel, max_batch_size: int) -> dict[str, Any]:
     """Triton's model configuration, as far as clients (perf_analyzer) read it: batch dim left out of ``dims``."""
     h, w = served.preprocessor.cfg.output_size
-    labels = len(served.labels)
     return {
         "name": served.name,
         "platform": PLATFORM,
@@ -89,7 +104,7 @@ def _config(served: ServedModel, max_batch_size: int) -> dict[str, Any]:
                 "optional": True,
             },
         ],
-        "output": [{"name": name, "data_type": "TYPE_FP32", "dims": [labels]} for name in OUTPUTS],
+        "output": [{"name": n, "data_type": "TYPE_FP32", "dims": [d]} for n, d in _output_widths(served).items()],
         "dynamic_batching": {},
         "version_policy": {"specific": {"versions": [int(VERSION)]}},
     }
@@ -151,17 +166,24 @@ async def infer(
         parsed = await state.decode_pool.run(
             admitted.context,
             lambda: parse_infer_request(
-                body, header_length, input_size=served.input_size, max_elements=settings.max_files
+                body, header_length, input_size=served.input_size, max_elements=settings.max_files,
+                offered=list(_output_widths(served)),
             ),
-        )
+        )  # fmt: skip
         if parsed.timeout_s is not None:
             admitted.context.shorten(request_arrival(request) + parsed.timeout_s)
+        embedding = next((o for o in parsed.outputs if o.name == EMBEDDING_OUTPUT), None)
+        pooling = served.pooling(embedding.pooling if embedding is not None else None)
         if parsed.images is not None:
-            logits = await admitted.logits([EncodedImage(f"image {i}", data) for i, data in enumerate(parsed.images)])
+            outputs = await admitted.outputs([EncodedImage(f"image {i}", data) for i, data in enumerate(parsed.images)])
         else:
             assert parsed.pixels is not None
-            logits = await admitted.logits(parsed.pixels)
-    tensors = {"logits": logits, "probabilities": torch.softmax(logits, dim=-1)}
+            outputs = await admitted.outputs(parsed.pixels)
+    tensors: dict[str, Tensor] = {}
+    if LOGITS in outputs:  # one forward pass gave the class scores and the embedding's features
+        tensors = {"logits": outputs[LOGITS], "probabilities": torch.softmax(outputs[LOGITS], dim=-1)}
+    if embedding is not None:
+        tensors[EMBEDDING_OUTPUT] = pool(outputs, pooling, embedding.normalize)
     content, json_length = build_infer_response(served.name, VERSION, parsed.id, parsed.outputs, tensors, served.labels)
     if json_length is None:
         return Response(content, media_type="application/json")

@@ -21,11 +21,13 @@ import torch
 from torch import Tensor
 
 from service.deps import dumps
-from service.errors import BadRequest, TooManyFiles
+from service.errors import BadRequest, TaskNotSupported, TooManyFiles
 
 IMAGE_INPUT = "image"  # BYTES [N] or [N, 1]: encoded images (JPEG, PNG, ...)
 PIXELS_INPUT = "pixel_values"  # FP32 or FP16 [N, 3, H, W]: preprocessed pixels
-OUTPUTS = ("probabilities", "logits")  # FP32 [N, num_labels]
+CLASSIFICATION_OUTPUTS = ("probabilities", "logits")  # FP32 [N, num_labels]
+EMBEDDING_OUTPUT = "embedding"  # FP32 [N, hidden_size]: as POST /embed gives it
+OUTPUTS = (*CLASSIFICATION_OUTPUTS, EMBEDDING_OUTPUT)
 _PIXEL_DTYPES: dict[str, np.dtype[Any]] = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2")}
 _LENGTH = struct.Struct("<I")
 
@@ -35,6 +37,8 @@ class RequestedOutput:
     name: str
     binary: bool
     classification: int = 0  # top-K as "score:index:label" strings; 0: the tensor itself
+    pooling: str | None = None  # the embedding's pooling (the model's natural one when None)
+    normalize: bool = False  # the embedding scaled to unit length
 
 
 @dataclass
@@ -59,9 +63,11 @@ class _Input:
 
 
 def parse_infer_request(
-    body: bytes, header_length: int | None, *, input_size: tuple[int, int], max_elements: int
-) -> InferRequest:
-    """Parse a whole infer request body; 400 naming the problem, 413 over ``max_elements`` images."""
+    body: bytes, header_length: int | None, *, input_size: tuple[int, int], max_elements: int,
+    offered: Sequence[str] = OUTPUTS,
+) -> InferRequest:  # fmt: skip
+    """Parse a whole infer request body; 400 naming the problem, 413 over ``max_elements`` images. ``offered``: the
+    outputs the model gives (a model without a classification head gives only the embedding)."""
     header_bytes, binary = _split(body, header_length)
     try:
         header = json.loads(header_bytes)
@@ -81,7 +87,7 @@ def parse_infer_request(
     if len(inputs) != 1:
         raise BadRequest(f"send exactly one input, {IMAGE_INPUT!r} or {PIXELS_INPUT!r}; got {len(inputs)}")
     request = InferRequest(
-        request_id, _outputs(header.get("outputs"), _flag(params, "binary_data_output")), _timeout(params)
+        request_id, _outputs(header.get("outputs"), _flag(params, "binary_data_output"), offered), _timeout(params)
     )
     tensor = inputs[0]
     if tensor.name == IMAGE_INPUT:
@@ -257,19 +263,26 @@ def _pixels(tensor: _Input, size: tuple[int, int], max_elements: int) -> Tensor:
     return torch.from_numpy(array.astype(np.float32)).reshape(n, 3, h, w)
 
 
-def _outputs(raw: Any, binary_default: bool) -> list[RequestedOutput]:
-    """The requested outputs; none requested means all of them."""
+def _outputs(raw: Any, binary_default: bool, offered: Sequence[str]) -> list[RequestedOutput]:
+    """The requested outputs; none requested means the classification outputs of a classifier (the embedding is
+    on request, keeping default answers as small as they were), and the embedding of a model without a head."""
     if raw is None:
-        return [RequestedOutput(name, binary_default) for name in OUTPUTS]
+        defaults = [name for name in offered if name in CLASSIFICATION_OUTPUTS] or list(offered)
+        return [RequestedOutput(name, binary_default) for name in defaults]
     if not isinstance(raw, list):
         raise BadRequest("'outputs' must be a list")
-    requested = []
+    requested: list[RequestedOutput] = []
     for i, item in enumerate(raw):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise BadRequest(f"outputs[{i}] needs a string 'name'")
         name = item["name"]
         if name not in OUTPUTS:
-            raise BadRequest(f"unknown output {name!r}; this model gives {', '.join(map(repr, OUTPUTS))}")
+            raise BadRequest(f"unknown output {name!r}; this model gives {', '.join(map(repr, offered))}")
+        if name not in offered:
+            raise TaskNotSupported(
+                f"output {name!r} needs a classification head, which this model has not; it gives "
+                f"{', '.join(map(repr, offered))}"
+            )
         params = _object(item.get("parameters"), f"outputs[{i}].parameters")
         binary = params.get("binary_data", binary_default)
         if not isinstance(binary, bool):
@@ -277,7 +290,17 @@ def _outputs(raw: Any, binary_default: bool) -> list[RequestedOutput]:
         k = params.get("classification", 0)
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise BadRequest(f"output {name!r}: 'classification' must be a non-negative integer")
-        requested.append(RequestedOutput(name, binary, k))
+        pooling, normalize = params.get("pooling"), params.get("normalize", False)
+        if name == EMBEDDING_OUTPUT:
+            if k:
+                raise BadRequest(f"output {name!r} is a vector, not class scores: 'classification' does not apply")
+            if any(r.name == name for r in requested):
+                raise BadRequest(f"output {name!r} is requested twice")
+            if pooling is not None and not isinstance(pooling, str):
+                raise BadRequest(f"output {name!r}: 'pooling' must be a pooling name")
+            if not isinstance(normalize, bool):
+                raise BadRequest(f"output {name!r}: 'normalize' must be true or false")
+        requested.append(RequestedOutput(name, binary, k, pooling, normalize))
     return requested
 
 

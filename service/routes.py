@@ -60,11 +60,12 @@ async def classify_images(
     state: State,
     model: Annotated[str | None, Query(description="model name (default model when omitted)")] = None,
     top_k: Annotated[int | None, Query(ge=1, description="predictions per image (default 5)")] = None,
+    version: Annotated[int | None, Query(ge=0, description="model version (default: the newest loaded)")] = None,
     x_request_timeout: Annotated[
         float | None, Header(gt=0, description="seconds this request may take (capped by the server)")
     ] = None,
 ) -> Response:
-    served = accepting_model(state, model)
+    served = accepting_model(state, model, version)
     num_labels = len(served.labels)
     if top_k is not None and top_k > num_labels:
         raise InvalidParameter(f"top_k={top_k} exceeds the {num_labels} labels of model {served.name!r}")
@@ -82,7 +83,7 @@ async def classify_images(
     return json_response(body)
 
 
-def _model_info(served: ServedModel, default: str | None) -> ModelInfo:
+def _model_info(served: ServedModel, default: str | None, versions: list[int] | None = None) -> ModelInfo:
     cp = served.checkpoint
     return ModelInfo(
         name=served.name,
@@ -95,18 +96,23 @@ def _model_info(served: ServedModel, default: str | None) -> ModelInfo:
         parameters=cp.num_parameters,
         ready=served.ready,
         default=served.name == default,
+        version=served.version,
+        versions=versions or [served.version],
     )
 
 
 @router.get("/v1/models", response_model=ModelList, responses=_errors(401), dependencies=[Authorized])
 async def list_models(state: State) -> ModelList:
     store = state.store
-    return ModelList(models=[_model_info(m, store.default_name) for m in store.models.values()])
+    return ModelList(
+        models=[_model_info(m, store.default_name, sorted(store.versions[m.name])) for m in store.models.values()]
+    )
 
 
 @router.get("/v1/models/{name}", response_model=ModelInfo, responses=_errors(401, 404), dependencies=[Authorized])
 async def get_model(name: str, state: State) -> ModelInfo:
-    return _model_info(state.store.get(name), state.store.default_name)
+    served = state.store.get(name)
+    return _model_info(served, state.store.default_name, sorted(state.store.versions[served.name]))
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness: the process answers")

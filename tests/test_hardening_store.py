@@ -186,7 +186,7 @@ async def test_a_non_finite_row_fails_only_its_own_image() -> None:
     assert bool(torch.isfinite(results[0]).all())
     assert isinstance(results[1], InferenceFailed)
     assert "non-finite" in results[1].message
-    assert metrics.registry.get_sample_value("deit_nonfinite_outputs_total", {"model": "m"}) == 1
+    assert metrics.registry.get_sample_value("deit_nonfinite_outputs_total", {"model": "m", "version": "1"}) == 1
 
 
 # --- config.json validators --------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+import tritonclient.http as triton
 
 from tests.serving import (
     Scrape,
@@ -178,6 +179,21 @@ def test_a_failed_load_keeps_the_old_version_serving(server: ServerProcess, stor
         shutil.rmtree(broken)
     assert repository(server.url, "tiny", "load").status_code == 200
     assert ("tiny", "3") not in index(server.url)
+
+
+def test_triton_client_drives_the_repository(server: ServerProcess) -> None:
+    """Triton's own HTTP client lists, unloads and loads models through the extension."""
+    client = triton.InferenceServerClient(url=server.url.removeprefix("http://"))
+    try:
+        listed = {(m["name"], m["version"], m["state"]) for m in client.get_model_repository_index(headers=AUTH)}
+        assert ("tiny", "2", "READY") in listed
+        client.unload_model("other", headers=AUTH)
+        assert not client.is_model_ready("other", headers=AUTH)
+        client.load_model("other", headers=AUTH)
+        assert client.is_model_ready("other", headers=AUTH)
+        assert client.is_model_ready("tiny", model_version="1", headers=AUTH)
+    finally:
+        client.close()
 
 
 # --- reloads under load ---------------------------------------------------------------------------------------

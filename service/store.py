@@ -72,8 +72,11 @@ def discover(store: Path) -> list[tuple[str, Path]]:
 
 
 def release_memory() -> None:
-    """Collect the unloaded model's cycles and hand the freed heap back to the system (glibc keeps it otherwise)."""
+    """Collect the unloaded model's cycles and hand the freed memory back: glibc's heap, and on a GPU the blocks
+    torch's caching allocator would otherwise keep for itself."""
     gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 

@@ -20,6 +20,7 @@ from service.lifecycle import Lifecycle, Phase
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
 from service.protocols import hf, plain_error_body, v2
+from service.repository import poll_store
 from service.routes import router
 from service.settings import Settings
 from service.store import ModelStore
@@ -43,7 +44,7 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
         store = ModelStore(settings, metrics, pool)
 
         def abandon_queued() -> None:
-            for served in store.models.values():
+            for served in store.all_served():
                 served.batcher.abandon()
 
         lifecycle.on_abandon(abandon_queued)
@@ -61,8 +62,7 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
             await lifecycle.wait_idle(settings.drain_timeout_s)
-            for served in store.models.values():
-                await served.batcher.stop()
+            await store.close()
             pool.shutdown()
 
     app = FastAPI(
@@ -93,7 +93,7 @@ async def _load_models(
     model and its files when one failed) and ``on_fatal``, never a service left "starting" for ever."""
     try:
         await asyncio.to_thread(store.load_all)
-        for served in store.models.values():
+        for served in store.all_served():
             served.batcher.start()
     except Exception as e:
         message = e.message if isinstance(e, ServiceError) else f"{type(e).__name__}: {e}"
@@ -109,6 +109,8 @@ async def _load_models(
         lifecycle.phase = Phase.READY
         metrics.ready.set(1)
         log.info("ready", extra={"models": sorted(store.models), "default_model": store.default_name})
+    if store.settings.poll_store_s > 0:  # ends when the lifespan cancels this task
+        await poll_store(store.settings.model_store, store.settings.poll_store_s, store.sync)
 
 
 def _unexpected_cause(error: BaseException) -> BaseException | None:

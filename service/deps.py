@@ -101,11 +101,11 @@ class Admitted:
             return await self.served.outputs(inputs, self.context, self.stats)
 
 
-def accepting_model(state: AppState, name: str | None) -> ServedModel:
+def accepting_model(state: AppState, name: str | None, version: int | None = None) -> ServedModel:
     """The model a request names (or the default), once the service takes work: 503 while loading or draining
     comes before a 404 for a model not loaded yet."""
     state.lifecycle.check_accepting()
-    return state.store.get(name)
+    return state.store.get(name, version)
 
 
 @contextlib.asynccontextmanager
@@ -117,12 +117,13 @@ async def admit(
     settings = state.settings
     state.lifecycle.check_accepting()
     request.state.model = served.name
+    request.state.version = str(served.version)
     served.batcher.check_room(1)
     timeout = min(timeout_s or settings.request_timeout_s, settings.max_request_timeout_s)
     context = RequestContext(request_arrival(request) + timeout)
     stats = RequestStats()
     request.state.stats = stats
-    with state.lifecycle.request(context), state.upload_budget.reservation() as reservation:
+    with state.lifecycle.request(context), state.store.hold(served), state.upload_budget.reservation() as reservation:
         yield Admitted(request, state, served, context, reservation, stats)
 
 

@@ -41,6 +41,13 @@ class ModelLoadFailed(ModelStoreError):
         self.source = source
 
 
+class RepositoryLoadFailed(ServiceError):
+    """A load asked for at run time failed; whatever was serving before still serves."""
+
+    status_code = 400
+    code = "model_load_failed"
+
+
 # --- request errors -------------------------------------------------------------------------------------------
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Milliseconds to tens of seconds: covers a cached tiny model on GPU up to a queued base model on CPU.
@@ -18,6 +21,24 @@ def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
     return tuple(sorted(buckets))
 
 
+# The series one model version's queue, forward passes and decoding record (see ``Metrics.for_version``).
+PER_VERSION = (
+    "queue_wait", "batch_size", "forward_duration", "preprocess_duration", "queue_depth", "images", "rejected",
+    "dropped", "batch_failures", "nonfinite_outputs",
+)  # fmt: skip
+
+
+class _WithVersion:
+    """A metric whose ``labels(model, *rest)`` fills in the version after the model."""
+
+    def __init__(self, metric: Any, version: str) -> None:
+        self._metric = metric
+        self._version = version
+
+    def labels(self, model: str, *rest: str) -> Any:
+        return self._metric.labels(model, self._version, *rest)
+
+
 class Metrics:
     """Owns a registry so that several apps (tests, workers) never share or collide on global state."""
 
@@ -25,47 +46,52 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "deit_requests", "HTTP requests by model, endpoint and status code", ["model", "endpoint", "status"],
-            registry=r,
+            "deit_requests", "HTTP requests by model, version, endpoint and status code",
+            ["model", "version", "endpoint", "status"], registry=r,
         )  # fmt: skip
         self.request_duration = Histogram(
-            "deit_request_duration_seconds", "Time from request start to response", ["model", "endpoint"],
+            "deit_request_duration_seconds", "Time from request start to response", ["model", "version", "endpoint"],
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.queue_wait = Histogram(
-            "deit_queue_wait_seconds", "Time an image waited in the queue before its batch ran", ["model"],
+            "deit_queue_wait_seconds", "Time an image waited in the queue before its batch ran", ["model", "version"],
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.batch_size = Histogram(
-            "deit_batch_size", "Images per forward pass", ["model"],
+            "deit_batch_size", "Images per forward pass", ["model", "version"],
             buckets=batch_size_buckets(max_batch_size), registry=r,
         )  # fmt: skip
         self.forward_duration = Histogram(
-            "deit_forward_duration_seconds", "Duration of one batched forward pass", ["model"],
+            "deit_forward_duration_seconds", "Duration of one batched forward pass", ["model", "version"],
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.preprocess_duration = Histogram(
-            "deit_preprocess_duration_seconds", "Decode + preprocess time of one image", ["model"],
+            "deit_preprocess_duration_seconds", "Decode + preprocess time of one image", ["model", "version"],
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
-        self.queue_depth = Gauge("deit_queue_depth", "Images waiting for a batch", ["model"], registry=r)
-        self.images = Counter("deit_images", "Images classified", ["model"], registry=r)
+        self.queue_depth = Gauge("deit_queue_depth", "Images waiting for a batch", ["model", "version"], registry=r)
+        self.images = Counter("deit_images", "Images classified", ["model", "version"], registry=r)
         self.rejected = Counter(
-            "deit_rejected", "Requests refused before inference, by reason", ["model", "reason"], registry=r
+            "deit_rejected", "Requests refused before inference, by reason", ["model", "version", "reason"], registry=r
         )
         self.dropped = Counter(
             "deit_dropped",
             "Images of stopped requests that never ran (not decoded, or withdrawn from the queue), by reason",
-            ["model", "reason"],
+            ["model", "version", "reason"],
             registry=r,
         )
-        self.batch_failures = Counter("deit_batch_failures", "Forward passes that raised", ["model"], registry=r)
+        self.batch_failures = Counter(
+            "deit_batch_failures", "Forward passes that raised", ["model", "version"], registry=r
+        )
         self.nonfinite_outputs = Counter(
-            "deit_nonfinite_outputs", "Images whose scores came out NaN or infinite (answered 500)", ["model"],
-            registry=r,
+            "deit_nonfinite_outputs", "Images whose scores came out NaN or infinite (answered 500)",
+            ["model", "version"], registry=r,
         )  # fmt: skip
         self.model_info = Gauge(
-            "deit_model_info", "Loaded models (value 1)", ["model", "architecture", "dtype", "device"], registry=r
+            "deit_model_info",
+            "Loaded model versions (value 1)",
+            ["model", "version", "architecture", "dtype", "device"],
+            registry=r,
         )
         self.inflight = Gauge("deit_inflight_requests", "Requests being handled", registry=r)
         self.upload_bytes = Gauge(
@@ -73,3 +99,16 @@ class Metrics:
         )
         self.ready = Gauge("deit_ready", "1 when every model is loaded and warm and the service is not draining",
                            registry=r)  # fmt: skip
+        # The per-version series are recorded through ``labels(model, ...)`` by code that knows only its model (a
+        # batcher, a served model): the version label is filled in, "1" here, the loaded version's in ``for_version``.
+        self._per_version = {name: getattr(self, name) for name in PER_VERSION}
+        for name, metric in self._per_version.items():
+            setattr(self, name, _WithVersion(metric, "1"))
+
+    def for_version(self, version: str) -> Metrics:
+        """The same metrics, as one model version records them: its batcher and decoding name only the model, and
+        the version label is added to each series, so that two versions of a model never share a queue gauge."""
+        view = copy.copy(self)
+        for name in PER_VERSION:
+            setattr(view, name, _WithVersion(self._per_version[name], version))
+        return view

@@ -87,8 +87,9 @@ class RequestContextMiddleware:
         route = scope.get("route")
         endpoint = getattr(route, "path", None) or (scope["path"] if scope["path"] in self.fixed_paths else "unmatched")
         model = state.get("model", "")
-        self.metrics.requests.labels(model, endpoint, str(status)).inc()
-        self.metrics.request_duration.labels(model, endpoint).observe(elapsed)
+        version = state.get("version", "")
+        self.metrics.requests.labels(model, version, endpoint, str(status)).inc()
+        self.metrics.request_duration.labels(model, version, endpoint).observe(elapsed)
         if not self.access_log or endpoint in ("/healthz", "/readyz", "/metrics"):
             return
         stats = state.get("stats")
@@ -99,6 +100,7 @@ class RequestContextMiddleware:
             "status": status,
             "duration_ms": round(elapsed * 1000, 2),
             "model": model or None,
+            "version": version or None,
         }
         if stats is not None:
             extra.update(

@@ -61,11 +61,12 @@ async def classify_images(
     state: State,
     model: Annotated[str | None, Query(description="model name (default model when omitted)")] = None,
     top_k: Annotated[int | None, Query(ge=1, description="predictions per image (default 5)")] = None,
+    version: Annotated[int | None, Query(ge=0, description="model version (default: the newest loaded)")] = None,
     x_request_timeout: Annotated[
         float | None, Header(gt=0, description="seconds this request may take (capped by the server)")
     ] = None,
 ) -> Response:
-    served = accepting_model(state, model)
+    served = accepting_model(state, model, version)
     served.check_classifies()
     num_labels = len(served.labels)
     if top_k is not None and top_k > num_labels:
@@ -104,6 +105,7 @@ async def embed_images(
     request: Request,
     state: State,
     model: Annotated[str | None, Query(description="model name (default model when omitted)")] = None,
+    version: Annotated[int | None, Query(ge=0, description="model version (default: the newest loaded)")] = None,
     pooling: Annotated[str | None, Query(description="cls, distillation, cls_distillation, mean or pooler")] = None,
     normalize: Annotated[bool, Query(description="scale each vector to unit length")] = False,
     encoding: Annotated[
@@ -113,7 +115,7 @@ async def embed_images(
         float | None, Header(gt=0, description="seconds this request may take (capped by the server)")
     ] = None,
 ) -> Response:
-    served = accepting_model(state, model)
+    served = accepting_model(state, model, version)
     chosen = served.pooling(pooling)
     raw = _wants_octet_stream(request.headers.get("accept", ""))
     if raw and encoding != "float":
@@ -152,7 +154,7 @@ def _wants_octet_stream(accept: str) -> bool:
     return False
 
 
-def _model_info(served: ServedModel, default: str | None) -> ModelInfo:
+def _model_info(served: ServedModel, default: str | None, versions: list[int] | None = None) -> ModelInfo:
     cp = served.checkpoint
     return ModelInfo(
         name=served.name,
@@ -168,18 +170,23 @@ def _model_info(served: ServedModel, default: str | None) -> ModelInfo:
         parameters=cp.num_parameters,
         ready=served.ready,
         default=served.name == default,
+        version=served.version,
+        versions=versions or [served.version],
     )
 
 
 @router.get("/v1/models", response_model=ModelList, responses=_errors(401), dependencies=[Authorized])
 async def list_models(state: State) -> ModelList:
     store = state.store
-    return ModelList(models=[_model_info(m, store.default_name) for m in store.models.values()])
+    return ModelList(
+        models=[_model_info(m, store.default_name, sorted(store.versions[m.name])) for m in store.models.values()]
+    )
 
 
 @router.get("/v1/models/{name}", response_model=ModelInfo, responses=_errors(401, 404), dependencies=[Authorized])
 async def get_model(name: str, state: State) -> ModelInfo:
-    return _model_info(state.store.get(name), state.store.default_name)
+    served = state.store.get(name)
+    return _model_info(served, state.store.default_name, sorted(state.store.versions[served.name]))
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness: the process answers")

@@ -51,6 +51,8 @@ class ModelInfo(BaseModel):
     parameters: int
     ready: bool
     default: bool
+    version: int = Field(1, description="the version requests that name none get: the newest loaded")
+    versions: list[int] = Field(default_factory=list, description="loaded versions (?version=N serves one)")
 
 
 class ModelList(BaseModel):

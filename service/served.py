@@ -71,6 +71,7 @@ class ServedModel:
     max_pixels: int
     load_seconds: float = 0.0
     ready: bool = False
+    version: int = 1
     labels: list[str] = field(init=False)
 
     def __post_init__(self) -> None:

@@ -74,6 +74,12 @@ class Settings(BaseSettings):
     backlog: int = Field(2048, ge=1, description="connections the kernel queues before the server accepts them")
     api_keys: Annotated[tuple[str, ...], NoDecode] = Field((), description="comma-separated API keys; empty: no auth")
     protect_metrics: bool = Field(False, description="require an API key on /metrics too")
+    poll_store_s: float = Field(
+        0.0,
+        ge=0,
+        description="every this many seconds, load new or changed models and versions of the model store and unload "
+        "removed ones (0: off; load and unload through /v2/repository then)",
+    )
     warmup: bool = Field(True, description="run a dummy batch per model before reporting ready")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = Field(True, description="one JSON log line per request")

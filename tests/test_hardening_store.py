@@ -187,7 +187,7 @@ async def test_a_non_finite_row_fails_only_its_own_image() -> None:
     torch.testing.assert_close(results[0]["cls"], pixels[0])  # its row of every output
     assert isinstance(results[1], InferenceFailed)
     assert "non-finite" in results[1].message
-    assert metrics.registry.get_sample_value("deit_nonfinite_outputs_total", {"model": "m"}) == 1
+    assert metrics.registry.get_sample_value("deit_nonfinite_outputs_total", {"model": "m", "version": "1"}) == 1
 
 
 # --- config.json validators --------------------------------------------------------------------------------------

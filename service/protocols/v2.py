@@ -6,10 +6,11 @@ codes of the native API.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 import torch
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Body, Header, Request, Response
 from torch import Tensor
 
 from service import __version__
@@ -27,11 +28,11 @@ from service.protocols.v2_codec import (
     build_infer_response,
     parse_infer_request,
 )
+from service.repository import scan_store
 from service.served import EncodedImage, ServedModel
 
-VERSION = "1"  # every model has one version
 PLATFORM = "pytorch_deit"
-EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration")
+EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration", "model_repository")
 HEADER_LENGTH = "inference-header-content-length"
 
 
@@ -58,9 +59,11 @@ async def ready(state: State) -> dict[str, bool]:
 
 
 def _model(state: AppState, name: str, version: str | None) -> ServedModel:
-    served = state.store.get(name)
-    if version is not None and version != VERSION:
-        raise ModelNotFound(f"model {name!r} has no version {version!r}; available: {VERSION}")
+    """The version a path names (``/versions/{v}``), or the model's newest loaded one."""
+    if version is not None and not version.isdigit():
+        state.store.get(name)  # an unknown model is named as such first
+        raise ModelNotFound(f"model {name!r} has no version {version!r}: versions are numbers")
+    served = state.store.get(name, None if version is None else int(version))
     return served
 
 
@@ -71,11 +74,15 @@ def _output_widths(served: ServedModel) -> dict[str, int]:
     return widths
 
 
-def _metadata(served: ServedModel) -> dict[str, Any]:
+def _versions(state: AppState, served: ServedModel) -> list[str]:
+    return [str(v) for v in sorted(state.store.versions.get(served.name, {served.version: served}))]
+
+
+def _metadata(served: ServedModel, versions: list[str]) -> dict[str, Any]:
     h, w = served.preprocessor.cfg.output_size
     return {
         "name": served.name,
-        "versions": [VERSION],
+        "versions": versions,
         "platform": PLATFORM,
         "inputs": [
             {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1, 1]},
@@ -86,7 +93,7 @@ def _metadata(served: ServedModel) -> dict[str, Any]:
     }
 
 
-def _config(served: ServedModel, max_batch_size: int) -> dict[str, Any]:
+def _config(served: ServedModel, max_batch_size: int, versions: list[str]) -> dict[str, Any]:
     """Triton's model configuration, as far as clients (perf_analyzer) read it: batch dim left out of ``dims``."""
     h, w = served.preprocessor.cfg.output_size
     return {
@@ -106,7 +113,7 @@ def _config(served: ServedModel, max_batch_size: int) -> dict[str, Any]:
         ],
         "output": [{"name": n, "data_type": "TYPE_FP32", "dims": [d]} for n, d in _output_widths(served).items()],
         "dynamic_batching": {},
-        "version_policy": {"specific": {"versions": [int(VERSION)]}},
+        "version_policy": {"specific": {"versions": [int(v) for v in versions]}},
     }
 
 
@@ -115,7 +122,8 @@ def _config(served: ServedModel, max_batch_size: int) -> dict[str, Any]:
     "/v2/models/{model_name}/versions/{model_version}", summary="Model metadata of one version", dependencies=Authorized
 )
 async def model_metadata(state: State, model_name: str, model_version: str | None = None) -> dict[str, Any]:
-    return _metadata(_model(state, model_name, model_version))
+    served = _model(state, model_name, model_version)
+    return _metadata(served, _versions(state, served))
 
 
 @router.get("/v2/models/{model_name}/ready", summary="Model readiness", dependencies=Authorized)
@@ -138,7 +146,8 @@ async def model_ready(state: State, model_name: str, model_version: str | None =
     dependencies=Authorized,
 )
 async def model_config(state: State, model_name: str, model_version: str | None = None) -> dict[str, Any]:
-    return _config(_model(state, model_name, model_version), state.settings.max_batch_size)
+    served = _model(state, model_name, model_version)
+    return _config(served, state.settings.max_batch_size, _versions(state, served))
 
 
 @router.post("/v2/models/{model_name}/infer", summary="Inference", dependencies=Authorized)
@@ -184,12 +193,40 @@ async def infer(
         tensors = {"logits": outputs[LOGITS], "probabilities": torch.softmax(outputs[LOGITS], dim=-1)}
     if embedding is not None:
         tensors[EMBEDDING_OUTPUT] = pool(outputs, pooling, embedding.normalize)
-    content, json_length = build_infer_response(served.name, VERSION, parsed.id, parsed.outputs, tensors, served.labels)
+    content, json_length = build_infer_response(
+        served.name, str(served.version), parsed.id, parsed.outputs, tensors, served.labels
+    )
     if json_length is None:
         return Response(content, media_type="application/json")
     return Response(
         content, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(json_length)}
     )
+
+
+# --- model repository extension -------------------------------------------------------------------------------
+
+
+@router.post("/v2/repository/index", summary="Every model version of the store, loaded or not", dependencies=Authorized)
+async def repository_index(
+    state: State, body: Annotated[dict[str, Any] | None, Body()] = None
+) -> list[dict[str, str]]:  # fmt: skip
+    ready_only = bool((body or {}).get("ready", False))
+    contents = await asyncio.to_thread(scan_store, state.settings.model_store)
+    return state.store.index(contents, ready_only)
+
+
+@router.post("/v2/repository/models/{model_name}/load", summary="Load or reload a model", dependencies=Authorized)
+async def repository_load(state: State, model_name: str) -> Response:
+    state.lifecycle.check_accepting()
+    await state.store.load(model_name)
+    return Response(status_code=200)
+
+
+@router.post("/v2/repository/models/{model_name}/unload", summary="Unload a model", dependencies=Authorized)
+async def repository_unload(state: State, model_name: str) -> Response:
+    state.lifecycle.check_accepting()
+    await state.store.unload(model_name)
+    return Response(status_code=200)
 
 
 def _header_length(request: Request) -> int | None:

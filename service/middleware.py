@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.metrics import Metrics
+from service.protocols import protocol_of
 
 log = logging.getLogger("deit_serve.access")
 
@@ -87,8 +88,9 @@ class RequestContextMiddleware:
         route = scope.get("route")
         endpoint = getattr(route, "path", None) or (scope["path"] if scope["path"] in self.fixed_paths else "unmatched")
         model = state.get("model", "")
-        self.metrics.requests.labels(model, endpoint, str(status)).inc()
-        self.metrics.request_duration.labels(model, endpoint).observe(elapsed)
+        protocol = protocol_of(scope["path"])
+        self.metrics.requests.labels(model, endpoint, str(status), protocol).inc()
+        self.metrics.request_duration.labels(model, endpoint, protocol).observe(elapsed)
         if not self.access_log or endpoint in ("/healthz", "/readyz", "/metrics"):
             return
         stats = state.get("stats")
@@ -99,6 +101,7 @@ class RequestContextMiddleware:
             "status": status,
             "duration_ms": round(elapsed * 1000, 2),
             "model": model or None,
+            "protocol": protocol,
         }
         if stats is not None:
             extra.update(

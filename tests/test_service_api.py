@@ -357,6 +357,10 @@ def test_openapi_documents_the_protocol_routes_with_typed_schemas(client: TestCl
         tensor = body["application/json"]["schema"]["properties"]["inputs"]["items"]
         assert set(tensor["properties"]) == {"name", "datatype", "shape", "parameters", "data"}
         assert "inference-header-content-length" in {p["name"] for p in infer["parameters"]}
+        for suffix in ("", "/ready", "/config", "/infer"):
+            operation = next(iter(paths[prefix + suffix].values()))
+            versions = [p["in"] for p in operation["parameters"] if p["name"] == "model_version"]
+            assert versions == (["path"] if "{model_version}" in prefix else []), prefix + suffix
     assert set(schemas["ModelMetadata"]["properties"]) == {"name", "versions", "platform", "inputs", "outputs"}
     assert set(schemas["InferResponse"]["properties"]) == {"model_name", "model_version", "id", "outputs"}
     for path in ("/", "/models/{model_name}"):

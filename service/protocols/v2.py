@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import torch
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 
 from service import __version__
 from service.deps import AppState, State, admit
@@ -78,6 +78,23 @@ _INFER_BODY = {
 }
 
 
+async def _path_version(request: Request) -> str | None:
+    """The ``{model_version}`` of the versioned routes; None on the others (not a query parameter there)."""
+    version: str | None = request.path_params.get("model_version")
+    return version
+
+
+Version = Annotated[str | None, Depends(_path_version)]
+_VERSION_PARAMETER = {"name": "model_version", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _versioned(route: dict[str, Any]) -> dict[str, Any]:
+    """The same route options, documenting the path's ``{model_version}`` (read by ``Version``, not an argument)."""
+    extra = dict(route.get("openapi_extra") or {})
+    extra["parameters"] = [*extra.get("parameters", []), _VERSION_PARAMETER]
+    return {**route, "openapi_extra": extra}
+
+
 @router.get("/v2", summary="Server metadata")
 async def server_metadata() -> ServerMetadata:
     return ServerMetadata(name="deit-serve", version=__version__, extensions=list(EXTENSIONS))
@@ -137,16 +154,20 @@ def _config(served: ServedModel, max_batch_size: int) -> ModelConfig:
 
 
 @router.get("/v2/models/{model_name}", summary="Model metadata", **_MODEL)
-@router.get("/v2/models/{model_name}/versions/{model_version}", summary="Model metadata of one version", **_MODEL)
-async def model_metadata(state: State, model_name: str, model_version: str | None = None) -> ModelMetadata:
+@router.get(
+    "/v2/models/{model_name}/versions/{model_version}", summary="Model metadata of one version", **_versioned(_MODEL)
+)
+async def model_metadata(state: State, model_name: str, model_version: Version) -> ModelMetadata:
     return _metadata(_model(state, model_name, model_version))
 
 
 @router.get("/v2/models/{model_name}/ready", summary="Model readiness", **_MODEL)
 @router.get(
-    "/v2/models/{model_name}/versions/{model_version}/ready", summary="Model readiness of one version", **_MODEL
+    "/v2/models/{model_name}/versions/{model_version}/ready",
+    summary="Model readiness of one version",
+    **_versioned(_MODEL),
 )
-async def model_ready(state: State, model_name: str, model_version: str | None = None) -> ModelReady:
+async def model_ready(state: State, model_name: str, model_version: Version) -> ModelReady:
     served = _model(state, model_name, model_version)
     if not served.ready or state.lifecycle.phase is not Phase.READY:
         raise NotReady(f"model {served.name!r} is not ready: {state.lifecycle.phase.value}")
@@ -158,9 +179,11 @@ _CONFIG: dict[str, Any] = {**_MODEL, "response_model_exclude_none": True}
 
 @router.get("/v2/models/{model_name}/config", summary="Model configuration (Triton)", **_CONFIG)
 @router.get(
-    "/v2/models/{model_name}/versions/{model_version}/config", summary="Model configuration of one version", **_CONFIG
+    "/v2/models/{model_name}/versions/{model_version}/config",
+    summary="Model configuration of one version",
+    **_versioned(_CONFIG),
 )
-async def model_config(state: State, model_name: str, model_version: str | None = None) -> ModelConfig:
+async def model_config(state: State, model_name: str, model_version: Version) -> ModelConfig:
     return _config(_model(state, model_name, model_version), state.settings.max_batch_size)
 
 
@@ -173,12 +196,14 @@ _INFER: dict[str, Any] = {
 
 
 @router.post("/v2/models/{model_name}/infer", summary="Inference", **_INFER)
-@router.post("/v2/models/{model_name}/versions/{model_version}/infer", summary="Inference on one version", **_INFER)
+@router.post(
+    "/v2/models/{model_name}/versions/{model_version}/infer", summary="Inference on one version", **_versioned(_INFER)
+)
 async def infer(
     request: Request,
     state: State,
     model_name: str,
-    model_version: str | None = None,
+    model_version: Version,
     x_request_timeout: Annotated[
         float | None, Header(gt=0, description="seconds this request may take (capped by the server)")
     ] = None,

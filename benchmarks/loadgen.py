@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 class Body:
     content: bytes
     content_type: str
+    headers: dict[str, str] = field(default_factory=dict)  # sent with it besides Content-Type
 
 
 def multipart(data: bytes, filename: str, field_name: str = "file", media_type: str = "image/jpeg") -> Body:
@@ -128,16 +129,18 @@ async def closed_loop(
         await asyncio.sleep(duration_s)
         result.cpu = cpu.shares()
 
+    prepared = [(body.content, {"content-type": body.content_type, **body.headers}) for body in bodies]
+
     async def client(worker: int) -> None:
         transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
         async with httpx.AsyncClient(transport=transport, timeout=timeout_s) as http:
             sent = 0
             while not window or time.perf_counter() < window[1]:
-                body = bodies[(worker + sent * concurrency) % len(bodies)]
+                content, headers = prepared[(worker + sent * concurrency) % len(prepared)]
                 sent += 1
                 t0 = time.perf_counter()
                 try:
-                    response = await http.post(url, content=body.content, headers={"content-type": body.content_type})
+                    response = await http.post(url, content=content, headers=headers)
                     error = "" if response.status_code == 200 else f"HTTP {response.status_code}"
                 except httpx.HTTPError as e:
                     error = type(e).__name__

@@ -45,13 +45,15 @@ class Metrics:
     def __init__(self, max_batch_size: int, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # protocol: the front door ("native", "v2" for the Open Inference Protocol, "hf" for the Hugging Face API),
+        # so that one selector covers all of a protocol's routes; it follows from the path, adding no series.
         self.requests = Counter(
-            "deit_requests", "HTTP requests by model, version, endpoint and status code",
-            ["model", "version", "endpoint", "status"], registry=r,
+            "deit_requests", "HTTP requests by model, version, endpoint, status code and protocol",
+            ["model", "version", "endpoint", "status", "protocol"], registry=r,
         )  # fmt: skip
         self.request_duration = Histogram(
-            "deit_request_duration_seconds", "Time from request start to response", ["model", "version", "endpoint"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "deit_request_duration_seconds", "Time from request start to response, by model, version, endpoint and "
+            "protocol", ["model", "version", "endpoint", "protocol"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.queue_wait = Histogram(
             "deit_queue_wait_seconds", "Time an image waited in the queue before its batch ran", ["model", "version"],

@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.metrics import Metrics
+from service.protocols import protocol_of
 
 log = logging.getLogger("deit_serve.access")
 
@@ -88,8 +89,9 @@ class RequestContextMiddleware:
         endpoint = getattr(route, "path", None) or (scope["path"] if scope["path"] in self.fixed_paths else "unmatched")
         model = state.get("model", "")
         version = state.get("version", "")
-        self.metrics.requests.labels(model, version, endpoint, str(status)).inc()
-        self.metrics.request_duration.labels(model, version, endpoint).observe(elapsed)
+        protocol = protocol_of(scope["path"])
+        self.metrics.requests.labels(model, version, endpoint, str(status), protocol).inc()
+        self.metrics.request_duration.labels(model, version, endpoint, protocol).observe(elapsed)
         if not self.access_log or endpoint in ("/healthz", "/readyz", "/metrics"):
             return
         stats = state.get("stats")
@@ -101,6 +103,7 @@ class RequestContextMiddleware:
             "duration_ms": round(elapsed * 1000, 2),
             "model": model or None,
             "version": version or None,
+            "protocol": protocol,
         }
         if stats is not None:
             extra.update(

@@ -70,3 +70,9 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+class PlainErrorBody(BaseModel):
+    """Errors on the Open Inference Protocol and Hugging Face paths: the shape their clients read."""
+
+    error: str = Field(description="what went wrong, for people")

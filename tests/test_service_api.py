@@ -333,6 +333,55 @@ def test_openapi_documents_classify_and_its_errors(client: TestClient) -> None:
     assert scrape.value("deit_requests_total", model="", endpoint="unmatched", status="404") >= 1
 
 
+def test_openapi_documents_the_protocol_routes_with_typed_schemas(client: TestClient) -> None:
+    """The Open Inference Protocol and Hugging Face routes: named response models, their request bodies, and
+    errors in their ``{"error": "<message>"}`` shape (not FastAPI's own validation body)."""
+    spec = client.get("/openapi.json").json()
+    paths, schemas = spec["paths"], spec["components"]["schemas"]
+
+    def ok(path: str, method: str = "get") -> Any:
+        return paths[path][method]["responses"]["200"]["content"]["application/json"]["schema"]
+
+    assert ok("/v2") == {"$ref": "#/components/schemas/ServerMetadata"}
+    assert ok("/v2/health/ready") == {"$ref": "#/components/schemas/Ready"}
+    for prefix in ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{model_version}"):
+        assert ok(prefix) == {"$ref": "#/components/schemas/ModelMetadata"}
+        assert ok(f"{prefix}/ready") == {"$ref": "#/components/schemas/ModelReady"}
+        assert ok(f"{prefix}/config") == {"$ref": "#/components/schemas/ModelConfig"}
+        infer = paths[f"{prefix}/infer"]["post"]
+        assert ok(f"{prefix}/infer", "post") == {"$ref": "#/components/schemas/InferResponse"}
+        assert "application/octet-stream" in infer["responses"]["200"]["content"]
+        body = infer["requestBody"]["content"]
+        assert set(body) == {"application/json", "application/octet-stream"}
+        assert body["application/json"]["schema"]["required"] == ["inputs"]
+        tensor = body["application/json"]["schema"]["properties"]["inputs"]["items"]
+        assert set(tensor["properties"]) == {"name", "datatype", "shape", "parameters", "data"}
+        assert "inference-header-content-length" in {p["name"] for p in infer["parameters"]}
+        for suffix in ("", "/ready", "/config", "/infer"):
+            operation = next(iter(paths[prefix + suffix].values()))
+            versions = [p["in"] for p in operation["parameters"] if p["name"] == "model_version"]
+            assert versions == (["path"] if "{model_version}" in prefix else []), prefix + suffix
+    assert set(schemas["ModelMetadata"]["properties"]) == {"name", "versions", "platform", "inputs", "outputs"}
+    assert set(schemas["InferResponse"]["properties"]) == {"model_name", "model_version", "id", "outputs"}
+    for path in ("/", "/models/{model_name}"):
+        operation = paths[path]["post"]
+        assert set(operation["requestBody"]["content"]) >= {"application/json", "image/*"}
+        assert set(operation["requestBody"]["content"]["application/json"]["schema"]["properties"]) == {
+            "inputs",
+            "parameters",
+        }
+        assert "HFPrediction" in str(ok(path, "post"))
+    assert set(schemas["HFPrediction"]["properties"]) == {"label", "score"}
+    for path, methods in paths.items():
+        if path == "/" or path.startswith(("/v2", "/models/")):
+            for operation in methods.values():
+                for status, response in operation["responses"].items():
+                    if status.startswith(("4", "5")):
+                        error = response["content"]["application/json"]["schema"]
+                        assert error == {"$ref": "#/components/schemas/PlainErrorBody"}, (path, status)
+    assert schemas["PlainErrorBody"]["properties"]["error"]["type"] == "string"
+
+
 # --- lifecycle ------------------------------------------------------------------------------------------------
 
 

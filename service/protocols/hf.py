@@ -17,6 +17,8 @@ from torch import Tensor
 
 from service.deps import Authorized, State, accepting_model, admit, json_response
 from service.errors import BadRequest, EmptyUpload, InvalidParameter, TooManyFiles
+from service.protocols.schemas import HFRequest, HFResponse, inline_schema
+from service.schemas import PlainErrorBody
 from service.served import EncodedImage
 
 FUNCTIONS = ("softmax", "sigmoid", "none")
@@ -31,12 +33,32 @@ _DESCRIPTION = (
 )
 
 
-@router.post("/", summary="Classify an image (Hugging Face API, default model)", description=_DESCRIPTION)
+_ROUTE: dict[str, Any] = {
+    "description": _DESCRIPTION,
+    "response_class": Response,
+    "responses": {
+        200: {"model": HFResponse, "description": "the classes, highest score first (a list per image for a list)"},
+        **{code: {"model": PlainErrorBody} for code in (400, 401, 404, 408, 413, 415, 422, 499, 500, 503, 504)},
+    },
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": inline_schema(HFRequest)},
+                "image/*": {"schema": {"type": "string", "format": "binary"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    },
+}
+
+
+@router.post("/", summary="Classify an image (Hugging Face API, default model)", **_ROUTE)
 async def classify_default(request: Request, state: State, x_request_timeout: Timeout = None) -> Response:
     return await _classify(request, state, None, x_request_timeout)
 
 
-@router.post("/models/{model_name}", summary="Classify an image (Hugging Face API)", description=_DESCRIPTION)
+@router.post("/models/{model_name}", summary="Classify an image (Hugging Face API)", **_ROUTE)
 async def classify_named(
     request: Request, state: State, model_name: str, x_request_timeout: Timeout = None
 ) -> Response:

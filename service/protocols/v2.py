@@ -10,7 +10,7 @@ import asyncio
 from typing import Annotated, Any
 
 import torch
-from fastapi import APIRouter, Body, Header, Request, Response
+from fastapi import APIRouter, Body, Depends, Header, Request, Response
 from torch import Tensor
 
 from service import __version__
@@ -20,6 +20,20 @@ from service.errors import BadRequest, ModelNotFound, NotReady, UnsupportedMedia
 from service.lifecycle import Phase
 from service.middleware import request_arrival
 from service.model.pooling import LOGITS, pool
+from service.protocols.schemas import (
+    ConfigTensor,
+    InferRequest,
+    InferResponse,
+    Live,
+    ModelConfig,
+    ModelMetadata,
+    ModelReady,
+    Ready,
+    ServerMetadata,
+    TensorMetadata,
+    VersionPolicy,
+    inline_schema,
+)
 from service.protocols.v2_codec import (
     CLASSIFICATION_OUTPUTS,
     EMBEDDING_OUTPUT,
@@ -29,6 +43,7 @@ from service.protocols.v2_codec import (
     parse_infer_request,
 )
 from service.repository import scan_store
+from service.schemas import PlainErrorBody
 from service.served import EncodedImage, ServedModel
 
 PLATFORM = "pytorch_deit"
@@ -41,21 +56,71 @@ router = APIRouter(tags=["Open Inference Protocol"])
 Authorized = [AuthorizedDep]
 
 
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """Error responses in the protocol's shape; 422 is listed so that FastAPI documents ours, not its own."""
+    return {code: {"model": PlainErrorBody} for code in (*codes, 422)}
+
+
+_MODEL: dict[str, Any] = {"dependencies": Authorized, "responses": _errors(401, 404, 503)}
+_INFER_ERRORS = _errors(400, 401, 404, 408, 413, 415, 499, 500, 503, 504)
+_INFER_OK: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": InferResponse,
+        "description": "JSON, or with binary outputs the JSON header (Inference-Header-Content-Length bytes) then "
+        "each binary output's raw bytes in output order",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+_INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": inline_schema(InferRequest)},
+            "application/octet-stream": {
+                "schema": {
+                    "type": "string",
+                    "format": "binary",
+                    "description": "binary tensor data: the JSON request (Inference-Header-Content-Length bytes), "
+                    "then each input's binary_data_size bytes in input order",
+                }
+            },
+        },
+    }
+}
+
+
+async def _path_version(request: Request) -> str | None:
+    """The ``{model_version}`` of the versioned routes; None on the others (not a query parameter there)."""
+    version: str | None = request.path_params.get("model_version")
+    return version
+
+
+Version = Annotated[str | None, Depends(_path_version)]
+_VERSION_PARAMETER = {"name": "model_version", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _versioned(route: dict[str, Any]) -> dict[str, Any]:
+    """The same route options, documenting the path's ``{model_version}`` (read by ``Version``, not an argument)."""
+    extra = dict(route.get("openapi_extra") or {})
+    extra["parameters"] = [*extra.get("parameters", []), _VERSION_PARAMETER]
+    return {**route, "openapi_extra": extra}
+
+
 @router.get("/v2", summary="Server metadata")
-async def server_metadata() -> dict[str, Any]:
-    return {"name": "deit-serve", "version": __version__, "extensions": list(EXTENSIONS)}
+async def server_metadata() -> ServerMetadata:
+    return ServerMetadata(name="deit-serve", version=__version__, extensions=list(EXTENSIONS))
 
 
 @router.get("/v2/health/live", summary="Liveness")
-async def live() -> dict[str, bool]:
-    return {"live": True}
+async def live() -> Live:
+    return Live(live=True)
 
 
-@router.get("/v2/health/ready", summary="Readiness: every model loaded and warm, not draining")
-async def ready(state: State) -> dict[str, bool]:
+@router.get("/v2/health/ready", summary="Readiness: every model loaded and warm, not draining", responses=_errors(503))
+async def ready(state: State) -> Ready:
     if state.lifecycle.phase is not Phase.READY:
         raise NotReady(f"not ready: {state.lifecycle.phase.value}")
-    return {"ready": True}
+    return Ready(ready=True)
 
 
 def _model(state: AppState, name: str, version: str | None) -> ServedModel:
@@ -78,95 +143,109 @@ def _versions(state: AppState, served: ServedModel) -> list[str]:
     return [str(v) for v in sorted(state.store.versions.get(served.name, {served.version: served}))]
 
 
-def _metadata(served: ServedModel, versions: list[str]) -> dict[str, Any]:
+def _metadata(served: ServedModel, versions: list[str]) -> ModelMetadata:
     h, w = served.preprocessor.cfg.output_size
-    return {
-        "name": served.name,
-        "versions": versions,
-        "platform": PLATFORM,
-        "inputs": [
-            {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1, 1]},
-            {"name": PIXELS_INPUT, "datatype": "FP32", "shape": [-1, 3, h, w]},
+    return ModelMetadata(
+        name=served.name,
+        versions=versions,
+        platform=PLATFORM,
+        inputs=[
+            TensorMetadata(name=IMAGE_INPUT, datatype="BYTES", shape=[-1, 1]),
+            TensorMetadata(name=PIXELS_INPUT, datatype="FP32", shape=[-1, 3, h, w]),
         ],
-        "outputs": [{"name": n, "datatype": "FP32", "shape": [-1, d]} for n, d in _output_widths(served).items()],
-        "tasks": served.tasks,
-    }
+        outputs=[
+            TensorMetadata(name=name, datatype="FP32", shape=[-1, width])
+            for name, width in _output_widths(served).items()
+        ],
+        tasks=served.tasks,
+    )
 
 
-def _config(served: ServedModel, max_batch_size: int, versions: list[str]) -> dict[str, Any]:
+def _config(served: ServedModel, max_batch_size: int, versions: list[str]) -> ModelConfig:
     """Triton's model configuration, as far as clients (perf_analyzer) read it: batch dim left out of ``dims``."""
     h, w = served.preprocessor.cfg.output_size
-    return {
-        "name": served.name,
-        "platform": PLATFORM,
-        "backend": "pytorch",
-        "max_batch_size": max_batch_size,
-        "input": [
-            {"name": IMAGE_INPUT, "data_type": "TYPE_STRING", "dims": [1], "optional": True},
-            {
-                "name": PIXELS_INPUT,
-                "data_type": "TYPE_FP32",
-                "format": "FORMAT_NCHW",
-                "dims": [3, h, w],
-                "optional": True,
-            },
+    return ModelConfig(
+        name=served.name,
+        platform=PLATFORM,
+        backend="pytorch",
+        max_batch_size=max_batch_size,
+        input=[
+            ConfigTensor(name=IMAGE_INPUT, data_type="TYPE_STRING", dims=[1], optional=True),
+            ConfigTensor(name=PIXELS_INPUT, data_type="TYPE_FP32", format="FORMAT_NCHW", dims=[3, h, w], optional=True),
         ],
-        "output": [{"name": n, "data_type": "TYPE_FP32", "dims": [d]} for n, d in _output_widths(served).items()],
-        "dynamic_batching": {},
-        "version_policy": {"specific": {"versions": [int(v) for v in versions]}},
-    }
+        output=[
+            ConfigTensor(name=name, data_type="TYPE_FP32", dims=[width])
+            for name, width in _output_widths(served).items()
+        ],
+        dynamic_batching={},
+        version_policy=VersionPolicy(specific={"versions": [int(v) for v in versions]}),
+    )
 
 
-@router.get("/v2/models/{model_name}", summary="Model metadata", dependencies=Authorized)
+@router.get("/v2/models/{model_name}", summary="Model metadata", **_MODEL)
 @router.get(
-    "/v2/models/{model_name}/versions/{model_version}", summary="Model metadata of one version", dependencies=Authorized
+    "/v2/models/{model_name}/versions/{model_version}", summary="Model metadata of one version", **_versioned(_MODEL)
 )
-async def model_metadata(state: State, model_name: str, model_version: str | None = None) -> dict[str, Any]:
+async def model_metadata(state: State, model_name: str, model_version: Version) -> ModelMetadata:
     served = _model(state, model_name, model_version)
     return _metadata(served, _versions(state, served))
 
 
-@router.get("/v2/models/{model_name}/ready", summary="Model readiness", dependencies=Authorized)
+@router.get("/v2/models/{model_name}/ready", summary="Model readiness", **_MODEL)
 @router.get(
     "/v2/models/{model_name}/versions/{model_version}/ready",
     summary="Model readiness of one version",
-    dependencies=Authorized,
+    **_versioned(_MODEL),
 )
-async def model_ready(state: State, model_name: str, model_version: str | None = None) -> dict[str, Any]:
+async def model_ready(state: State, model_name: str, model_version: Version) -> ModelReady:
     served = _model(state, model_name, model_version)
     if not served.ready or state.lifecycle.phase is not Phase.READY:
         raise NotReady(f"model {served.name!r} is not ready: {state.lifecycle.phase.value}")
-    return {"name": served.name, "ready": True}
+    return ModelReady(name=served.name, ready=True)
 
 
-@router.get("/v2/models/{model_name}/config", summary="Model configuration (Triton)", dependencies=Authorized)
+_CONFIG: dict[str, Any] = {**_MODEL, "response_model_exclude_none": True}
+
+
+@router.get("/v2/models/{model_name}/config", summary="Model configuration (Triton)", **_CONFIG)
 @router.get(
     "/v2/models/{model_name}/versions/{model_version}/config",
     summary="Model configuration of one version",
-    dependencies=Authorized,
+    **_versioned(_CONFIG),
 )
-async def model_config(state: State, model_name: str, model_version: str | None = None) -> dict[str, Any]:
+async def model_config(state: State, model_name: str, model_version: Version) -> ModelConfig:
     served = _model(state, model_name, model_version)
     return _config(served, state.settings.max_batch_size, _versions(state, served))
 
 
-@router.post("/v2/models/{model_name}/infer", summary="Inference", dependencies=Authorized)
+_INFER: dict[str, Any] = {
+    "dependencies": Authorized,
+    "response_class": Response,
+    "responses": {**_INFER_OK, **_INFER_ERRORS},
+    "openapi_extra": _INFER_BODY,
+}
+
+
+@router.post("/v2/models/{model_name}/infer", summary="Inference", **_INFER)
 @router.post(
-    "/v2/models/{model_name}/versions/{model_version}/infer",
-    summary="Inference on one version",
-    dependencies=Authorized,
+    "/v2/models/{model_name}/versions/{model_version}/infer", summary="Inference on one version", **_versioned(_INFER)
 )
 async def infer(
     request: Request,
     state: State,
     model_name: str,
-    model_version: str | None = None,
-    x_request_timeout: Annotated[float | None, Header(gt=0)] = None,
+    model_version: Version,
+    x_request_timeout: Annotated[
+        float | None, Header(gt=0, description="seconds this request may take (capped by the server)")
+    ] = None,
+    inference_header_content_length: Annotated[
+        str | None, Header(description="with binary tensor data: bytes of the JSON header at the start of the body")
+    ] = None,
 ) -> Response:
     settings = state.settings
     state.lifecycle.check_accepting()
     served = _model(state, model_name, model_version)
-    header_length = _header_length(request)
+    header_length = _header_length(inference_header_content_length)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
         raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not accepted: send the request uncompressed")
@@ -229,10 +308,10 @@ async def repository_unload(state: State, model_name: str) -> Response:
     return Response(status_code=200)
 
 
-def _header_length(request: Request) -> int | None:
-    value = request.headers.get(HEADER_LENGTH)
+def _header_length(value: str | None) -> int | None:
+    """The header's byte count; ASCII digits only (``str.isdigit`` also takes "²", which ``int`` refuses)."""
     if value is None:
         return None
-    if not value.strip().isdigit():
+    if not (value.isascii() and value.strip().isdigit()):
         raise BadRequest(f"Inference-Header-Content-Length must be a byte count, not {value!r}")
     return int(value)

@@ -13,9 +13,10 @@ import torch
 from torch import Tensor
 
 from service.batching import Batcher
-from service.checkpoints import PTH_SUFFIXES, LoadedCheckpoint, load_checkpoint
+from service.checkpoints import PTH_SUFFIXES, LoadedCheckpoint
 from service.errors import CheckpointError, ModelNotFound, ModelStoreError
 from service.metrics import Metrics
+from service.prepare import load_for_serving
 from service.preprocessing import Preprocessor
 from service.settings import Settings
 
@@ -108,7 +109,7 @@ class ModelStore:
         for name, path in entries:
             started = time.perf_counter()
             try:
-                checkpoint = load_checkpoint(path, device=s.device, dtype=s.dtype)
+                checkpoint = load_for_serving(path, s)
             except CheckpointError as e:
                 raise ModelStoreError(f"model {name!r}: {e.message}") from e
             if not checkpoint.config.architecture.classifies:

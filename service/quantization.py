@@ -6,6 +6,7 @@ torchao 0.18's int8 path on CPU is built for ``torch.compile``; in eager mode it
 
 from __future__ import annotations
 
+import gc
 import re
 import warnings
 from pathlib import Path
@@ -49,12 +50,20 @@ def quantize_int8(model: DeiT) -> DeiT:
     if engine is None:
         raise ValueError("this torch build has no quantized CPU engine for int8")
     torch.backends.quantized.engine = engine
+    # Every float32 tensor that outlives quantization (biases, which the int8 layers keep; embeddings, norms, heads)
+    # may be a view of the memory-mapped checkpoint file, which then stays mapped, its pages resident, for their
+    # sake: own copies of them let the mapping go once the float32 Linear weights are replaced.
+    replaced = {id(m.weight) for m in model.backbone.encoder.modules() if isinstance(m, nn.Linear)}
+    for param in model.parameters():
+        if id(param) not in replaced:
+            param.data = param.data.clone()
     with warnings.catch_warnings():
         # torch.ao.quantization announces its move to torchao; the eager dynamic path still works as documented.
         warnings.simplefilter("ignore")
         torch.ao.quantization.quantize_dynamic(  # type: ignore[no-untyped-call]
             model.backbone.encoder, {nn.Linear}, dtype=torch.qint8, inplace=True
         )
+    gc.collect()  # the replaced float32 Linears sit in reference cycles; collecting them unmaps the file now
     return model
 
 

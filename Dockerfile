@@ -70,7 +70,7 @@ RUN pip install --no-deps . \
 # The demo model, readable by the service's user whatever the modes in the build context (checkpoint writers often
 # create 0600 files); root-owned, so the service cannot change it.
 FROM ${BASE_IMAGE} AS models
-COPY model_store/deit-tiny-digits/ /models/deit-tiny-digits/
+COPY service/data/model_store/deit-tiny-digits/ /models/deit-tiny-digits/
 RUN chmod -R u=rwX,go=rX /models
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from service.checkpoints import imagenet_labels
-from service.preprocessing import PreprocessConfig
+from service.model.checkpoints import imagenet_labels
+from service.model.preprocessing import PreprocessConfig
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,7 @@ def paired_ratio(ours: ServerRun | None, peer: ServerRun | None, concurrency: in
 def resolved_auto_dtype() -> str:
     import torch
 
-    from service.checkpoints import resolve_dtype
+    from service.model.checkpoints import resolve_dtype
 
     return str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
 

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from benchmarks import assets
 from benchmarks.loadgen import ServerSpec, multipart, python_module, run_closed_loop, running
-from service.prepare import load_for_serving
+from service.model.prepare import load_for_serving
 from service.settings import Settings
 
 

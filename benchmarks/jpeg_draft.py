@@ -19,8 +19,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from benchmarks import assets
-from service.checkpoints import load_checkpoint
-from service.preprocessing import Preprocessor, decode_image
+from service.model.checkpoints import load_checkpoint
+from service.model.decoding import decode_image
+from service.model.preprocessing import Preprocessor
 from service.settings import Settings
 
 MAX_PIXELS = Settings.model_fields["max_image_pixels"].default

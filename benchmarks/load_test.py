@@ -4,7 +4,7 @@ Each of ``--concurrency`` clients sends a request, waits for the answer, and sen
 seconds. Against a running server (``--url``), or one this script starts on a free port (``--model-store``, with
 ``--set name=value`` for any ``DEIT_*`` setting), whose RSS it then samples from ``/proc``:
 
-    .venv/bin/python benchmarks/load_test.py --model-store model_store --concurrency 64 --duration 10 \\
+    .venv/bin/python benchmarks/load_test.py --model-store service/data/model_store --concurrency 64 --duration 10 \\
         --set max_queue_size=16 --set max_batch_size=8
     .venv/bin/python benchmarks/load_test.py --url http://127.0.0.1:8000 --concurrency 16 --duration 30 --json
 """

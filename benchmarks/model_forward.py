@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, PreTrainedModel
 from transformers.utils import logging as transformers_logging
 
-from service.checkpoints import cpu_supports_bf16, load_checkpoint
+from service.model.checkpoints import cpu_supports_bf16, load_checkpoint
 
 # The released distilled 224 variants (deit-reference.md): 12 layers, patch 16, MLP ratio 4, head_dim 64.
 SIZES: dict[str, tuple[int, int]] = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}

@@ -27,10 +27,10 @@ from torch import Tensor, nn
 
 from benchmarks import assets
 from benchmarks.quantization import DIGITS_MODEL, _training_script, eval_inputs
-from service.checkpoints import cpu_supports_bf16, load_checkpoint
-from service.prepare import load_for_serving
-from service.preprocessing import Preprocessor
-from service.quantization import cpu_has_int8_dot_product
+from service.model.checkpoints import cpu_supports_bf16, load_checkpoint
+from service.model.prepare import load_for_serving
+from service.model.preprocessing import Preprocessor
+from service.model.quantization import cpu_has_int8_dot_product
 from service.settings import Settings
 
 Forward = Callable[[Tensor], Tensor]

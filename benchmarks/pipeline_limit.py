@@ -1,7 +1,7 @@
 """What the service's pipeline can do without HTTP: decode + preprocess + batch + forward ("pipeline limit").
 
 Everything runs through the service's own pieces, with its threads: ``decode_image`` and ``Preprocessor`` in a
-thread pool, the ``Batcher`` (its forward threads and thread policy) and ``ModelRunner``; only HTTP is missing.
+thread pool, the ``Batcher`` and the ``ModelRunner`` (its forward threads and thread policy); only HTTP is missing.
 
 * Forward only: a batch of b preprocessed images handed to the batcher at once, until its results are back.
 * One image: a single JPEG decoded, preprocessed and classified while nothing else runs (the floor of a request's
@@ -34,11 +34,12 @@ from torch import Tensor
 
 from benchmarks import assets
 from service.batching import Batcher
-from service.checkpoints import LoadedCheckpoint, load_checkpoint
 from service.metrics import Metrics
-from service.preprocessing import Preprocessor, decode_image
+from service.model.checkpoints import LoadedCheckpoint, load_checkpoint
+from service.model.decoding import decode_image
+from service.model.preprocessing import Preprocessor
+from service.runner import ModelRunner, checkpoint_forward, default_forward_workers
 from service.settings import Settings
-from service.store import ModelRunner, default_forward_workers
 
 MAX_PIXELS = Settings.model_fields["max_image_pixels"].default
 DEADLINE_S = 600.0
@@ -106,15 +107,19 @@ class Pipeline:
         jpeg_draft: bool = False,
     ) -> None:
         self.preprocessor = Preprocessor(checkpoint.preprocess, jpeg_draft=jpeg_draft)
+        runner = ModelRunner(
+            "bench",
+            checkpoint_forward(checkpoint),
+            forward_workers=forward_workers,
+            intra_op_threads=intra_op_threads,
+        )
         self.batcher = Batcher(
             "bench",
-            ModelRunner(checkpoint),
+            runner,
             max_batch_size=max_batch_size,
             max_batch_delay_s=Settings.model_fields["max_batch_delay_ms"].default / 1000,
             max_queue_size=1 << 20,
             metrics=Metrics(max_batch_size),
-            forward_workers=forward_workers,
-            intra_op_threads=intra_op_threads,
         )
         self.pool = ThreadPoolExecutor(preprocess_threads, thread_name_prefix="preprocess")
         self.images = list(images)
@@ -148,7 +153,7 @@ class Pipeline:
         """img/s with enough requests in flight to keep every forward thread busy with batches of ``batch``:
         concurrency / mean latency (Little's law) over ``seconds`` from when every producer has had an answer."""
         self.batcher.max_batch_size = batch
-        concurrency = 2 * batch * self.batcher.forward_workers
+        concurrency = 2 * batch * self.batcher.runner.forward_workers
         latencies: list[tuple[float, float]] = []  # (answered at, latency)
         answered: set[int] = set()
         everyone_answered = asyncio.Event()
@@ -243,7 +248,7 @@ def measure(
         jpeg_draft=jpeg_draft,
     )
     h, w = checkpoint.preprocess.output_size
-    pipeline.batcher.warm_up([[torch.zeros(3, h, w)] * n for n in sorted({1, max_batch_size})])
+    pipeline.batcher.runner.warm_up([[torch.zeros(3, h, w)] * n for n in sorted({1, max_batch_size})])
     forward_batches = sorted(forward_batches or {1, *batch_sizes, max_batch_size})
     asyncio.run(_measure(pipeline, result, batch_sizes, forward_batches, seconds))
     return result

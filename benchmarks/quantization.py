@@ -1,7 +1,8 @@
 """Dynamic int8 (``--quantize int8``) against float32: accuracy, agreement, and the loaded model's memory.
 
-* The embedded trained model (``model_store/deit-tiny-digits``): held-out accuracy on scikit-learn's digits (the
-  split ``scripts/train_default_model.py`` trains on) of the CLS head, the distillation head and their average.
+* The embedded trained model (``service/data/model_store/deit-tiny-digits``): held-out accuracy on scikit-learn's
+  digits (the split ``scripts/train_default_model.py`` trains on) of the CLS head, the distillation head and their
+  average.
 * Random-weight DeiT tiny / small / base (transformers' standard sizes) with "peaked" heads
   (``assets.peaked_checkpoint``): top-1 agreement with float32 and the largest probability difference, on the six
   photos (640×480 JPEGs through the service's preprocessing) and on random inputs.
@@ -27,14 +28,15 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks import assets
-from service.checkpoints import LoadedCheckpoint
-from service.model import DeiT
-from service.prepare import load_for_serving
-from service.preprocessing import Preprocessor, decode_image
+from service.model.checkpoints import LoadedCheckpoint
+from service.model.decoding import decode_image
+from service.model.deit import DeiT
+from service.model.prepare import load_for_serving
+from service.model.preprocessing import Preprocessor
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
-DIGITS_MODEL = REPO / "model_store" / "deit-tiny-digits"
+DIGITS_MODEL = REPO / "service" / "data" / "model_store" / "deit-tiny-digits"
 TRAINING_SCRIPT = REPO / "scripts" / "train_default_model.py"
 MAX_PIXELS = Settings.model_fields["max_image_pixels"].default
 RANDOM_INPUTS = 58  # with the six photos: 64 images per model

@@ -1,9 +1,9 @@
 """Train the service's embedded default model: a tiny DeiT hard-distilled from a small CNN on scikit-learn's digits.
 
-Every input goes through the service's own preprocessing (``service.preprocessing.Preprocessor``) with the
+Every input goes through the service's own preprocessing (``service.model.preprocessing.Preprocessor``) with the
 ``preprocessor_config.json`` that is shipped, so the model is trained on exactly what the service feeds it.
 
-    .venv/bin/python scripts/train_default_model.py --out model_store/deit-tiny-digits
+    .venv/bin/python scripts/train_default_model.py --out service/data/model_store/deit-tiny-digits
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from service.config import Architecture, DeiTConfig
-from service.model import DeiT
-from service.preprocessing import PreprocessConfig, Preprocessor
+from service.model.architecture import Architecture, DeiTConfig
+from service.model.deit import DeiT
+from service.model.preprocessing import PreprocessConfig, Preprocessor
 
 MODEL_NAME = "deit-tiny-digits"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO_ROOT / "model_store" / MODEL_NAME
+DEFAULT_OUT = REPO_ROOT / "service" / "data" / "model_store" / MODEL_NAME
 SEED = 0
 TEST_FRACTION = 0.2
 LABELS = [str(digit) for digit in range(10)]
@@ -374,7 +374,8 @@ def model_card(
         f"dark (0) on white (255), upscaled bicubically to {DIGIT_SIZE}×{DIGIT_SIZE} and centred on a "
         f"{RENDER_SIZE}×{RENDER_SIZE} white canvas, as in `samples/`. Training pictures get a random affine "
         "transform (rotation ±12°, shear ±8°, scale 0.85–1.12, shift ±5 px). Every picture, for training and for "
-        "evaluation alike, then goes through the service's own preprocessing (`service.preprocessing.Preprocessor` "
+        "evaluation alike, then goes through the service's own preprocessing "
+        "(`service.model.preprocessing.Preprocessor` "
         f"with the shipped `preprocessor_config.json`: RGB, bicubic resize to {IMAGE_SIZE}×{IMAGE_SIZE}, ×1/255, "
         "mean 0.5, std 0.5), so the model is trained on exactly what the service feeds it.",
     )
@@ -428,7 +429,7 @@ teacher nor the student saw in training:
 ## Reproduce
 
 ```
-.venv/bin/python scripts/train_default_model.py --out model_store/{MODEL_NAME} --epochs {args.epochs} \\
+.venv/bin/python scripts/train_default_model.py --out service/data/model_store/{MODEL_NAME} --epochs {args.epochs} \\
     --teacher-epochs {args.teacher_epochs} --threads {args.threads} --seed {args.seed}
 ```
 

@@ -14,13 +14,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
 from service.decode_pool import DecodePool
-from service.errors import ServiceError
+from service.deps import AppState, json_response
+from service.errors import ModelLoadFailed, ServiceError
 from service.lifecycle import Lifecycle, Phase
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
+from service.protocols import hf, plain_error_body, v2
 from service.routes import router
 from service.settings import Settings
-from service.state import AppState, json_response
 from service.store import ModelStore
 from service.upload_budget import UploadBudget, default_budget_bytes
 
@@ -38,14 +39,14 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        store = ModelStore(settings, metrics)
+        pool = DecodePool(settings.preprocess_threads)
+        store = ModelStore(settings, metrics, pool)
 
         def abandon_queued() -> None:
             for served in store.models.values():
                 served.batcher.abandon()
 
         lifecycle.on_abandon(abandon_queued)
-        pool = DecodePool(settings.preprocess_threads)
         budget_bytes = settings.max_inflight_upload_bytes or default_budget_bytes(settings.max_upload_bytes)
         budget = UploadBudget(budget_bytes, metrics.upload_bytes)
         app.state.deit = AppState(settings, metrics, lifecycle, store, pool, budget)
@@ -71,6 +72,8 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
         lifespan=lifespan,
     )
     app.include_router(router)
+    app.include_router(v2.router)
+    app.include_router(hf.router)
     # The documentation routes (/openapi.json, /docs, /redoc) do not mark the request with their route as the
     # API's own do; their fixed paths name them in the metrics instead.
     fixed_paths = frozenset(path for route in app.routes if "{" not in (path := getattr(route, "path", "{")))
@@ -86,35 +89,51 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
 async def _load_models(
     store: ModelStore, lifecycle: Lifecycle, metrics: Metrics, on_fatal: Callable[[], None] | None
 ) -> None:
+    """Load the store in a thread, then start the batchers. ANY failure ends start-up: one error line (naming the
+    model and its files when one failed) and ``on_fatal``, never a service left "starting" for ever."""
     try:
         await asyncio.to_thread(store.load_all)
-    except ServiceError as e:
-        lifecycle.phase, lifecycle.error = Phase.FAILED, e.message
-        log.error("model store failed to load: %s", e.message)
+        for served in store.models.values():
+            served.batcher.start()
+    except Exception as e:
+        message = e.message if isinstance(e, ServiceError) else f"{type(e).__name__}: {e}"
+        lifecycle.phase, lifecycle.error = Phase.FAILED, message
+        fields: dict[str, object] = {"code": e.code if isinstance(e, ServiceError) else "internal_error"}
+        if isinstance(e, ModelLoadFailed):
+            fields |= {"model": e.model, "source": e.source}
+        log.error("model store failed to load: %s", message, extra=fields, exc_info=_unexpected_cause(e))
         if on_fatal is not None:
             on_fatal()
         return
-    for served in store.models.values():
-        served.batcher.start()
     if lifecycle.phase is Phase.STARTING:
         lifecycle.phase = Phase.READY
         metrics.ready.set(1)
         log.info("ready", extra={"models": sorted(store.models), "default_model": store.default_name})
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
-    return json_response({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+def _unexpected_cause(error: BaseException) -> BaseException | None:
+    """The first error in the chain that is not one of our own checks: its traceback goes in the same JSON line."""
+    cause: BaseException | None = error
+    while isinstance(cause, ServiceError):
+        cause = cause.__cause__
+    return cause
+
+
+def _error(request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    body = {"error": message} if plain_error_body(request) else {"error": {"code": code, "message": message}}
+    return json_response(body, status_code=status, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    """The one place where errors become HTTP responses: ``{"error": {"code", "message"}}``."""
+    """The one place where errors become HTTP responses: ``{"error": {"code", "message"}}``, or
+    ``{"error": "<message>"}`` on the Open Inference Protocol and Hugging Face paths (their clients read that)."""
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:
         request.state.error_code = exc.code
         if exc.status_code >= 500 and exc.status_code != 503:
             log.warning("request failed: %s", exc.message, extra={"code": exc.code})
-        return _error(exc.status_code, exc.code, exc.message, exc.headers)
+        return _error(request, exc.status_code, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -123,14 +142,14 @@ def _install_error_handlers(app: FastAPI) -> None:
             where = ".".join(str(x) for x in err.get("loc", ()))
             parts.append(f"{where}: {err.get('msg', 'invalid')}")
         request.state.error_code = "invalid_parameter"
-        return _error(422, "invalid_parameter", "; ".join(parts) or "invalid request")
+        return _error(request, 422, "invalid_parameter", "; ".join(parts) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
-        return _error(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+        return _error(request, exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error")
-        return _error(500, "internal_error", "internal server error")
+        return _error(request, 500, "internal_error", "internal server error")

@@ -1,4 +1,4 @@
-"""Dynamic batching: one queue and one batcher task per model, in front of a single forward-pass thread.
+"""Dynamic batching: one queue and one batcher task per model, in front of its forward slots (service.runner).
 
 The queue admits work up front (bounded: overload is refused at once, not queued), the batcher takes up to
 ``max_batch_size`` live images as soon as the model is free, and waits at most ``max_batch_delay`` only while
@@ -13,8 +13,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,15 +21,14 @@ from torch import Tensor
 
 from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, ServiceError, ShuttingDown, TooManyFiles
 from service.metrics import Metrics
+from service.runner import ModelRunner
 
 log = logging.getLogger("deit_serve.batching")
-
-Runner = Callable[[Sequence[Tensor]], Tensor]
 
 
 @dataclass(eq=False)
 class WorkItem:
-    """One image waiting for a batch; ``future`` receives its row of class probabilities."""
+    """One image waiting for a batch; ``future`` receives its row of class logits."""
 
     pixels: Tensor
     deadline: float
@@ -55,17 +53,15 @@ class Batcher:
     def __init__(
         self,
         model_name: str,
-        runner: Runner,
+        runner: ModelRunner,
         *,
         max_batch_size: int,
         max_batch_delay_s: float,
         max_queue_size: int,
         metrics: Metrics,
-        forward_workers: int = 1,
-        intra_op_threads: int | None = None,
     ) -> None:
         self.model_name = model_name
-        self._runner = runner
+        self.runner = runner
         self.max_batch_size = max_batch_size
         self._max_delay = max_batch_delay_s
         self.max_queue_size = max_queue_size
@@ -74,19 +70,7 @@ class Batcher:
         self._admitted = 0  # images admitted and not yet batched: queued + still being decoded
         self._decoding = 0  # of those, images not yet in the queue
         self._changed = asyncio.Event()
-        # Up to ``forward_workers`` batches run at once, batch i on forward thread i (one thread per slot).
-        # On CPU (``intra_op_threads`` set), only slot 0 ever splits a forward pass over several threads: all of
-        # them when it runs alone, all but one per other running batch otherwise; other slots run single-threaded.
-        # On two cores, two single-threaded passes side by side beat one pass split in two. And OpenMP spin-waits
-        # only while it manages no more threads than there are cores: a second thread team, even once, would
-        # slow every later forward pass down.
-        self.forward_workers = forward_workers
-        self._threads = intra_op_threads
-        self._executors = [
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{model_name}-{i}")
-            for i in range(forward_workers)
-        ]
-        self._slots: list[asyncio.Task[None] | None] = [None] * forward_workers
+        self._running: set[asyncio.Task[None]] = set()  # batches in a forward slot, answered when they end
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -154,10 +138,6 @@ class Batcher:
     def queued(self) -> int:
         return len(self._queue)
 
-    @property
-    def admitted(self) -> int:
-        return self._admitted
-
     # --- the batcher task ------------------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -170,16 +150,10 @@ class Batcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        running = [task for task in self._slots if task is not None]
-        if running:  # batches already in a forward thread finish and answer their requests
-            await asyncio.gather(*running, return_exceptions=True)
+        if self._running:  # batches already in a forward thread finish and answer their requests
+            await asyncio.gather(*self._running, return_exceptions=True)
         self._fail_queued(ShuttingDown("the service stopped before this image ran"))
-        for executor in self._executors:
-            executor.shutdown(wait=True)
-
-    def close(self) -> None:
-        """Refuse new requests from now on (drain); queued work still runs."""
-        self._closed = True
+        await self.runner.stop()
 
     def abandon(self) -> None:
         """The drain ran out of time: refuse new work and answer queued images 503 now; a running batch finishes."""
@@ -200,36 +174,23 @@ class Batcher:
         self._changed.set()
 
     async def _loop(self) -> None:
+        runner = self.runner
         while True:
             while not self._queue:
                 self._changed.clear()
                 await self._changed.wait()
-            slot = next((i for i, task in enumerate(self._slots) if task is None), None)
+            slot = runner.free_slot()
             if slot is None:
-                await asyncio.wait([t for t in self._slots if t is not None], return_when=asyncio.FIRST_COMPLETED)
+                await runner.wait_for_slot()
                 continue
-            limit = self._batch_limit(slot)
+            limit = runner.batch_limit(slot, len(self._queue), self.max_batch_size)
             await self._gather_more(limit)
             batch = self._take_batch(limit)
             if batch:
-                threads = self._threads_for(slot)
-                task = asyncio.create_task(self._run(batch, slot, threads), name=f"forward-{self.model_name}-{slot}")
-                self._slots[slot] = task
-                task.add_done_callback(lambda _, slot=slot: self._free(slot))  # type: ignore[misc]
-
-    def _free(self, slot: int) -> None:
-        self._slots[slot] = None
-
-    def _others_running(self, slot: int) -> bool:
-        return any(task is not None for i, task in enumerate(self._slots) if i != slot)
-
-    def _batch_limit(self, slot: int) -> int:
-        """A batch takes its share of ``max_batch_size`` when it will run beside others (others are running, or
-        more images are queued than one share), so that the batches in flight are of similar sizes."""
-        share = max(1, self.max_batch_size // self.forward_workers)
-        if self._others_running(slot) or len(self._queue) > share:
-            return share
-        return self.max_batch_size
+                outputs = runner.start(slot, [item.pixels for item in batch], more_queued=bool(self._queue))
+                task = asyncio.create_task(self._answer(batch, outputs), name=f"answer-{self.model_name}-{slot}")
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
 
     async def _gather_more(self, limit: int) -> None:
         """Wait (at most the batch delay) for images still being decoded, when that would fill the batch more."""
@@ -268,30 +229,11 @@ class Batcher:
             wait.observe(item.queue_s)
         return batch
 
-    def _threads_for(self, slot: int) -> int | None:
-        """Slot 0: all intra-op threads when its batch runs alone with nothing queued behind it, else one fewer
-        per other slot. Other slots: one."""
-        if self._threads is None:
-            return None
-        if slot != 0:
-            return 1
-        if not self._others_running(slot) and not self._queue:
-            return self._threads
-        return max(1, self._threads - (self.forward_workers - 1))
-
-    def warm_up(self, batches: Sequence[Sequence[Tensor]]) -> None:
-        """Run ``batches`` on every forward thread (blocking), so that first requests pay no lazy initialisation."""
-        for slot, executor in enumerate(self._executors):
-            threads = self._threads if slot == 0 else (None if self._threads is None else 1)
-            for pixels in batches:
-                executor.submit(self._forward_with_oom_retry, pixels, threads).result()
-
-    async def _run(self, batch: list[WorkItem], slot: int, threads: int | None) -> None:
-        loop = asyncio.get_running_loop()
-        pixels = [item.pixels for item in batch]
+    async def _answer(self, batch: list[WorkItem], outputs: asyncio.Future[Tensor]) -> None:
+        """Give each image of a batch its row of the outputs (or the batch's error) when its forward pass ends."""
         started = time.perf_counter()
         try:
-            probs = await loop.run_in_executor(self._executors[slot], self._forward_with_oom_retry, pixels, threads)
+            probs = await outputs
         except Exception as e:
             self._metrics.batch_failures.labels(self.model_name).inc()
             log.exception("forward pass failed", extra={"model": self.model_name, "batch_size": len(batch)})
@@ -304,23 +246,19 @@ class Batcher:
         self._metrics.forward_duration.labels(self.model_name).observe(elapsed)
         self._metrics.batch_size.labels(self.model_name).observe(len(batch))
         self._metrics.images.labels(self.model_name).inc(len(batch))
+        finite = torch.isfinite(probs.reshape(len(batch), -1)).all(dim=1).tolist()
+        if not all(finite):
+            self._metrics.nonfinite_outputs.labels(self.model_name).inc(finite.count(False))
+            log.error(
+                "non-finite model outputs",
+                extra={"model": self.model_name, "images": finite.count(False), "batch_size": len(batch)},
+            )
         for i, item in enumerate(batch):
             item.forward_s = elapsed
-            if not item.future.done():
+            if item.future.done():
+                continue
+            if finite[i]:
                 item.future.set_result(probs[i])
-
-    def _forward_with_oom_retry(self, pixels: Sequence[Tensor], threads: int | None = None) -> Tensor:
-        """Run the batch (on ``threads`` intra-op threads: set for this thread only); on out-of-memory, retry once
-        as two half batches."""
-        if threads is not None:
-            torch.set_num_threads(threads)
-        try:
-            return self._runner(pixels)
-        except torch.OutOfMemoryError:
-            if len(pixels) == 1:
-                raise
-            log.warning("out of memory on a batch of %d; retrying as two halves", len(pixels))
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            half = len(pixels) // 2
-            return torch.cat([self._runner(pixels[:half]), self._runner(pixels[half:])])
+            else:  # a NaN score would reach the client as null: a server fault, answered as one
+                reason = f"model {self.model_name!r} gave non-finite scores (NaN or infinity) for this image"
+                item.future.set_exception(InferenceFailed(reason))

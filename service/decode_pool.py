@@ -60,6 +60,14 @@ class DecodePool:
             self._dispatch()
         return futures
 
+    async def run(self, context: RequestContext, fn: Callable[[], T]) -> T:
+        """Run one job in its request's turn (parsing a large body, say), under the request's deadline."""
+        [job] = self.submit(context, [fn])
+        try:
+            return await context.run(job)
+        finally:
+            job.cancel()
+
     def _dispatch(self) -> None:
         while self._running < self.threads and self._turns:
             turn = self._turns.popleft()

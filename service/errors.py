@@ -30,6 +30,17 @@ class ModelStoreError(ServiceError):
     code = "model_store_error"
 
 
+class ModelLoadFailed(ModelStoreError):
+    """One model of the store could not be loaded or warmed up; start-up stops, naming the model and its files."""
+
+    code = "model_load_failed"
+
+    def __init__(self, model: str, source: str, message: str) -> None:
+        super().__init__(f"model {model!r} ({source}): {message}")
+        self.model = model
+        self.source = source
+
+
 # --- request errors -------------------------------------------------------------------------------------------
 
 

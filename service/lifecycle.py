@@ -11,7 +11,7 @@ from service.errors import NotReady, ShuttingDown
 from service.request_context import RequestContext
 
 
-class Phase(str, enum.Enum):
+class Phase(enum.StrEnum):
     STARTING = "starting"
     READY = "ready"
     DRAINING = "draining"
@@ -70,15 +70,16 @@ class Lifecycle:
             if self._inflight == 0 and self._idle is not None:
                 self._idle.set()
 
-    async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no request is in flight; False when ``timeout`` passed first."""
+    async def wait_idle(self, within_s: float) -> bool:
+        """Wait until no request is in flight; False when ``within_s`` seconds passed first."""
         if self._idle is None:
             self._idle = asyncio.Event()
         if self._inflight == 0:
             return True
         self._idle.clear()
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            async with asyncio.timeout(within_s):
+                await self._idle.wait()
         except TimeoutError:
             return False
         return True

@@ -29,7 +29,11 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str) -> None:
-    """Route our loggers and uvicorn's through one JSON handler on stderr."""
+    """Route our loggers, uvicorn's and Python warnings through one JSON handler on stderr.
+
+    Warnings (a library's note on a malformed upload, say) would otherwise be printed raw, client text included,
+    between the JSON lines; captured, they are records of the ``py.warnings`` logger.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
@@ -40,3 +44,4 @@ def configure_logging(level: str) -> None:
         logger.handlers[:] = []
         logger.propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # replaced by our own access log line
+    logging.captureWarnings(True)

@@ -60,6 +60,10 @@ class Metrics:
             registry=r,
         )
         self.batch_failures = Counter("deit_batch_failures", "Forward passes that raised", ["model"], registry=r)
+        self.nonfinite_outputs = Counter(
+            "deit_nonfinite_outputs", "Images whose scores came out NaN or infinite (answered 500)", ["model"],
+            registry=r,
+        )  # fmt: skip
         self.model_info = Gauge(
             "deit_model_info", "Loaded models (value 1)", ["model", "architecture", "dtype", "device"], registry=r
         )

@@ -31,6 +31,10 @@ class RequestContext:
     def with_timeout(cls, timeout_s: float) -> RequestContext:
         return cls(time.monotonic() + timeout_s)
 
+    def shorten(self, deadline: float) -> None:
+        """Bring the deadline forward (a protocol's own timeout, read from the body); never later."""
+        self.deadline = min(self.deadline, deadline)
+
     def remaining(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
 

@@ -2,40 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.auth import check_api_key
+from service.deps import Authorized, MetricsAuthorized, State, accepting_model, admit, json_response
 from service.errors import InvalidParameter, NotReady
-from service.inference import RequestStats, classify
 from service.lifecycle import Phase
-from service.middleware import request_arrival
-from service.request_context import RequestContext
 from service.schemas import ClassifyResponse, ErrorBody, Health, ModelInfo, ModelList
-from service.state import AppState, app_state, json_response
-from service.store import ServedModel
-from service.uploads import FILE_FIELD, read_uploads, watch_disconnect
-
-
-# Dependencies are coroutines: FastAPI runs plain functions in its thread pool, a thread hop per request each.
-async def _state(request: Request) -> AppState:
-    return app_state(request)
-
-
-async def _require_key(request: Request) -> None:
-    check_api_key(request, app_state(request).settings.api_keys)
-
-
-async def _require_metrics_key(request: Request) -> None:
-    settings = app_state(request).settings
-    if settings.protect_metrics:
-        check_api_key(request, settings.api_keys)
-
-
-State = Annotated[AppState, Depends(_state)]
-Authorized = Depends(_require_key)
+from service.served import ServedModel
+from service.uploads import FILE_FIELD
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -86,33 +64,21 @@ async def classify_images(
         float | None, Header(gt=0, description="seconds this request may take (capped by the server)")
     ] = None,
 ) -> Response:
-    settings = state.settings
-    state.lifecycle.check_accepting()
-    served = state.store.get(model)
-    request.state.model = served.name
+    served = accepting_model(state, model)
     num_labels = len(served.labels)
     if top_k is not None and top_k > num_labels:
         raise InvalidParameter(f"top_k={top_k} exceeds the {num_labels} labels of model {served.name!r}")
-    k = min(top_k or settings.default_top_k, num_labels)
-    timeout = min(x_request_timeout or settings.request_timeout_s, settings.max_request_timeout_s)
-    context = RequestContext(request_arrival(request) + timeout)
-    served.batcher.check_room(1)  # refuse before reading the body when the queue is already full
-    with state.lifecycle.request(context), state.upload_budget.reservation() as reservation:
-        uploads = await read_uploads(request, settings.max_upload_bytes, settings.max_files, context, reservation)
-        stats = RequestStats()
-        request.state.stats = stats
-        async with watch_disconnect(request, context):
-            results = await classify(
-                served,
-                uploads,
-                top_k=k,
-                context=context,
-                pool=state.decode_pool,
-                max_pixels=settings.max_image_pixels,
-                metrics=state.metrics,
-                stats=stats,
-            )
-    body = {"model": served.name, "results": [r.model_dump() for r in results]}
+    k = min(top_k or state.settings.default_top_k, num_labels)
+    async with admit(request, state, served, x_request_timeout) as admitted:
+        uploads = await admitted.uploads()
+        results = await admitted.classify(uploads, k)
+    body = {
+        "model": served.name,
+        "results": [
+            {"filename": upload.name, "predictions": [dataclasses.asdict(p) for p in predictions]}
+            for upload, predictions in zip(uploads, results, strict=True)
+        ],
+    }
     return json_response(body)
 
 
@@ -168,7 +134,7 @@ async def readyz(state: State) -> Health:
     summary="Prometheus metrics",
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, **_errors(401)},
-    dependencies=[Depends(_require_metrics_key)],
+    dependencies=[MetricsAuthorized],
 )
 async def metrics(state: State) -> Response:
     state.metrics.ready.set(1 if state.lifecycle.phase is Phase.READY else 0)

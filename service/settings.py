@@ -8,7 +8,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-DEFAULT_MODEL_STORE = Path(__file__).resolve().parent.parent / "model_store"
+# The embedded demo model ships inside the package, so the default store is found from any directory and install.
+DEFAULT_MODEL_STORE = Path(__file__).resolve().parent / "data" / "model_store"
 
 
 class Settings(BaseSettings):

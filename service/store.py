@@ -2,71 +2,43 @@
 
 from __future__ import annotations
 
-import functools
+import itertools
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from service.batching import Batcher
-from service.checkpoints import PTH_SUFFIXES, LoadedCheckpoint
-from service.errors import CheckpointError, ModelNotFound, ModelStoreError
+from service.decode_pool import DecodePool
+from service.errors import CheckpointError, ModelLoadFailed, ModelNotFound, ModelStoreError, ServiceError
 from service.metrics import Metrics
-from service.prepare import load_for_serving
-from service.preprocessing import Preprocessor
+from service.model.checkpoints import PTH_SUFFIXES, LoadedCheckpoint
+from service.model.prepare import load_for_serving
+from service.model.preprocessing import Preprocessor
+from service.runner import ModelRunner, checkpoint_forward, default_forward_workers
+from service.served import ServedModel
 from service.settings import Settings
 
 log = logging.getLogger("deit_serve.store")
 
 
-class ModelRunner:
-    """The forward pass of one model: stack, move, run, softmax. Called from the model's forward threads."""
-
-    def __init__(self, checkpoint: LoadedCheckpoint) -> None:
-        self.model = checkpoint.model
-        self.device = checkpoint.device
-        self.dtype = checkpoint.dtype
-        self._pin = self.device.type == "cuda"
-
-    def __call__(self, pixels: Sequence[Tensor]) -> Tensor:
-        batch = torch.stack(list(pixels))
-        if self._pin:
-            batch = batch.pin_memory()
-        batch = batch.to(self.device, dtype=self.dtype, non_blocking=True)
-        with torch.inference_mode():
-            logits = self.model(batch)
-            return torch.softmax(logits.float(), dim=-1).cpu()
+def _check_weights(checkpoint: LoadedCheckpoint) -> None:
+    """NaN or infinite weights make every score NaN; refuse them at load, naming the tensor and file."""
+    source = checkpoint.source
+    if source.is_dir():
+        source = next((source / n for n in _WEIGHT_FILES if (source / n).is_file()), source)
+    for name, tensor in itertools.chain(checkpoint.model.named_parameters(), checkpoint.model.named_buffers()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{source}: tensor {name!r} holds NaN or infinite values")
 
 
-def default_forward_workers(device: torch.device, threads: int) -> int:
-    """Two batches at once, one per core, on a two-thread CPU; otherwise one batch on all threads (see Batcher)."""
-    return 2 if device.type == "cpu" and threads == 2 else 1
-
-
-@dataclass
-class ServedModel:
-    name: str
-    checkpoint: LoadedCheckpoint
-    preprocessor: Preprocessor
-    runner: ModelRunner
-    batcher: Batcher
-    load_seconds: float
-    ready: bool = False
-
-    @functools.cached_property
-    def labels(self) -> list[str]:
-        return self.checkpoint.labels
-
-    def warm_up(self, max_batch_size: int) -> None:
-        """Run a dummy batch at the largest size (and size 1) on every forward thread, so that first requests pay
-        no allocation or lazy initialisation."""
-        h, w = self.preprocessor.cfg.output_size
-        self.batcher.warm_up([[torch.zeros(3, h, w)] * n for n in sorted({1, max_batch_size})])
-        self.ready = True
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
 
 
 def discover(store: Path) -> list[tuple[str, Path]]:
@@ -90,9 +62,10 @@ def discover(store: Path) -> list[tuple[str, Path]]:
 class ModelStore:
     """The loaded models by name; the first one (or ``default_model``) answers requests that name none."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, decode_pool: DecodePool) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.decode_pool = decode_pool
         self.models: dict[str, ServedModel] = {}
         self.default_name: str | None = settings.default_model
 
@@ -107,60 +80,80 @@ class ModelStore:
         if s.default_model is not None and s.default_model not in {n for n, _ in entries}:
             raise ModelStoreError(f"default model {s.default_model!r} is not in the store {s.model_store}")
         for name, path in entries:
-            started = time.perf_counter()
             try:
-                checkpoint = load_for_serving(path, s)
-            except CheckpointError as e:
-                raise ModelStoreError(f"model {name!r}: {e.message}") from e
-            if not checkpoint.config.architecture.classifies:
-                raise ModelStoreError(
-                    f"model {name!r}: {checkpoint.config.architecture.value} has no classification head; "
-                    "the service serves classifiers"
-                )
-            runner = ModelRunner(checkpoint)
-            on_cpu = checkpoint.device.type == "cpu"
-            batcher = Batcher(
-                name,
-                runner,
-                max_batch_size=s.max_batch_size,
-                max_batch_delay_s=s.max_batch_delay_ms / 1000,
-                max_queue_size=s.max_queue_size,
-                metrics=self.metrics,
-                forward_workers=s.forward_workers or default_forward_workers(checkpoint.device, threads),
-                intra_op_threads=threads if on_cpu else None,
-            )
-            served = ServedModel(
-                name,
-                checkpoint,
-                Preprocessor(checkpoint.preprocess, jpeg_draft=s.jpeg_draft),
-                runner,
-                batcher,
-                time.perf_counter() - started,
-            )
-            if s.warmup:
-                served.warm_up(s.max_batch_size)
-            served.ready = True
+                served = self._load(name, path, threads)
+            except ServiceError as e:
+                raise ModelLoadFailed(name, str(path), e.message) from e
+            except Exception as e:  # any failure stops start-up, named: never a store that is silently not ready
+                raise ModelLoadFailed(name, str(path), f"loading failed: {type(e).__name__}: {e}") from e
             self.models[name] = served
-            self.metrics.model_info.labels(
-                name, checkpoint.config.architecture.value, str(checkpoint.dtype).removeprefix("torch."),
-                str(checkpoint.device),
-            ).set(1)  # fmt: skip
-            log.info(
-                "model loaded",
-                extra={
-                    "model": name,
-                    "architecture": checkpoint.config.architecture.value,
-                    "parameters": checkpoint.num_parameters,
-                    "dtype": str(checkpoint.dtype).removeprefix("torch."),
-                    "device": str(checkpoint.device),
-                    "labels": checkpoint.config.num_labels,
-                    "load_s": round(served.load_seconds, 3),
-                    "total_s": round(time.perf_counter() - started, 3),
-                    "source": str(path),
-                },
-            )
         if self.default_name is None:
             self.default_name = entries[0][0]
+
+    def _load(self, name: str, path: Path, threads: int) -> ServedModel:
+        """Load, check and warm up one model; raises on any problem, leaving the store without it."""
+        s = self.settings
+        started = time.perf_counter()
+        checkpoint = load_for_serving(path, s)
+        if not checkpoint.config.architecture.classifies:
+            raise ModelStoreError(
+                f"{checkpoint.config.architecture.value} has no classification head; the service serves classifiers"
+            )
+        if checkpoint.config.num_channels != 3:
+            raise CheckpointError(
+                f"{checkpoint.source}: the model takes {checkpoint.config.num_channels} input channels; "
+                "the service feeds it RGB images (3)"
+            )
+        _check_weights(checkpoint)
+        on_cpu = checkpoint.device.type == "cpu"
+        runner = ModelRunner(
+            name,
+            checkpoint_forward(checkpoint),
+            forward_workers=s.forward_workers or default_forward_workers(checkpoint.device, threads),
+            intra_op_threads=threads if on_cpu else None,
+        )
+        batcher = Batcher(
+            name,
+            runner,
+            max_batch_size=s.max_batch_size,
+            max_batch_delay_s=s.max_batch_delay_ms / 1000,
+            max_queue_size=s.max_queue_size,
+            metrics=self.metrics,
+        )
+        served = ServedModel(
+            name,
+            checkpoint,
+            Preprocessor(checkpoint.preprocess, jpeg_draft=s.jpeg_draft),
+            batcher,
+            self.decode_pool,
+            self.metrics,
+            s.max_image_pixels,
+            load_seconds=time.perf_counter() - started,
+        )
+        if s.warmup:
+            served.warm_up(s.max_batch_size)
+        else:
+            served.probe()
+        served.ready = True
+        self.metrics.model_info.labels(
+            name, checkpoint.config.architecture.value, str(checkpoint.dtype).removeprefix("torch."),
+            str(checkpoint.device),
+        ).set(1)  # fmt: skip
+        log.info(
+            "model loaded",
+            extra={
+                "model": name,
+                "architecture": checkpoint.config.architecture.value,
+                "parameters": checkpoint.num_parameters,
+                "dtype": str(checkpoint.dtype).removeprefix("torch."),
+                "device": str(checkpoint.device),
+                "labels": checkpoint.config.num_labels,
+                "load_s": round(served.load_seconds, 3),
+                "total_s": round(time.perf_counter() - started, 3),
+                "source": str(path),
+            },
+        )
+        return served
 
     def get(self, name: str | None) -> ServedModel:
         key = name or self.default_name
@@ -168,7 +161,3 @@ class ModelStore:
             known = ", ".join(sorted(self.models)) or "none loaded yet"
             raise ModelNotFound(f"model {name!r} not found; available: {known}")
         return self.models[key]
-
-    @property
-    def ready(self) -> bool:
-        return bool(self.models) and all(m.ready for m in self.models.values())

@@ -22,15 +22,10 @@ from service.errors import (
     UnsupportedMediaType,
 )
 from service.request_context import RequestContext
+from service.served import EncodedImage
 from service.upload_budget import Reservation
 
 FILE_FIELD = "file"
-
-
-@dataclass
-class Upload:
-    filename: str
-    data: bytes
 
 
 @dataclass
@@ -77,23 +72,28 @@ async def _limited(
             return
 
 
+async def read_body(request: Request, max_bytes: int, context: RequestContext, reservation: Reservation) -> bytes:
+    """The whole body as it came, for protocols that parse it themselves; under the same limits as uploads."""
+    data = bytearray()
+    async for chunk in _limited(request, max_bytes, context, reservation):
+        data.extend(chunk)
+    return bytes(data)
+
+
 async def read_uploads(
     request: Request, max_bytes: int, max_files: int, context: RequestContext, reservation: Reservation
-) -> list[Upload]:
+) -> list[EncodedImage]:
     """Images of a multipart upload (repeated field ``file``) or of a raw ``image/*`` body."""
     content_type = request.headers.get("content-type", "")
     media_type, params = parse_options_header(content_type)
-    body = _limited(request, max_bytes, context, reservation)
     if media_type == b"multipart/form-data":
         boundary = params.get(b"boundary")
         if not boundary:
             raise BadRequest("multipart body without a boundary in its Content-Type")
-        uploads = await _read_multipart(body, boundary, max_files)
+        uploads = await _read_multipart(_limited(request, max_bytes, context, reservation), boundary, max_files)
     elif media_type.startswith(b"image/") or media_type == b"application/octet-stream":
-        data = bytearray()
-        async for chunk in body:
-            data.extend(chunk)
-        uploads = [Upload(request.headers.get("x-filename", "image"), bytes(data))]
+        data = await read_body(request, max_bytes, context, reservation)
+        uploads = [EncodedImage(request.headers.get("x-filename", "image"), data)]
     else:
         raise UnsupportedMediaType(
             f"Content-Type {content_type or 'missing'!r} is not accepted: send multipart/form-data with one or more "
@@ -104,8 +104,8 @@ async def read_uploads(
     return uploads
 
 
-async def _read_multipart(stream: AsyncIterator[bytes], boundary: bytes, max_files: int) -> list[Upload]:
-    uploads: list[Upload] = []
+async def _read_multipart(stream: AsyncIterator[bytes], boundary: bytes, max_files: int) -> list[EncodedImage]:
+    uploads: list[EncodedImage] = []
     part = _Part()
 
     def on_part_begin() -> None:
@@ -137,7 +137,7 @@ async def _read_multipart(stream: AsyncIterator[bytes], boundary: bytes, max_fil
 
     def on_part_end() -> None:
         if part.name == FILE_FIELD:
-            uploads.append(Upload(part.filename or f"file{len(uploads)}", bytes(part.data)))
+            uploads.append(EncodedImage(part.filename or f"file{len(uploads)}", bytes(part.data)))
             part.data = bytearray()  # one copy of each file at a time, not two
 
     callbacks = {

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from service.app import create_app
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
-DEMO_MODEL = REPO / "model_store" / "deit-tiny-digits"
+DEMO_MODEL = REPO / "service" / "data" / "model_store" / "deit-tiny-digits"
 
 
 def write_tiny_model(directory: Path, num_labels: int = 10, image_size: int = 32, seed: int = 0) -> Path:
@@ -144,6 +145,21 @@ def run_server(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def spawn_server(store: Path, tmp_path: Path, port: int, env: Mapping[str, str] | None = None) -> ServerProcess:
+    """Start ``python -m service`` on a given ``port`` (a replica its balancer expects there) and return at once;
+    the caller stops it (``stop_process``). Each start on a port gets its own log file."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("DEIT_")}
+    full_env.update({"DEIT_MODEL_STORE": str(store), "DEIT_PORT": str(port), "DEIT_HOST": "127.0.0.1"})
+    full_env.update(env or {})
+    starts = len(list(tmp_path.glob(f"server-{port}-*.log")))
+    log_path = tmp_path / f"server-{port}-{starts}.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service"], env=full_env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    return ServerProcess(process, f"http://127.0.0.1:{port}", log_path, full_env)
 
 
 def noise_image_bytes(seed: int, size: tuple[int, int] = (40, 36)) -> bytes:
@@ -317,3 +333,16 @@ def content_length(data: bytes) -> int:
 def expect_error(response: httpx.Response, status: int, code: str) -> None:
     assert response.status_code == status, response.text
     assert response.json()["error"]["code"] == code, response.text
+
+
+def multipart_body(images: list[bytes], boundary: str | None = None) -> tuple[bytes, str]:
+    """A complete multipart body with one ``file`` part per image, and its Content-Type."""
+    boundary = boundary or uuid.uuid4().hex
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{i}.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + data
+        + b"\r\n"
+        for i, data in enumerate(images)
+    ]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"

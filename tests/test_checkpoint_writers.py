@@ -23,12 +23,13 @@ import transformers
 from safetensors.torch import save_file
 from torch import Tensor
 
-from service.checkpoints import load_checkpoint
-from service.config import Architecture
 from service.errors import CheckpointError
-from service.model import DeiT, LayerScale
-from service.preprocessing import Preprocessor, decode_image
-from service.timm_convert import timm_to_hf
+from service.model.architecture import Architecture
+from service.model.checkpoints import load_checkpoint
+from service.model.decoding import decode_image
+from service.model.deit import DeiT, LayerScale
+from service.model.preprocessing import Preprocessor
+from service.model.timm import timm_to_hf
 from tests.factories import HFKind, hf_model
 from tests.serving import ServerProcess, noise_image_bytes, run_server
 

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
-from service.checkpoints import load_checkpoint, resolve_device, resolve_dtype
-from service.config import Architecture
 from service.errors import CheckpointError
+from service.model.architecture import Architecture
+from service.model.checkpoints import load_checkpoint, resolve_device, resolve_dtype
 from tests.factories import TINY, edit_config_json, hf_model, rewrite_safetensors, save_hf, save_timm
 
 HEADS = TINY["num_attention_heads"]

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.checkpoints import load_checkpoint
-from service.cuda_graphs import GraphedModel, bucket_for, bucket_sizes, fill_bucket
-from service.prepare import load_for_serving
+from service.model.checkpoints import load_checkpoint
+from service.model.cuda_graphs import GraphedModel, bucket_for, bucket_sizes, fill_bucket
+from service.model.prepare import load_for_serving
 from service.settings import Settings
 from tests.serving import write_tiny_model
 

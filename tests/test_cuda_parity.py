@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.prepare import load_for_serving
+from service.model.prepare import load_for_serving
 from service.settings import Settings
 from tests.factories import TINY, hf_model, save_hf
 

@@ -13,11 +13,12 @@ import pytest
 import torch
 from torch import Tensor
 
-from service.checkpoints import LoadedCheckpoint, load_checkpoint
-from service.preprocessing import Preprocessor, decode_image
+from service.model.checkpoints import LoadedCheckpoint, load_checkpoint
+from service.model.decoding import decode_image
+from service.model.preprocessing import Preprocessor
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL_DIR = ROOT / "model_store" / "deit-tiny-digits"
+MODEL_DIR = ROOT / "service" / "data" / "model_store" / "deit-tiny-digits"
 TRAINING_SCRIPT = ROOT / "scripts" / "train_default_model.py"
 MAX_BYTES = 5 * 1024 * 1024
 MAX_PIXELS = 40_000_000

@@ -2,7 +2,7 @@
 Dockerfile, checked for the structure that serving depends on and validated by the real tools where they exist.
 
 Tools: ``docker compose`` (or the standalone ``docker-compose`` v2), ``hadolint``, ``promtool`` and the
-``kubernetes-validate`` package. Without CI a missing tool skips its test; with ``CI`` set it fails.
+``kubernetes-validate`` and ``jsonschema`` packages. Without CI a missing tool skips its test; with ``CI`` set it fails.
 """
 
 from __future__ import annotations
@@ -478,7 +478,7 @@ def test_dockerfile_builds_in_stages_and_runs_unprivileged() -> None:
     assert copies == ["COPY --from=builder /opt/venv /opt/venv", "COPY --from=models /models /models"]
     (models,) = [stage for stage in stages[1:] if stage[0].endswith(" AS models")]
     model_copies = [line for line in models if line.startswith("COPY")]
-    assert model_copies == ["COPY model_store/deit-tiny-digits/ /models/deit-tiny-digits/"]
+    assert model_copies == ["COPY service/data/model_store/deit-tiny-digits/ /models/deit-tiny-digits/"]
     assert not any(re.search(r"\b(apt-get|pip) install\b", line) for line in runtime)
     env = " ".join(line for line in runtime if line.startswith("ENV"))
     assert "DEIT_HOST=0.0.0.0" in env
@@ -540,7 +540,7 @@ CONTEXT_NEEDED = (
     "README.md",
     "service/app.py",
     "service/data/imagenet1k_labels.txt",
-    "model_store/deit-tiny-digits/config.json",
+    "service/data/model_store/deit-tiny-digits/config.json",
 )
 
 
@@ -561,3 +561,213 @@ def test_hadolint_accepts_the_dockerfile() -> None:
         [hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------------------------------------------
+# KServe
+
+KSERVE = DEPLOY / "kserve"
+INFERENCE_SERVICE = KSERVE / "inferenceservice.yaml"
+# An excerpt of the InferenceService v1beta1 schema (KServe's Python SDK pulls in ~30 packages, among them a
+# protobuf older than the one installed beside us, so the field list is vendored rather than imported).
+KSERVE_SCHEMA = Path(__file__).resolve().parent / "fixtures" / "kserve" / "inferenceservice-v1beta1.schema.json"
+# What KServe requires of a custom predictor, and where its storage initializer puts a model.
+KSERVE_CONTAINER = "kserve-container"
+KSERVE_PORT = 8080
+KSERVE_MODEL_DIR = "/mnt/models"
+# URI schemes KServe's storage initializer understands.
+KSERVE_STORAGE_SCHEMES = ("pvc", "s3", "gs", "hdfs", "webhdfs", "https", "http", "oci", "hf")
+# Labels KServe puts on every predictor pod, besides the predictor's own labels.
+KSERVE_POD_LABELS = ("serving.kserve.io/inferenceservice", "component")
+
+
+def _kubernetes_validate() -> Any:
+    if importlib.util.find_spec("kubernetes_validate") is None:
+        _missing("kubernetes-validate", "PyPI 'kubernetes-validate'")
+    return importlib.import_module("kubernetes_validate")
+
+
+def _inference_service() -> dict[str, Any]:
+    (doc,) = _load_yaml_all(INFERENCE_SERVICE)
+    assert doc["kind"] == "InferenceService"
+    return doc
+
+
+def _predictor_pod(isvc: dict[str, Any], kserve_fields: set[str]) -> dict[str, Any]:
+    """The predictor's PodSpec part (every field KServe does not add) as a Pod, for Kubernetes' own schema."""
+    predictor = isvc["spec"]["predictor"]
+    metadata: dict[str, Any] = {"name": isvc["metadata"]["name"] + "-predictor"}
+    for key in ("labels", "annotations"):
+        if key in predictor:
+            metadata[key] = predictor[key]
+    spec = {k: v for k, v in predictor.items() if k not in kserve_fields}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
+
+
+def _inference_service_errors(isvc: dict[str, Any], version: str) -> list[str]:
+    """Schema errors of an InferenceService: KServe's fields against the vendored excerpt, its pod fields
+    against the PodSpec of Kubernetes ``version`` (strict: unknown fields are errors)."""
+    if importlib.util.find_spec("jsonschema") is None:
+        _missing("jsonschema", "PyPI 'jsonschema'")
+    jsonschema = importlib.import_module("jsonschema")
+    kubernetes_validate = _kubernetes_validate()
+    schema = json.loads(KSERVE_SCHEMA.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(isvc)]
+    kserve_fields = set(schema["$defs"]["predictor"]["properties"])
+    try:
+        kubernetes_validate.validate(_predictor_pod(isvc, kserve_fields), version, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        errors.append(f"spec.predictor (pod fields): {e.message}")
+    return errors
+
+
+def _kserve_container(isvc: dict[str, Any]) -> dict[str, Any]:
+    (container,) = isvc["spec"]["predictor"]["containers"]
+    assert isinstance(container, dict)
+    return container
+
+
+def _commented_model_store_env() -> list[dict[str, str]]:
+    """The env entries shown commented out in the manifest for serving a model store through KServe."""
+    lines = re.findall(r"^\s*#(\s+(?:- name|  value): .*)$", INFERENCE_SERVICE.read_text(), flags=re.MULTILINE)
+    assert lines, "the manifest shows how to serve another model store"
+    indent = min(len(line) - len(line.lstrip()) for line in lines)
+    entries = yaml.safe_load("\n".join(line[indent:] for line in lines))
+    assert isinstance(entries, list)
+    return entries
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_kserve_manifests_are_valid(version: str) -> None:
+    checked = 0
+    for path in sorted(KSERVE.glob("*.yaml")):
+        for doc in _load_yaml_all(path):
+            if doc["kind"] == "InferenceService":
+                assert _inference_service_errors(doc, version) == [], path.name
+            else:
+                _kubernetes_validate().validate(doc, version, strict=True)
+            checked += 1
+    assert checked >= 2
+
+
+@pytest.mark.parametrize(
+    ("where", "field"),
+    [
+        ("predictor", "minReplica"),  # misspelt KServe field
+        ("predictor", "protocolVersion"),  # a field of predictor.model, not of a custom predictor
+        ("predictor", "terminationGracePeriod"),  # misspelt pod field
+        ("container", "livenesProbe"),  # misspelt container field
+        ("spec", "predictors"),
+    ],
+)
+def test_kserve_schema_check_rejects_unknown_fields(where: str, field: str) -> None:
+    isvc = _inference_service()
+    target = {
+        "spec": isvc["spec"],
+        "predictor": isvc["spec"]["predictor"],
+        "container": _kserve_container(isvc),
+    }[where]
+    target[field] = 1
+    assert _inference_service_errors(isvc, K8S_VERSIONS[-1]), f"{where}.{field} went through"
+
+
+def test_kserve_schema_check_rejects_bad_values() -> None:
+    isvc = _inference_service()
+    isvc["spec"]["predictor"]["scaleMetric"] = "queue_depth"
+    isvc["spec"]["predictor"]["minReplicas"] = -1
+    _kserve_container(isvc)["ports"][0]["containerPort"] = "8080"
+    errors = _inference_service_errors(isvc, K8S_VERSIONS[-1])
+    assert any("scaleMetric" in e for e in errors), errors
+    assert any("minReplicas" in e for e in errors), errors
+    assert any("pod fields" in e for e in errors), errors
+
+
+def test_kserve_predictor_probes_port_image_and_drain() -> None:
+    isvc = _inference_service()
+    annotations = isvc["metadata"]["annotations"]
+    # A plain Deployment underneath: Knative mode would reject the preStop hook and override the grace period.
+    assert annotations["serving.kserve.io/deploymentMode"] in ("Standard", "RawDeployment")
+    predictor = isvc["spec"]["predictor"]
+    container = _kserve_container(isvc)
+    assert container["name"] == KSERVE_CONTAINER
+    env = _env(container)
+    assert env["PROTOCOL"] == "v2"
+    assert "PYTHONPATH" not in env, "KServe's admission webhook refuses it"
+
+    # Open Inference Protocol health routes, on the port the service listens on.
+    port = int(env["DEIT_PORT"])
+    assert port == KSERVE_PORT
+    (container_port,) = container["ports"]
+    assert container_port["containerPort"] == port
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert container[probe]["httpGet"]["port"] in (port, container_port["name"]), probe
+    assert predictor["annotations"]["prometheus.io/port"] == str(port)
+    assert predictor["annotations"]["prometheus.io/path"] == "/metrics"
+
+    # The same image, settings, sizing and shutdown sequence as the plain Kubernetes Deployment.
+    pod = _deployments()["cpu"]["spec"]["template"]["spec"]
+    (k8s,) = pod["containers"]
+    assert container["image"] == k8s["image"]
+    assert env["DEIT_HOST"] == "0.0.0.0"
+    skip = {"DEIT_PORT", "PROTOCOL", "STORAGE_URI"}
+    assert [e for e in container["env"] if e["name"] not in skip] == [e for e in k8s["env"] if e["name"] not in skip]
+    assert container["resources"] == k8s["resources"]
+    assert int(env["DEIT_TORCH_THREADS"]) <= float(container["resources"]["limits"]["cpu"])
+    assert container["lifecycle"] == k8s["lifecycle"]
+    assert predictor["terminationGracePeriodSeconds"] == pod["terminationGracePeriodSeconds"]
+    sleep = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep[0] == "sleep"
+    assert predictor["terminationGracePeriodSeconds"] > float(sleep[1]) + float(env["DEIT_DRAIN_TIMEOUT_S"])
+    assert predictor["securityContext"] == pod["securityContext"]
+    assert container["securityContext"] == k8s["securityContext"]
+    assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/tmp"}
+
+
+def test_kserve_replicas_autoscaling_and_disruption_budget() -> None:
+    isvc = _inference_service()
+    name = isvc["metadata"]["name"]
+    predictor = isvc["spec"]["predictor"]
+    assert 2 <= predictor["minReplicas"] <= predictor["maxReplicas"]
+    # KServe's HPA mode accepts cpu or memory; a CPU target is a utilization percentage.
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/autoscalerClass"] == "hpa"
+    assert predictor["scaleMetric"] == "cpu"
+    assert 1 <= predictor["scaleTarget"] <= 100
+    assert predictor["deploymentStrategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+    pod_labels = {KSERVE_POD_LABELS[0]: name, KSERVE_POD_LABELS[1]: "predictor", **predictor["labels"]}
+    (pdb,) = [doc for doc in _load_yaml_all(KSERVE / "pdb.yaml") if doc["kind"] == "PodDisruptionBudget"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert predictor["minReplicas"] - int(pdb["spec"]["maxUnavailable"]) >= 1
+    for constraint in predictor["topologySpreadConstraints"]:
+        assert constraint["labelSelector"]["matchLabels"].items() <= pod_labels.items()
+    # The plain Kubernetes Service and PDB select their own pods only.
+    (_, service) = _docs("Service")[0]
+    assert not service["spec"]["selector"].items() <= pod_labels.items()
+    assert pdb["metadata"]["name"] != _docs("PodDisruptionBudget")[0][1]["metadata"]["name"]
+
+
+def test_kserve_serves_the_demo_model_or_a_store_from_the_storage_initializer() -> None:
+    isvc = _inference_service()
+    env = _env(_kserve_container(isvc))
+    image_store = re.search(r"DEIT_MODEL_STORE=(\S+)", DOCKERFILE.read_text())
+    assert image_store is not None
+    # As shipped: the image's demo model, no storage initializer.
+    assert "STORAGE_URI" not in env
+    assert env["DEIT_MODEL_STORE"] == image_store.group(1)
+
+    # The example in the manifest's comments, put in place, is a valid InferenceService serving /mnt/models.
+    example = {e["name"]: e["value"] for e in _commented_model_store_env()}
+    assert example["DEIT_MODEL_STORE"] == KSERVE_MODEL_DIR
+    assert example["STORAGE_URI"].split("://")[0] in KSERVE_STORAGE_SCHEMES
+    container = _kserve_container(isvc)
+    container["env"] = [
+        {"name": "STORAGE_URI", "value": example["STORAGE_URI"]},
+        *({**e, "value": KSERVE_MODEL_DIR} if e["name"] == "DEIT_MODEL_STORE" else e for e in container["env"]),
+    ]
+    assert _inference_service_errors(isvc, K8S_VERSIONS[-1]) == []
+    # KServe mounts /mnt/models itself; a volume of ours there would clash with it.
+    assert KSERVE_MODEL_DIR not in {m["mountPath"] for m in container["volumeMounts"]}

@@ -26,7 +26,7 @@ import pytest
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = ROOT / "model_store" / "deit-tiny-digits" / "samples"
+SAMPLES = ROOT / "service" / "data" / "model_store" / "deit-tiny-digits" / "samples"
 IMAGE = "deit-serve:test"
 # A cold machine builds the base image and downloads PyTorch and every dependency.
 BASE_IMAGE_TIMEOUT_S = 1800

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from service.batching import Batcher
 from service.metrics import Metrics
+from service.runner import ModelRunner
 
 
 class RecordingRunner:
@@ -39,13 +40,11 @@ class RecordingRunner:
 def _batcher(runner: RecordingRunner, workers: int, threads: int | None, max_batch_size: int = 8) -> Batcher:
     return Batcher(
         "m",
-        runner,
+        ModelRunner("m", runner, forward_workers=workers, intra_op_threads=threads),
         max_batch_size=max_batch_size,
         max_batch_delay_s=0.0,
         max_queue_size=1000,
         metrics=Metrics(max_batch_size),
-        forward_workers=workers,
-        intra_op_threads=threads,
     )
 
 
@@ -105,7 +104,7 @@ async def test_one_worker_runs_one_batch_at_a_time() -> None:
 def test_warm_up_runs_on_every_forward_thread() -> None:
     runner = RecordingRunner(0.0)
     batcher = _batcher(runner, workers=2, threads=2)
-    batcher.warm_up([[torch.zeros(2)], [torch.zeros(2)] * 3])
+    batcher.runner.warm_up([[torch.zeros(2)], [torch.zeros(2)] * 3])
     asyncio.run(batcher.stop())
     names = sorted({name.rsplit("_", 1)[0] for name, _, _ in runner.calls})
     assert names == ["forward-m-0", "forward-m-1"]

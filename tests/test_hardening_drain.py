@@ -76,12 +76,14 @@ def test_drain_answers_accepted_requests_refuses_new_ones_and_exits_0(
 def test_a_drain_that_outlasts_its_timeout_answers_503_and_exits_0_in_bounded_time(
     slow_store: Path, tmp_path: Path
 ) -> None:
-    drain_timeout = 1.0
-    # One image per forward pass, one pass at a time: each request's 64 images take seconds, more than the drain.
+    drain_timeout = 0.5
+    # One float32 image per forward pass, one pass at a time: each request's 64 images take about a second or more
+    # (tens of ms each, even on CPUs with fast bf16 units), well past the drain.
     env = {
         "DEIT_MAX_BATCH_SIZE": "1",
         "DEIT_TORCH_THREADS": "1",
         "DEIT_FORWARD_WORKERS": "1",
+        "DEIT_DTYPE": "float32",
         "DEIT_DRAIN_TIMEOUT_S": str(drain_timeout),
     }
     with run_server(slow_store, tmp_path, env=env) as server, ThreadPoolExecutor(4) as pool:

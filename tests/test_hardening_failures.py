@@ -29,6 +29,7 @@ from tests.serving import (
     free_port,
     image_bytes,
     multipart,
+    multipart_body,
     run_server,
     serve_in_process,
     wait_until,
@@ -66,18 +67,6 @@ def raw_request(url: str, body: bytes, content_type: str, request_id: str, decla
         f"X-Request-ID: {request_id}\r\n\r\n"
     )
     return head.encode() + body
-
-
-def multipart_body(images: list[bytes]) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    parts = [
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{i}.png"\r\n'
-        f"Content-Type: image/png\r\n\r\n".encode()
-        + data
-        + b"\r\n"
-        for i, data in enumerate(images)
-    ]
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
 def access_record(server: ServerProcess, request_id: str) -> dict[str, Any]:
@@ -180,8 +169,8 @@ def batcher_of(server: InProcessServer) -> Batcher:
 
 def install(server: InProcessServer, oom_above: int) -> FaultyRunner:
     batcher = batcher_of(server)
-    runner = FaultyRunner(batcher._runner, oom_above)
-    batcher._runner = runner
+    runner = FaultyRunner(batcher.runner.forward, oom_above)
+    batcher.runner.forward = runner
     return runner
 
 

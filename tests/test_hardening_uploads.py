@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from service.errors import ServiceError
-from service.preprocessing import PreprocessConfig, Preprocessor, decode_image
+from service.model.decoding import decode_image
+from service.model.preprocessing import PreprocessConfig, Preprocessor
 from tests.serving import ServerProcess, expect_error, image_bytes, read_answer, run_server
 
 MAX_BYTES = 256 * 1024

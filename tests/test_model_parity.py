@@ -11,9 +11,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from service.checkpoints import load_checkpoint
-from service.config import Architecture
-from service.model import DeiT, SelfAttention
+from service.model.architecture import Architecture
+from service.model.checkpoints import load_checkpoint
+from service.model.deit import DeiT, SelfAttention
 from tests.factories import TINY, HFFormat, HFKind, TimmWrapping, hf_model, save_hf, save_timm
 
 ATOL = 1e-4

@@ -21,7 +21,8 @@ from skimage import data as skdata
 from transformers.models.deit.image_processing_pil_deit import DeiTImageProcessorPil
 
 from service.errors import EmptyUpload, ImageTooLarge, InvalidImage, UnsupportedMediaType
-from service.preprocessing import PreprocessConfig, Preprocessor, decode_image, to_rgb
+from service.model.decoding import decode_image, to_rgb
+from service.model.preprocessing import PreprocessConfig, Preprocessor
 
 ATOL = 1e-5
 MAX_PIXELS = 40_000_000

@@ -12,12 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from service.checkpoints import LoadedCheckpoint
 from service.cli import main
 from service.errors import CheckpointError
-from service.prepare import load_for_serving
-from service.preprocessing import Preprocessor, decode_image
-from service.quantization import cpu_has_int8_dot_product, int8_engine, is_int8
+from service.model.checkpoints import LoadedCheckpoint
+from service.model.decoding import decode_image
+from service.model.prepare import load_for_serving
+from service.model.preprocessing import Preprocessor
+from service.model.quantization import cpu_has_int8_dot_product, int8_engine, is_int8
 from service.settings import Settings
 from tests.serving import DEMO_MODEL, ServerProcess, run_server, wait_ready
 

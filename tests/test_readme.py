@@ -6,11 +6,14 @@ import json
 import re
 import signal
 import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from service.schemas import ModelInfo
 from tests.serving import DEMO_MODEL, REPO, free_port, wait_ready
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
@@ -36,6 +39,41 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert re.search(rf"^exec {re.escape(test_command)}\s*$", ci, flags=re.M), ci
 
 
+def _configuration_table_flags() -> list[str]:
+    """The flags named in the first column of the README's Configuration table, in order."""
+    section = README.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert rows, "README lost its Configuration table"
+    return [flag for row in rows for flag in re.findall(r"`(--[a-z0-9-]+)`", row.split("|")[1])]
+
+
+def test_configuration_table_lists_every_flag_of_the_help() -> None:
+    """Each flag `deit-serve --help` shows has a row in the README table, and the table names no flag that is gone."""
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "--help"], capture_output=True, text=True, timeout=120, check=True
+    )
+    options = result.stdout.split("options:", 1)[1]
+    help_flags = {m for m in re.findall(r"^  (--[a-z0-9-]+)", options, flags=re.M) if m != "--help"}
+    assert len(help_flags) > 20, result.stdout
+    in_table = _configuration_table_flags()
+    assert len(in_table) == len(set(in_table)), f"flags listed twice: {in_table}"
+    assert sorted(help_flags - set(in_table)) == [], "flags missing from README's Configuration table"
+    assert sorted(set(in_table) - help_flags) == [], "README's Configuration table names flags deit-serve lacks"
+
+
+def _models_example() -> list[dict[str, Any]]:
+    """The models listed in the README's `/v1/models` example output."""
+    match = re.search(r"\$ curl -s http://127\.0\.0\.1:8000/v1/models\n\s*(\{.*?\})\n", README)
+    assert match, "README lost its /v1/models example"
+    models: list[dict[str, Any]] = json.loads(match.group(1))["models"]
+    return models
+
+
+def test_models_example_has_exactly_the_fields_of_the_response_schema() -> None:
+    (shown,) = _models_example()
+    assert list(shown) == list(ModelInfo.model_fields)
+
+
 def test_serve_command_serves_the_demo_model(tmp_path: Path) -> None:
     """`scripts/serve` with no model flag sets up, loads the embedded model and classifies its samples."""
     command = _command(_bash_blocks()[0])
@@ -50,6 +88,7 @@ def test_serve_command_serves_the_demo_model(tmp_path: Path) -> None:
             assert response.status_code == 200, response.text
             assert response.json()["results"][0]["predictions"][0]["label"] == sample.name.split("_")[0]
         _check_curl_example(url)
+        _check_models_example(url)
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=60)
@@ -58,7 +97,11 @@ def test_serve_command_serves_the_demo_model(tmp_path: Path) -> None:
 
 
 def _check_curl_example(url: str) -> None:
-    """The README's curl output is what the service really answers (scores to 2 decimals across CPUs)."""
+    """The README's curl output is what the service really answers (scores to 2 decimals across CPUs and dtypes).
+
+    Classes whose scores lie within that tolerance of each other may come in either order (a near tie that
+    float32 and bfloat16 break differently); every other pair keeps the order shown.
+    """
     match = re.search(r"\$ curl -s -F file=@(\S+) '[^?]+\?top_k=(\d+)'\n(.*?)\n```", README, flags=re.S)
     assert match, "README lost its curl example"
     sample, top_k, shown_text = REPO / match.group(1), int(match.group(2)), match.group(3)
@@ -69,8 +112,26 @@ def _check_curl_example(url: str) -> None:
     live = response.json()
     assert live["model"] == shown["model"]
     live_preds, shown_preds = live["results"][0]["predictions"], shown["results"][0]["predictions"]
-    assert [p["label"] for p in live_preds] == [p["label"] for p in shown_preds]
-    assert [p["score"] for p in live_preds] == pytest.approx([p["score"] for p in shown_preds], abs=1e-2)
+    live_scores = {p["label"]: p["score"] for p in live_preds}
+    shown_scores = {p["label"]: p["score"] for p in shown_preds}
+    assert sorted(live_scores) == sorted(shown_scores)
+    assert live_scores == pytest.approx(shown_scores, abs=1e-2)
+    rank = {label: i for i, label in enumerate(live_scores)}
+    for i, first in enumerate(shown_preds):
+        for second in shown_preds[i + 1 :]:
+            if first["score"] - second["score"] > 1e-2:
+                assert rank[first["label"]] < rank[second["label"]], (first, second, live_preds)
+
+
+def _check_models_example(url: str) -> None:
+    """The README's /v1/models output is what the service answers, except dtype and device (machine-dependent)."""
+    live: list[dict[str, Any]] = httpx.get(f"{url}/v1/models").json()["models"]
+    machine_dependent = {"dtype", "device"}
+
+    def portable(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in m.items() if k not in machine_dependent} for m in models]
+
+    assert portable(live) == portable(_models_example())
 
 
 @pytest.mark.slow

@@ -18,10 +18,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.app import create_app
-from service.checkpoints import load_checkpoint
-from service.config import Architecture
 from service.metrics import Metrics
-from service.preprocessing import Preprocessor
+from service.model.architecture import Architecture
+from service.model.checkpoints import load_checkpoint
+from service.model.preprocessing import Preprocessor
 from service.settings import Settings
 from tests.serving import Scrape, noise_image_bytes, write_tiny_model
 

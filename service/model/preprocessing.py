@@ -1,24 +1,24 @@
-"""Image decoding and DeiT preprocessing, equal to HF's ``DeiTImageProcessor`` (PIL path) for RGB inputs.
+"""DeiT preprocessing, equal to HF's ``DeiTImageProcessor`` (PIL path) for RGB inputs.
 
-Order: decode → first frame → EXIF orientation → RGB (transparency composited on white) → bicubic resize →
-center crop → ×rescale_factor → (x − mean) / std → CHW float32.
+Order (decoding in ``service.model.decoding``): decode → first frame → EXIF orientation → RGB (transparency
+composited on white) → bicubic resize → center crop → ×rescale_factor → (x − mean) / std → CHW float32.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import warnings
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
-from service.errors import CheckpointError, EmptyUpload, ImageTooLarge, InvalidImage, UnsupportedMediaType
+from service.errors import CheckpointError, ImageTooLarge
+from service.model.decoding import to_rgb
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -28,6 +28,10 @@ IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
 # Resizing by shortest edge keeps the aspect ratio: a 1×N strip would otherwise become an image of N×224 pixels.
 MAX_RESIZED_PIXELS = 64 * 2**20
 _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+_FILTERS = ", ".join(f"{number} {name}" for number, name in _RESAMPLE_NAMES.items())
+# Largest side a preprocessor config may resize or crop to: the resize bound above, as a square.
+MAX_CONFIG_SIDE = 8192
+_FLOAT32_MAX = 3.4e38
 
 
 @dataclass(frozen=True)
@@ -49,17 +53,44 @@ class PreprocessConfig:
     image_mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
     image_std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
 
+    def __post_init__(self) -> None:
+        """Refuse what would fail or mislead on every request: the config is read once, requests are many."""
+        if self.resample not in _RESAMPLE_NAMES:
+            raise CheckpointError(f"resample must be a PIL filter number ({_FILTERS}), got {self.resample!r}")
+        sides = {"crop_size.height": self.crop_height, "crop_size.width": self.crop_width}
+        if self.do_resize:
+            if self.shortest_edge is None:
+                sides |= {"size.height": self.resize_height, "size.width": self.resize_width}
+            else:
+                sides["size.shortest_edge"] = self.shortest_edge
+        for where, side in sides.items():
+            if not 1 <= side <= MAX_CONFIG_SIDE:
+                raise CheckpointError(f"{where} must be from 1 to {MAX_CONFIG_SIDE} pixels, got {side}")
+        if not self.do_center_crop and (not self.do_resize or self.shortest_edge is not None):
+            raise CheckpointError(
+                "without do_center_crop, only a resize to a fixed size {height, width} gives every image the same "
+                "input size; otherwise each upload would keep its own size and images could not be batched"
+            )
+        if not (math.isfinite(self.rescale_factor) and self.rescale_factor > 0):
+            raise CheckpointError(f"rescale_factor must be a finite number above 0, got {self.rescale_factor}")
+        if not all(math.isfinite(m) for m in self.image_mean):
+            raise CheckpointError(f"image_mean must be finite numbers, got {list(self.image_mean)}")
+        if not all(math.isfinite(x) and x > 0 for x in self.image_std):
+            raise CheckpointError(f"image_std must be finite numbers above 0, got {list(self.image_std)}")
+        scale = self.rescale_factor if self.do_rescale else 1.0
+        extremes = [(v * scale - m) / d for m, d in zip(self.image_mean, self.image_std, strict=True) for v in (0, 255)]
+        if self.do_normalize and not all(abs(x) < _FLOAT32_MAX for x in extremes):
+            raise CheckpointError("image_std is so small that normalised pixels overflow float32")
+
     @property
     def output_size(self) -> tuple[int, int]:
         if self.do_center_crop:
             return self.crop_height, self.crop_width
-        if self.shortest_edge is not None:
-            raise ValueError("output size depends on the input when resizing by shortest edge without a crop")
         return self.resize_height, self.resize_width
 
     @property
     def resample_name(self) -> str:
-        return _RESAMPLE_NAMES.get(self.resample, str(self.resample))
+        return _RESAMPLE_NAMES[self.resample]
 
     @classmethod
     def for_image_size(cls, image_size: int) -> PreprocessConfig:
@@ -74,43 +105,48 @@ class PreprocessConfig:
             return cls.for_image_size(default_size)
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-            return cls.from_dict(raw)
-        except (OSError, ValueError, TypeError, KeyError) as e:
+        except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}: invalid preprocessor config ({e})") from e
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        return cls.from_dict(raw, source=str(path))
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> PreprocessConfig:
+    def from_dict(cls, raw: dict[str, Any], source: str = "preprocessor_config.json") -> PreprocessConfig:
+        """Read the fields ``DeiTImageProcessor`` uses; others (processor type, …) are ignored. A field of the
+        wrong type or out of range is a ``CheckpointError`` naming ``source`` and the field."""
+        try:
+            return cls._from_dict(raw)
+        except CheckpointError as e:
+            raise CheckpointError(f"{source}: {e.message}") from e
+
+    @classmethod
+    def _from_dict(cls, raw: dict[str, Any]) -> PreprocessConfig:
         d = cls()
-        size = raw.get("size", {"height": d.resize_height, "width": d.resize_width})
         shortest: int | None = None
-        if isinstance(size, int):
-            rh = rw = size
-        elif "shortest_edge" in size:
-            shortest, rh, rw = int(size["shortest_edge"]), 0, 0
+        size = _given(raw, "size", {"height": d.resize_height, "width": d.resize_width})
+        if isinstance(size, dict) and set(size) == {"shortest_edge"}:
+            shortest, rh, rw = _side(size["shortest_edge"], "size.shortest_edge"), 0, 0
         else:
-            rh, rw = int(size["height"]), int(size["width"])
-        crop = raw.get("crop_size", {"height": d.crop_height, "width": d.crop_width})
-        ch, cw = (crop, crop) if isinstance(crop, int) else (int(crop["height"]), int(crop["width"]))
-        mean = raw.get("image_mean", IMAGENET_STANDARD_MEAN)
-        std = raw.get("image_std", IMAGENET_STANDARD_STD)
-        mean = [float(mean)] * 3 if isinstance(mean, (int, float)) else [float(x) for x in mean]
-        std = [float(std)] * 3 if isinstance(std, (int, float)) else [float(x) for x in std]
-        if len(mean) != 3 or len(std) != 3:
-            raise ValueError("image_mean and image_std need 3 values")
+            rh, rw = _height_width(size, "size")
+        ch, cw = _height_width(_given(raw, "crop_size", {"height": d.crop_height, "width": d.crop_width}), "crop_size")
+        resample = _given(raw, "resample", d.resample)
+        if not _is_int(resample):
+            raise CheckpointError(f"resample must be a PIL filter number ({_FILTERS}), got {resample!r}")
         return cls(
-            do_resize=bool(raw.get("do_resize", True)),
+            do_resize=_flag(raw, "do_resize", d.do_resize),
             resize_height=rh,
             resize_width=rw,
             shortest_edge=shortest,
-            resample=int(raw.get("resample", d.resample)),
-            do_center_crop=bool(raw.get("do_center_crop", True)),
+            resample=resample,
+            do_center_crop=_flag(raw, "do_center_crop", d.do_center_crop),
             crop_height=ch,
             crop_width=cw,
-            do_rescale=bool(raw.get("do_rescale", True)),
-            rescale_factor=float(raw.get("rescale_factor", d.rescale_factor)),
-            do_normalize=bool(raw.get("do_normalize", True)),
-            image_mean=(mean[0], mean[1], mean[2]),
-            image_std=(std[0], std[1], std[2]),
+            do_rescale=_flag(raw, "do_rescale", d.do_rescale),
+            rescale_factor=_real(_given(raw, "rescale_factor", d.rescale_factor), "rescale_factor"),
+            do_normalize=_flag(raw, "do_normalize", d.do_normalize),
+            image_mean=_per_channel(_given(raw, "image_mean", IMAGENET_STANDARD_MEAN), "image_mean"),
+            image_std=_per_channel(_given(raw, "image_std", IMAGENET_STANDARD_STD), "image_std"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,99 +171,58 @@ class PreprocessConfig:
         }
 
 
-# --- decoding -------------------------------------------------------------------------------------------------
+def _given(raw: dict[str, Any], name: str, default: Any) -> Any:
+    """The field's value; absent or ``null`` takes the processor's default, as ``DeiTImageProcessor`` does."""
+    value = raw.get(name)
+    return default if value is None else value
 
 
-def decode_image(data: bytes, max_pixels: int, draft: tuple[int, int] | None = None) -> Image.Image:
-    """Decode an upload into an RGB image, refusing bombs before their pixels are decoded.
-
-    ``draft``: let the JPEG decoder scale down by 1/2, 1/4 or 1/8 while decoding, keeping at least this
-    (width, height). Much faster for large photos, but not the pixels of a full decode (opt-in, ``jpeg_draft``).
-    """
-    if not data:
-        raise EmptyUpload("the uploaded file is empty")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageTooLarge(f"image too large to decode: {e}") from e
-        except UnidentifiedImageError as e:
-            known = _format_by_signature(data)
-            if known is not None:  # the start of a PNG, JPEG… that Pillow could not make sense of: cut short or damaged
-                raise InvalidImage(f"{known} image is truncated or corrupt: its header could not be read") from e
-            raise UnsupportedMediaType("not an image in a format this service can read") from e
-        except NotImplementedError as e:  # a known format, in a variant Pillow cannot decode (e.g. DDS pixel formats)
-            raise UnsupportedMediaType(f"an image format variant this service cannot read: {e}") from e
-        except (OSError, SyntaxError, ValueError, TypeError, EOFError) as e:
-            raise InvalidImage(f"image header could not be read: {e}") from e
-        width, height = image.size
-        if width <= 0 or height <= 0:
-            raise InvalidImage(f"image has no pixels ({width}×{height})")
-        if width * height > max_pixels:
-            raise ImageTooLarge(f"image has {width}×{height} pixels, more than the limit of {max_pixels}")
-        try:
-            image.seek(0)  # first frame of animations
-            if draft is not None and image.format == "JPEG":
-                image.draft(None, draft)
-            image.load()
-            ImageOps.exif_transpose(image, in_place=True)  # not a copy of the whole image when upright already
-            return to_rgb(image)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageTooLarge(f"image too large to decode: {e}") from e
-        except NotImplementedError as e:
-            raise UnsupportedMediaType(f"an image format variant this service cannot read: {e}") from e
-        except (
-            OSError,
-            SyntaxError,
-            ValueError,
-            TypeError,
-            EOFError,
-            IndexError,
-            KeyError,
-            ZeroDivisionError,
-        ) as e:
-            raise InvalidImage(f"image data is truncated or corrupt: {e}") from e
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-_SIGNATURES = (
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"GIF87a", "GIF"),
-    (b"GIF89a", "GIF"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-)
+def _flag(raw: dict[str, Any], name: str, default: bool) -> bool:
+    value = raw.get(name, default)
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{name} must be true or false, got {value!r}")
+    return value
 
 
-def _format_by_signature(data: bytes) -> str | None:
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WebP"
-    return next((name for signature, name in _SIGNATURES if data.startswith(signature)), None)
+def _side(value: object, where: str) -> int:
+    if not _is_int(value):
+        raise CheckpointError(f"{where} must be an integer number of pixels, got {value!r}")
+    assert isinstance(value, int)
+    return value
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode to 8-bit RGB; transparency is composited on white, high bit depths scaled to 8 bits."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        image = _to_8bit(image)
-    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+def _height_width(value: object, where: str) -> tuple[int, int]:
+    """A size written as one number (square) or as ``{"height": h, "width": w}``."""
+    if isinstance(value, dict):
+        if set(value) != {"height", "width"}:
+            raise CheckpointError(
+                f"{where} must be a number or {{height, width}}"
+                + (" (or {shortest_edge})" if where == "size" else "")
+                + f", got keys {sorted(value)}"
+            )
+        return _side(value["height"], f"{where}.height"), _side(value["width"], f"{where}.width")
+    side = _side(value, where)
+    return side, side
 
 
-def _to_8bit(image: Image.Image) -> Image.Image:
-    arr = np.asarray(image).astype(np.float64)
-    if image.mode == "F":
-        scale = 255.0 if float(np.nanmax(arr, initial=0.0)) <= 1.0 else 1.0
-    else:
-        scale = 1 / 257 if float(arr.max(initial=0)) > 255 else 1.0
-    arr = np.nan_to_num(arr * scale, nan=0.0)
-    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+def _real(value: object, where: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise CheckpointError(f"{where} must be a number, got {value!r}")
+    return float(value)
+
+
+def _per_channel(value: object, where: str) -> tuple[float, float, float]:
+    """One number for all three channels, or a list of three."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (float(value),) * 3
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise CheckpointError(f"{where} must be a number or a list of 3 numbers (R, G, B), got {value!r}")
+    r, g, b = (_real(x, where) for x in value)
+    return r, g, b
 
 
 # --- preprocessing --------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from service.config import Architecture, DeiTConfig
+from service.model.architecture import Architecture, DeiTConfig
 
 
 class PatchEmbeddings(nn.Module):

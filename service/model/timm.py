@@ -11,8 +11,8 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from service.config import Architecture, DeiTConfig
 from service.errors import CheckpointError
+from service.model.architecture import Architecture, DeiTConfig
 
 _RENAMES = [
     (r"^cls_token$", "embeddings.cls_token"),

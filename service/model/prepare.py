@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from service.checkpoints import LoadedCheckpoint, load_checkpoint, resolve_device
-from service.cuda_graphs import GraphedModel, bucket_sizes
 from service.errors import CheckpointError
-from service.quantization import quantize_int8
+from service.model.checkpoints import LoadedCheckpoint, load_checkpoint, resolve_device
+from service.model.cuda_graphs import GraphedModel, bucket_sizes
+from service.model.quantization import quantize_int8
 from service.settings import Settings
 
 

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from service.model import DeiT
+from service.model.deit import DeiT
 
 Quantize = Literal["none", "int8"]
 # Engines with dynamic int8 Linear kernels on x86 / ARM CPUs.

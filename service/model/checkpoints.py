@@ -23,13 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from service.config import Architecture, DeiTConfig
 from service.errors import CheckpointError
-from service.hf_names import from_transformers5_names, has_transformers5_names
-from service.model import DeiT
-from service.preprocessing import PreprocessConfig
-from service.tf_checkpoints import H5_SUFFIXES, TF_WEIGHTS_NAME, is_tf_state_dict, read_keras_h5, tf_to_hf
-from service.timm_convert import is_timm_state_dict, timm_to_hf
+from service.model.architecture import Architecture, DeiTConfig
+from service.model.deit import DeiT
+from service.model.hf_names import from_transformers5_names, has_transformers5_names
+from service.model.preprocessing import PreprocessConfig
+from service.model.tf import H5_SUFFIXES, TF_WEIGHTS_NAME, is_tf_state_dict, read_keras_h5, tf_to_hf
+from service.model.timm import is_timm_state_dict, timm_to_hf
 
 PTH_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 WEIGHT_SUFFIXES = (*PTH_SUFFIXES, *H5_SUFFIXES)

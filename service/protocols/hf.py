@@ -1,0 +1,124 @@
+"""Hugging Face image-classification API (what ``InferenceClient.image_classification`` calls) over the engine.
+
+The body is the raw image (any Content-Type, or none), or JSON ``{"inputs": "<base64>", "parameters": {...}}``;
+the answer is transformers' image-classification pipeline output, ``[{"label", "score"}, ...]`` highest first.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Annotated, Any
+
+import torch
+from fastapi import APIRouter, Header, Request, Response
+from torch import Tensor
+
+from service.deps import Authorized, State, accepting_model, admit, json_response
+from service.errors import BadRequest, EmptyUpload, InvalidParameter, TooManyFiles
+from service.served import EncodedImage
+
+FUNCTIONS = ("softmax", "sigmoid", "none")
+DEFAULT_TOP_K = 5  # the pipeline's default
+
+
+Timeout = Annotated[float | None, Header(gt=0, description="seconds this request may take (capped by the server)")]
+router = APIRouter(tags=["Hugging Face API"], dependencies=[Authorized])
+_DESCRIPTION = (
+    'Raw image body, or JSON `{"inputs": "<base64 image>", "parameters": {"top_k": K, '
+    '"function_to_apply": "softmax"|"sigmoid"|"none"}}`. Answers `[{"label", "score"}]` highest first.'
+)
+
+
+@router.post("/", summary="Classify an image (Hugging Face API, default model)", description=_DESCRIPTION)
+async def classify_default(request: Request, state: State, x_request_timeout: Timeout = None) -> Response:
+    return await _classify(request, state, None, x_request_timeout)
+
+
+@router.post("/models/{model_name}", summary="Classify an image (Hugging Face API)", description=_DESCRIPTION)
+async def classify_named(
+    request: Request, state: State, model_name: str, x_request_timeout: Timeout = None
+) -> Response:
+    return await _classify(request, state, model_name, x_request_timeout)
+
+
+async def _classify(request: Request, state: State, model: str | None, timeout_s: float | None) -> Response:
+    settings = state.settings
+    served = accepting_model(state, model)
+    async with admit(request, state, served, timeout_s) as admitted:
+        body = await admitted.body()
+        content_type = request.headers.get("content-type", "")
+        # base64 of a large body: off the event loop
+        images, params, batched = await state.decode_pool.run(
+            admitted.context, lambda: parse_request(body, content_type, settings.max_files)
+        )
+        k, function = _parameters(params, len(served.labels))
+        logits = await admitted.logits([EncodedImage(f"image {i}", data) for i, data in enumerate(images)])
+    results = [_top_k(row, k, served.labels) for row in apply_function(logits, function)]
+    return json_response(results if batched else results[0])
+
+
+def parse_request(body: bytes, content_type: str, max_images: int) -> tuple[list[bytes], dict[str, Any], bool]:
+    """The images, the parameters, and whether ``inputs`` was a list (then the answer is a list per image)."""
+    if not body:
+        raise EmptyUpload("empty body: send an image, or JSON with a base64 image in 'inputs'")
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type != "application/json" and not (not media_type and body.lstrip()[:1] == b"{"):
+        return [body], {}, False
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"the body is not valid JSON: {e}") from e
+    if not isinstance(payload, dict) or "inputs" not in payload:
+        raise BadRequest("a JSON body must be an object with 'inputs' (a base64-encoded image)")
+    params = payload.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise BadRequest("'parameters' must be a JSON object")
+    inputs = payload["inputs"]
+    batched = isinstance(inputs, list)
+    values = inputs if batched else [inputs]
+    if len(values) > max_images:
+        raise TooManyFiles(f"{len(values)} images in one request; at most {max_images}")
+    if not values:
+        raise EmptyUpload("'inputs' is an empty list")
+    return [_b64_image(v, i) for i, v in enumerate(values)], params, batched
+
+
+def _b64_image(value: Any, index: int) -> bytes:
+    if not isinstance(value, str):
+        raise BadRequest(f"inputs[{index}] must be a base64-encoded image string")
+    if value.startswith(("http://", "https://")):
+        raise BadRequest(f"inputs[{index}] is a URL; the server does not fetch URLs: send the image itself")
+    if value.startswith("data:") and "," in value:
+        value = value.split(",", 1)[1]  # a data URI: its payload
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise BadRequest(f"inputs[{index}] is not valid base64: {e}") from e
+
+
+def _parameters(params: dict[str, Any], num_labels: int) -> tuple[int, str]:
+    """``top_k`` (default 5, capped at the labels, as the pipeline does) and ``function_to_apply``."""
+    k = params.get("top_k")
+    if k is None:
+        k = DEFAULT_TOP_K
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise InvalidParameter(f"top_k must be a positive integer, not {k!r}")
+    function = params.get("function_to_apply") or "softmax"
+    if function not in FUNCTIONS:
+        raise InvalidParameter(f"function_to_apply must be one of {', '.join(FUNCTIONS)}, not {function!r}")
+    return min(k, num_labels), str(function)
+
+
+def apply_function(logits: Tensor, function: str) -> Tensor:
+    if function == "softmax":
+        return torch.softmax(logits, dim=-1)
+    if function == "sigmoid":
+        return torch.sigmoid(logits)
+    return logits
+
+
+def _top_k(row: Tensor, k: int, labels: list[str]) -> list[dict[str, Any]]:
+    scores, indices = row.topk(k)
+    return [{"label": labels[i], "score": s} for s, i in zip(scores.tolist(), indices.tolist(), strict=True)]

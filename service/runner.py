@@ -1,0 +1,138 @@
+"""The forward passes of one model: its forward slots and their threads, warm-up, and the out-of-memory retry.
+
+Up to ``forward_workers`` batches run at once, batch i on forward thread i (one thread per slot). On CPU
+(``intra_op_threads`` set), only slot 0 ever splits a forward pass over several threads: all of them when it runs
+alone, all but one per other running batch otherwise; other slots run single-threaded. On two cores, two
+single-threaded passes side by side beat one pass split in two. And OpenMP spin-waits only while it manages no more
+threads than there are cores: a second thread team, even once, would slow every later forward pass down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import Tensor
+
+from service.model.checkpoints import LoadedCheckpoint
+
+log = logging.getLogger("deit_serve.runner")
+
+Forward = Callable[[Sequence[Tensor]], Tensor]
+
+
+def checkpoint_forward(checkpoint: LoadedCheckpoint) -> Forward:
+    """Stack, move, run: float32 logits (the average of the CLS and distillation heads) on the CPU."""
+    model, device, dtype = checkpoint.model, checkpoint.device, checkpoint.dtype
+    pin = device.type == "cuda"
+
+    def forward(pixels: Sequence[Tensor]) -> Tensor:
+        batch = torch.stack(list(pixels))
+        if pin:
+            batch = batch.pin_memory()
+        batch = batch.to(device, dtype=dtype, non_blocking=True)
+        with torch.inference_mode():
+            return model(batch).float().cpu()
+
+    return forward
+
+
+def default_forward_workers(device: torch.device, threads: int) -> int:
+    """Two batches at once, one per core, on a two-thread CPU; otherwise one batch on all threads."""
+    return 2 if device.type == "cpu" and threads == 2 else 1
+
+
+class ModelRunner:
+    """Forward slots of one model. Slots are claimed and freed on the event loop; passes run in their threads."""
+
+    def __init__(
+        self, model_name: str, forward: Forward, *, forward_workers: int = 1, intra_op_threads: int | None = None
+    ) -> None:
+        self.model_name = model_name
+        self.forward = forward
+        self.forward_workers = forward_workers
+        self._threads = intra_op_threads
+        self._executors = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{model_name}-{i}")
+            for i in range(forward_workers)
+        ]
+        self._running: list[asyncio.Future[Tensor] | None] = [None] * forward_workers
+
+    def free_slot(self) -> int | None:
+        return next((i for i, running in enumerate(self._running) if running is None), None)
+
+    async def wait_for_slot(self) -> None:
+        running = [f for f in self._running if f is not None]
+        if running:
+            await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+
+    def batch_limit(self, slot: int, queued: int, max_batch_size: int) -> int:
+        """A batch takes its share of ``max_batch_size`` when it will run beside others (others are running, or
+        more images are queued than one share), so that the batches in flight are of similar sizes."""
+        share = max(1, max_batch_size // self.forward_workers)
+        if self._others_running(slot) or queued > share:
+            return share
+        return max_batch_size
+
+    def start(self, slot: int, pixels: Sequence[Tensor], *, more_queued: bool) -> asyncio.Future[Tensor]:
+        """Run one batch on ``slot`` (claimed at once, freed when it ends); its future holds the outputs."""
+        threads = self._threads_for(slot, more_queued)
+        loop = asyncio.get_running_loop()
+        running = loop.run_in_executor(self._executors[slot], self._forward_with_oom_retry, pixels, threads)
+        self._running[slot] = running
+        running.add_done_callback(lambda _: self._free(slot))
+        return running
+
+    def _free(self, slot: int) -> None:
+        self._running[slot] = None
+
+    def _others_running(self, slot: int) -> bool:
+        return any(running is not None for i, running in enumerate(self._running) if i != slot)
+
+    def _threads_for(self, slot: int, more_queued: bool) -> int | None:
+        """Slot 0: all intra-op threads when its batch runs alone with nothing queued behind it, else one fewer
+        per other slot. Other slots: one."""
+        if self._threads is None:
+            return None
+        if slot != 0:
+            return 1
+        if not self._others_running(slot) and not more_queued:
+            return self._threads
+        return max(1, self._threads - (self.forward_workers - 1))
+
+    def warm_up(self, batches: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+        """Run ``batches`` on every forward thread (blocking), so that first requests pay no lazy initialisation;
+        returns their outputs, for the caller to check."""
+        outputs = []
+        for slot, executor in enumerate(self._executors):
+            threads = self._threads if slot == 0 else (None if self._threads is None else 1)
+            for pixels in batches:
+                outputs.append(executor.submit(self._forward_with_oom_retry, pixels, threads).result())
+        return outputs
+
+    async def stop(self) -> None:
+        """Let the batches already in a forward thread finish, then end the threads."""
+        running = [f for f in self._running if f is not None]
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
+        for executor in self._executors:
+            executor.shutdown(wait=True)
+
+    def _forward_with_oom_retry(self, pixels: Sequence[Tensor], threads: int | None = None) -> Tensor:
+        """Run the batch (on ``threads`` intra-op threads: set for this thread only); on out-of-memory, retry once
+        as two half batches."""
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            return self.forward(pixels)
+        except torch.OutOfMemoryError:
+            if len(pixels) == 1:
+                raise
+            log.warning("out of memory on a batch of %d; retrying as two halves", len(pixels))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(pixels) // 2
+            return torch.cat([self.forward(pixels[:half]), self.forward(pixels[half:])])

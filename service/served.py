@@ -1,0 +1,206 @@
+"""One served model: the façade every front door calls (native API, Open Inference Protocol, Hugging Face API).
+
+It takes encoded images or preprocessed pixels, a deadline and cancel signal (``RequestContext``), and returns
+plain results; its decoding threads, limits, queue, forward slots and metrics are bound when it is built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import io
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from service.batching import Batcher
+from service.decode_pool import DecodePool
+from service.errors import ClientGone, ModelStoreError, ServiceError, ShuttingDown
+from service.metrics import Metrics
+from service.model.checkpoints import LoadedCheckpoint
+from service.model.decoding import decode_image
+from service.model.preprocessing import Preprocessor
+from service.request_context import RequestContext
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An uploaded image file as received; ``name`` labels it in results and error messages."""
+
+    name: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    index: int
+    score: float
+
+
+@dataclass
+class RequestStats:
+    """What the request saw of batching, for its log line."""
+
+    images: int = 0
+    batch_sizes: tuple[int, ...] = ()
+    queue_ms: float = 0.0
+    inference_ms: float = 0.0
+
+
+Inputs = Sequence[EncodedImage] | Tensor  # encoded images, or preprocessed pixels [N, 3, H, W]
+
+
+@dataclass(eq=False)
+class ServedModel:
+    name: str
+    checkpoint: LoadedCheckpoint
+    preprocessor: Preprocessor
+    batcher: Batcher
+    decode_pool: DecodePool
+    metrics: Metrics
+    max_pixels: int
+    load_seconds: float = 0.0
+    ready: bool = False
+    labels: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.labels = self.checkpoint.labels
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.preprocessor.cfg.output_size
+
+    # --- requests ----------------------------------------------------------------------------------------------
+
+    async def logits(self, inputs: Inputs, context: RequestContext, stats: RequestStats | None = None) -> Tensor:
+        """Logits ``[N, num_labels]`` (the average of the CLS and distillation heads) of the inputs: encoded images
+        are decoded taking turns with other requests for the decoding threads; all of them then share forward
+        passes with other requests' images. Ends at the context's deadline or cancel signal, in any stage."""
+        stats = stats if stats is not None else RequestStats()
+        batcher = self.batcher
+        count = len(inputs)
+        stats.images = count
+        with batcher.admit(count) as admission:
+            if isinstance(inputs, Tensor):
+                pixels = list(inputs.float().unbind(0))
+            else:
+                pixels = await self._decode(inputs, context)
+            items = batcher.enqueue(admission, pixels, context.deadline)
+        try:
+            rows = await context.run(asyncio.gather(*(i.future for i in items)))
+        except ServiceError:
+            if context.stopped:  # withdraw the images that have not run yet
+                batcher.cancel(items, _stop_reason(context))
+            raise
+        stats.batch_sizes = tuple(sorted({i.batch_size for i in items}))
+        stats.queue_ms = max(i.queue_s for i in items) * 1000
+        stats.inference_ms = max(i.forward_s for i in items) * 1000
+        return torch.stack(rows)
+
+    async def classify(
+        self, inputs: Inputs, *, top_k: int, context: RequestContext, stats: RequestStats | None = None
+    ) -> list[list[Prediction]]:
+        """The ``top_k`` classes of each input, by softmax of the averaged logits, highest first."""
+        probs = torch.softmax(await self.logits(inputs, context, stats), dim=-1)
+        scores, indices = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+        labels = self.labels
+        return [
+            [Prediction(labels[i], i, s) for s, i in zip(row_scores, row_indices, strict=True)]
+            for row_scores, row_indices in zip(scores.tolist(), indices.tolist(), strict=True)
+        ]
+
+    async def _decode(self, images: Sequence[EncodedImage], context: RequestContext) -> list[Tensor]:
+        jobs = self.decode_pool.submit(context, [functools.partial(self._decode_one, image) for image in images])
+        try:
+            return await context.run(asyncio.gather(*jobs))
+        except BaseException:
+            for job in jobs:
+                job.cancel()
+            if context.stopped:  # none of its images will run: those not decoded yet never start
+                self.metrics.dropped.labels(self.name, _stop_reason(context)).inc(len(images))
+            raise
+
+    def _decode_one(self, image: EncodedImage) -> Tensor:
+        """Decode and preprocess one image (in a decoding thread)."""
+        started = time.perf_counter()
+        try:
+            pixels = self.preprocessor(decode_image(image.data, self.max_pixels, self.preprocessor.draft_size))
+        except ServiceError as e:
+            e.message = f"{image.name}: {e.message}"
+            raise
+        self.metrics.preprocess_duration.labels(self.name).observe(time.perf_counter() - started)
+        return pixels
+
+    # --- start-up ----------------------------------------------------------------------------------------------
+
+    @property
+    def preprocess_source(self) -> str:
+        """Where the model's preprocessing comes from, for error messages."""
+        source = self.checkpoint.source
+        path = (source if source.is_dir() else source.parent) / "preprocessor_config.json"
+        return str(path) if path.is_file() else f"the default preprocessing of {source}"
+
+    def probe(self) -> Tensor:
+        """Decode and preprocess a synthetic photo-like JPEG the way uploads are, so that a preprocessing config
+        that cannot produce the model's input fails start-up instead of every request."""
+        try:
+            pixels = self.preprocessor(decode_image(PROBE_JPEG, PROBE_PIXELS, self.preprocessor.draft_size))
+        except Exception as e:
+            raise ModelStoreError(f"{self.preprocess_source}: preprocessing fails: {type(e).__name__}: {e}") from e
+        expected = (3, *self.input_size)
+        finite = bool(torch.isfinite(pixels).all())
+        if tuple(pixels.shape) != expected or not finite:
+            got = f"shape {tuple(pixels.shape)}" if finite else "NaN or infinite values"
+            raise ModelStoreError(f"{self.preprocess_source}: preprocessing gave {got}, not {expected} finite values")
+        return pixels
+
+    def warm_up(self, max_batch_size: int) -> None:
+        """Run the probe image through the model at the largest batch size (and size 1) on every forward thread,
+        so that first requests pay no allocation or lazy initialisation, and check the scores that come out."""
+        pixels = self.probe()
+        sizes = sorted({1, max_batch_size})
+        try:
+            outputs = self.batcher.runner.warm_up([[pixels] * n for n in sizes])
+        except Exception as e:
+            raise ModelStoreError(
+                f"warm-up forward pass on the output of {self.preprocess_source} failed: {type(e).__name__}: {e}"
+            ) from e
+        classes = len(self.labels)
+        for probs in outputs:
+            if probs.ndim != 2 or probs.shape[1] != classes:
+                raise ModelStoreError(f"warm-up gave scores of shape {tuple(probs.shape)}, not (batch, {classes})")
+            if not bool(torch.isfinite(probs).all()):
+                raise ModelStoreError(
+                    f"warm-up forward pass gave non-finite scores (NaN or infinity) from the weights in "
+                    f"{self.checkpoint.source} on the output of {self.preprocess_source}"
+                )
+        self.ready = True
+
+
+def _stop_reason(context: RequestContext) -> str:
+    if isinstance(context.error, ClientGone):
+        return "disconnect"
+    if isinstance(context.error, ShuttingDown):
+        return "shutdown"
+    return "deadline"
+
+
+def _probe_jpeg() -> bytes:
+    """A 160×120 JPEG of smooth gradients and seeded noise: decodes through the same path as an upload."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:120, 0:160]
+    base = np.stack([x * 255 / 159, y * 255 / 119, (x + y) * 255 / 278], axis=-1)
+    pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+PROBE_JPEG = _probe_jpeg()
+PROBE_PIXELS = 160 * 120

@@ -114,6 +114,7 @@ def test_an_int8_server_answers_top1_like_float32_on_the_demo_samples(servers: d
         answers[quantize] = [r["predictions"][0]["label"] for r in response.json()["results"]]
     assert answers["int8"] == answers["none"]
     assert answers["int8"] == [p.name[0] for p in SAMPLES]
-    models = httpx.get(f"{servers['int8'].url}/v1/models").json()["models"]
-    assert [m["dtype"] for m in models] == ["float32"]
+    models = {q: httpx.get(f"{server.url}/v1/models").json()["models"] for q, server in servers.items()}
+    assert [m["dtype"] for m in models["int8"]] == ["float32"]
+    assert models["int8"][0]["parameters"] == models["none"][0]["parameters"] > 100_000
     assert "Traceback" not in servers["int8"].log()

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import __version__
 from service.decode_pool import DecodePool
 from service.deps import AppState, json_response
-from service.errors import ModelLoadFailed, ServiceError
+from service.errors import CheckpointError, ModelLoadFailed, ServiceError
 from service.lifecycle import Lifecycle, Phase
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
@@ -112,9 +112,12 @@ async def _load_models(
 
 
 def _unexpected_cause(error: BaseException) -> BaseException | None:
-    """The first error in the chain that is not one of our own checks: its traceback goes in the same JSON line."""
+    """The first error in the chain that is not one of our own checks: its traceback goes in the same JSON line.
+    None when a checkpoint was found at fault: its message names the file and what is wrong with it."""
     cause: BaseException | None = error
     while isinstance(cause, ServiceError):
+        if isinstance(cause, CheckpointError):
+            return None
         cause = cause.__cause__
     return cause
 

@@ -14,7 +14,8 @@ def presented_key(request: Request) -> str | None:
     scheme, _, token = header.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
-    return request.headers.get("x-api-key")
+    key = request.headers.get("x-api-key")
+    return key.strip() if key is not None else None  # surrounding blanks are not part of a key, as for Bearer
 
 
 def check_api_key(request: Request, keys: tuple[str, ...]) -> None:

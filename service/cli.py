@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import typing
 from collections.abc import Sequence
@@ -12,9 +13,12 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.app import create_app
+from service.http_limits import HttpLimits
 from service.logs import configure_logging
 from service.server import ANSWER_GRACE_S, DrainingServer
 from service.settings import Settings
+
+log = logging.getLogger("deit_serve.cli")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +47,32 @@ def load_settings(argv: Sequence[str] | None = None) -> Settings:
     return Settings(**overrides)
 
 
+def http_options(settings: Settings) -> dict[str, Any]:
+    """The HTTP protocol for uvicorn: httptools with every limit, or, without httptools, h11 with those it has."""
+    limits = HttpLimits(
+        max_header_bytes=settings.max_header_bytes,
+        max_headers=settings.max_headers,
+        header_timeout_s=settings.header_timeout_s,
+        max_connections=settings.max_connections,
+    )
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        log.warning(
+            "httptools is not installed (pip install 'deit-serve[fast]'): serving with h11, which bounds what it "
+            "holds of a request head but not its header count or its time, and answers parser errors and the "
+            "connection limit in text/plain"
+        )
+        return {
+            "http": "h11",
+            "h11_max_incomplete_event_size": limits.max_header_bytes,
+            "limit_concurrency": limits.max_connections,
+        }
+    from service.http_protocol import limited_protocol
+
+    return {"http": limited_protocol(limits)}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         settings = load_settings(argv)
@@ -67,7 +97,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         access_log=False,
         timeout_graceful_shutdown=ANSWER_GRACE_S,
         loop="auto",
-        http="auto",
+        ws="none",
+        timeout_keep_alive=settings.keep_alive_timeout_s,
+        backlog=settings.backlog,
+        **http_options(settings),
     )
     server = DrainingServer(config, app.state.lifecycle, settings.drain_timeout_s)
     server.run()

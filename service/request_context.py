@@ -88,8 +88,10 @@ class RequestContext:
             return task.result()
         task.cancel()
         task.add_done_callback(_consume)
-        self.check(timeout_error)
-        raise (timeout_error or _deadline_passed)()  # the wait timed out a hair before the deadline
+        if self.error is None:  # the deadline: from now on the request is stopped, whatever the clock says
+            self.cancel((timeout_error or _deadline_passed)())
+        assert self.error is not None
+        raise self.error
 
 
 def _deadline_passed() -> ServiceError:

@@ -110,6 +110,7 @@ async def get_model(name: str, state: State) -> ModelInfo:
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+@router.head("/healthz", include_in_schema=False)  # probes that only look at the status
 async def healthz() -> Health:
     return Health(status="alive")
 
@@ -120,6 +121,7 @@ async def healthz() -> Health:
     summary="Readiness: every model loaded and warm, not draining",
     responses=_errors(503),
 )
+@router.head("/readyz", include_in_schema=False)
 async def readyz(state: State) -> Health:
     phase = state.lifecycle.phase
     if phase is not Phase.READY:

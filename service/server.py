@@ -1,11 +1,15 @@
-"""uvicorn with a drain phase: on SIGTERM/SIGINT, /readyz and new work answer 503 at once, accepted requests
+"""uvicorn with a drain phase: on SIGTERM/SIGINT/SIGHUP, /readyz and new work answer 503 at once, accepted requests
 finish (up to the drain timeout), then the server stops and the process exits 0."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import socket
+import threading
+from collections.abc import Iterator
 from types import FrameType
 
 import uvicorn
@@ -30,6 +34,21 @@ class DrainingServer(uvicorn.Server):
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's signals plus SIGHUP, whose default action (a terminal or supervisor hanging up) kills the
+        process with no drain; the previous handlers come back afterwards."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        signals = {*uvicorn.server.HANDLED_SIGNALS, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])}
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def fail(self) -> None:
         """Stop with a non-zero exit code (the models could not be loaded)."""

@@ -69,9 +69,19 @@ class Settings(BaseSettings):
         0,
         ge=0,
         description="request-body bytes held in memory at once, all requests together; more are refused (503) "
-        "before they are read (0: auto: a quarter of the memory, at least 4 largest uploads)",
+        "before they are read (0: auto: 8 largest uploads, at most an eighth of the memory)",
     )
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long accepted requests may finish")
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="largest request head (request line and headers) before 431"
+    )
+    max_headers: int = Field(100, ge=1, le=10_000, description="most header fields in a request before 431")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="time to send a complete request head; also closes a new connection that sends nothing"
+    )
+    keep_alive_timeout_s: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this")
+    max_connections: int = Field(1024, ge=1, description="open connections; one more is answered 503 and closed")
+    backlog: int = Field(2048, ge=1, description="connections the kernel queues before the server accepts them")
     api_keys: Annotated[tuple[str, ...], NoDecode] = Field((), description="comma-separated API keys; empty: no auth")
     protect_metrics: bool = Field(False, description="require an API key on /metrics too")
     warmup: bool = Field(True, description="run a dummy batch per model before reporting ready")
@@ -82,7 +92,11 @@ class Settings(BaseSettings):
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
-            return tuple(k.strip() for k in value.split(",") if k.strip())
+            keys = tuple(k.strip() for k in value.split(",") if k.strip())
+            if value.strip() and not keys:
+                # Only separators and blanks: a typo that would otherwise turn authentication off in silence.
+                raise ValueError(f"{value!r} holds no API key; leave the setting empty to serve without keys")
+            return keys
         return value
 
     @field_validator("model_store")

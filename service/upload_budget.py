@@ -16,9 +16,9 @@ from prometheus_client import Gauge
 
 from service.errors import Overloaded
 
-# With no budget set: this share of the memory the process may use, and at least this many full-size uploads.
-_MEMORY_SHARE = 0.25
-_MIN_UPLOADS = 4
+# With no budget set: room for this many largest uploads at once, but no more than this share of the memory.
+_DEFAULT_UPLOADS = 8
+_MEMORY_SHARE = 1 / 8
 
 
 def memory_limit_bytes() -> int:
@@ -33,7 +33,8 @@ def memory_limit_bytes() -> int:
 
 
 def default_budget_bytes(max_upload_bytes: int) -> int:
-    return max(_MIN_UPLOADS * max_upload_bytes, int(memory_limit_bytes() * _MEMORY_SHARE))
+    """8 largest uploads (160 MiB by default), capped at an eighth of the memory, and never below one upload."""
+    return max(max_upload_bytes, min(_DEFAULT_UPLOADS * max_upload_bytes, int(memory_limit_bytes() * _MEMORY_SHARE)))
 
 
 class UploadBudget:

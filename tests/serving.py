@@ -335,6 +335,15 @@ def expect_error(response: httpx.Response, status: int, code: str) -> None:
     assert response.json()["error"]["code"] == code, response.text
 
 
+def plain_error(response: httpx.Response, status: int) -> str:
+    """The message of an error in the ``{"error": "<message>"}`` shape (Open Inference Protocol, Hugging Face)."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    assert isinstance(body["error"], str)
+    return str(body["error"])
+
+
 def multipart_body(images: list[bytes], boundary: str | None = None) -> tuple[bytes, str]:
     """A complete multipart body with one ``file`` part per image, and its Content-Type."""
     boundary = boundary or uuid.uuid4().hex

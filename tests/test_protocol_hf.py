@@ -13,7 +13,7 @@ import torch
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
 
-from tests.serving import ServerProcess, noise_image_bytes, run_server, write_tiny_model
+from tests.serving import ServerProcess, noise_image_bytes, plain_error, run_server, write_tiny_model
 
 KEY = "hf-test-key"
 MAX_FILES = 3
@@ -125,32 +125,26 @@ def test_wrong_token_is_refused(server: ServerProcess, image_path: Path) -> None
     assert caught.value.response.json() == {"error": "the API key is not valid"}
 
 
-def _error(r: httpx.Response, status: int) -> str:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"}
-    assert isinstance(body["error"], str)
-    return str(body["error"])
-
-
 def test_errors(server: ServerProcess) -> None:
     url = f"{server.url}/"
-    assert "base64" in _error(httpx.post(url, json={"inputs": "%%%"}, headers=AUTH), 400)
-    assert "URL" in _error(httpx.post(url, json={"inputs": "https://example.com/x.jpg"}, headers=AUTH), 400)
-    assert "nope" in _error(httpx.post(f"{server.url}/models/nope", content=b"x", headers=AUTH), 404)
+    assert "base64" in plain_error(httpx.post(url, json={"inputs": "%%%"}, headers=AUTH), 400)
+    assert "URL" in plain_error(httpx.post(url, json={"inputs": "https://example.com/x.jpg"}, headers=AUTH), 400)
+    assert "nope" in plain_error(httpx.post(f"{server.url}/models/nope", content=b"x", headers=AUTH), 404)
     image = base64.b64encode(noise_image_bytes(3)).decode()
     bad_function = {"inputs": image, "parameters": {"function_to_apply": "tanh"}}
-    assert "function_to_apply" in _error(httpx.post(url, json=bad_function, headers=AUTH), 422)
-    assert "top_k" in _error(httpx.post(url, json={"inputs": image, "parameters": {"top_k": 0}}, headers=AUTH), 422)
+    assert "function_to_apply" in plain_error(httpx.post(url, json=bad_function, headers=AUTH), 422)
+    assert "top_k" in plain_error(
+        httpx.post(url, json={"inputs": image, "parameters": {"top_k": 0}}, headers=AUTH), 422
+    )
     too_many = {"inputs": [image] * (MAX_FILES + 1)}
-    assert f"at most {MAX_FILES}" in _error(httpx.post(url, json=too_many, headers=AUTH), 413)
-    assert "empty" in _error(httpx.post(url, content=b"", headers=AUTH), 422)
-    assert _error(httpx.post(url, content=b"not an image", headers=AUTH), 415)
+    assert f"at most {MAX_FILES}" in plain_error(httpx.post(url, json=too_many, headers=AUTH), 413)
+    assert "empty" in plain_error(httpx.post(url, content=b"", headers=AUTH), 422)
+    assert plain_error(httpx.post(url, content=b"not an image", headers=AUTH), 415)
 
 
 def test_open_inference_protocol_needs_the_key_too(server: ServerProcess) -> None:
     """On a server with API keys, V2 health stays open (probes) while metadata and inference need a key."""
     assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
-    assert "API key" in _error(httpx.get(f"{server.url}/v2/models/tiny"), 401)
-    assert "API key" in _error(httpx.post(f"{server.url}/v2/models/tiny/infer", json={}), 401)
+    assert "API key" in plain_error(httpx.get(f"{server.url}/v2/models/tiny"), 401)
+    assert "API key" in plain_error(httpx.post(f"{server.url}/v2/models/tiny/infer", json={}), 401)
     assert httpx.get(f"{server.url}/v2/models/tiny", headers=AUTH).status_code == 200

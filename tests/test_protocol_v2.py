@@ -24,7 +24,7 @@ from tritonclient.utils import InferenceServerException
 from service.model.checkpoints import load_checkpoint
 from service.model.decoding import decode_image
 from service.model.preprocessing import Preprocessor
-from tests.serving import Scrape, ServerProcess, run_server, wait_until
+from tests.serving import Scrape, ServerProcess, plain_error, run_server, wait_until
 
 MAX_FILES = 4
 NUM_LABELS = 10
@@ -213,45 +213,37 @@ def test_timeout_is_in_microseconds(server: ServerProcess, client: triton.Infere
     assert client.infer("tiny", [_bytes_input(IMAGES[:1])], timeout=0).as_numpy("logits") is not None  # none set
 
 
-def _error(r: httpx.Response, status: int) -> str:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"}
-    assert isinstance(body["error"], str)
-    return str(body["error"])
-
-
 def test_errors_take_the_protocol_shape(server: ServerProcess, pixels: np.ndarray) -> None:
     one = {"name": "image", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": 100}}
     body, headers = _binary_request({"inputs": [one]}, b"\x00" * 10)
-    assert "runs past the end" in _error(httpx.post(_infer_url(server), content=body, headers=headers), 400)
+    assert "runs past the end" in plain_error(httpx.post(_infer_url(server), content=body, headers=headers), 400)
     framed = struct.pack("<I", 500) + b"x" * 20  # an element longer than its tensor
     one["parameters"] = {"binary_data_size": len(framed)}
     body, headers = _binary_request({"inputs": [one]}, framed)
-    assert "BYTES element 0" in _error(httpx.post(_infer_url(server), content=body, headers=headers), 400)
+    assert "BYTES element 0" in plain_error(httpx.post(_infer_url(server), content=body, headers=headers), 400)
     body, headers = _binary_request({"inputs": []}, b"")
     headers["Inference-Header-Content-Length"] = "999"
     short = httpx.post(_infer_url(server), content=body, headers=headers)
-    assert "Inference-Header-Content-Length" in _error(short, 400)
-    assert "nope" in _error(httpx.post(_infer_url(server, "nope"), json={"inputs": []}), 404)
-    assert "version" in _error(httpx.post(f"{server.url}/v2/models/tiny/versions/2/infer", json={}), 404)
-    assert _error(httpx.get(f"{server.url}/v2/models/nope"), 404)
-    assert _error(httpx.get(f"{server.url}/v2/nothing/here"), 404)
+    assert "Inference-Header-Content-Length" in plain_error(short, 400)
+    assert "nope" in plain_error(httpx.post(_infer_url(server, "nope"), json={"inputs": []}), 404)
+    assert "version" in plain_error(httpx.post(f"{server.url}/v2/models/tiny/versions/2/infer", json={}), 404)
+    assert plain_error(httpx.get(f"{server.url}/v2/models/nope"), 404)
+    assert plain_error(httpx.get(f"{server.url}/v2/nothing/here"), 404)
     many = [base64.b64encode(IMAGES[0]).decode()] * (MAX_FILES + 1)
     request = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(many)], "data": many}]}
-    assert f"at most {MAX_FILES}" in _error(httpx.post(_infer_url(server), json=request), 413)
+    assert f"at most {MAX_FILES}" in plain_error(httpx.post(_infer_url(server), json=request), 413)
     wrong = {"name": "pixel_values", "datatype": "FP32", "shape": [1, 3, 16, 16], "data": [0.0] * (3 * 16 * 16)}
-    message = _error(httpx.post(_infer_url(server), json={"inputs": [wrong]}), 400)
+    message = plain_error(httpx.post(_infer_url(server), json={"inputs": [wrong]}), 400)
     assert f"[N, 3, {SIZE}, {SIZE}]" in message
     request = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["not base64!"]}]}
-    assert "base64" in _error(httpx.post(_infer_url(server), json=request), 400)
+    assert "base64" in plain_error(httpx.post(_infer_url(server), json=request), 400)
     request = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["aGVsbG8="]}]}
-    assert "not an image" in _error(httpx.post(_infer_url(server), json=request), 415)  # "hello" is no image
+    assert "not an image" in plain_error(httpx.post(_infer_url(server), json=request), 415)  # "hello" is no image
     request["outputs"] = [{"name": "boxes"}]
-    assert "boxes" in _error(httpx.post(_infer_url(server), json=request), 400)
-    assert "JSON" in _error(httpx.post(_infer_url(server), content=b"\xff\x00"), 400)
+    assert "boxes" in plain_error(httpx.post(_infer_url(server), json=request), 400)
+    assert "JSON" in plain_error(httpx.post(_infer_url(server), content=b"\xff\x00"), 400)
     gzipped = httpx.post(_infer_url(server), content=gzip.compress(b"{}"), headers={"Content-Encoding": "gzip"})
-    assert "uncompressed" in _error(gzipped, 415)
+    assert "uncompressed" in plain_error(gzipped, 415)
 
 
 def test_metrics_count_protocol_requests_by_route(server: ServerProcess, client: triton.InferenceServerClient) -> None:
@@ -292,7 +284,7 @@ def test_full_queue_is_refused_with_retry_after(slow_store: Path, tmp_path: Path
         refused_hf = httpx.post(f"{server.url}/", json=hf_body, timeout=10)
         assert filling.result().status_code == 200
     for r in (refused, refused_hf):
-        assert "capacity" in _error(r, 503)
+        assert "capacity" in plain_error(r, 503)
         assert r.headers["retry-after"] == "1"
 
 

@@ -1,7 +1,8 @@
 """Dynamic int8 for the encoder's Linear layers on CPU: int8 weights, activations quantized per batch at run time.
 
 ``torch.ao.quantization.quantize_dynamic`` (fbgemm / x86 kernels, VNNI where the CPU has it) rather than torchao:
-torchao 0.18's int8 path on CPU is built for ``torch.compile``; in eager mode it was slower here (benchmarks/README).
+torchao 0.18's int8 dynamic path is built for ``torch.compile``; in eager mode on CPU it ran at half the float32
+speed where this one ran at 1.4× (benchmarks/README.md).
 """
 
 from __future__ import annotations

@@ -116,3 +116,28 @@ def photos(size: str, quality: int = 90) -> list[bytes]:
         left, top = (resized.width - width) // 2, (resized.height - height) // 2
         path.write_bytes(jpeg(resized.crop((left, top, left + width, top + height)), quality))
     return [f.read_bytes() for f in files]
+
+
+def peaked_checkpoint(variant: str, scale: float = 40.0, seed: int = 0) -> Path:
+    """``checkpoint(variant)`` with both heads' weights and biases multiplied by ``scale``.
+
+    Random weights give almost uniform probabilities, where any perturbation flips the top-1; a trained model is
+    confident on most inputs. Scaling the heads makes the random model's answers peaked the same way, so top-1
+    agreement and probability differences under quantization mean what they mean for a trained model.
+    """
+    source = checkpoint(variant, seed)
+    store = cache_dir() / f"deit-{variant}-seed{seed}-peaked{scale:g}" / "store"
+    model_dir = store / f"deit-{variant}"
+    if (model_dir / "preprocessor_config.json").is_file():
+        return model_dir
+    from transformers import DeiTForImageClassificationWithTeacher
+
+    model = DeiTForImageClassificationWithTeacher.from_pretrained(source).eval()
+    for head in (model.cls_classifier, model.distillation_classifier):
+        head.weight.data.mul_(scale)
+        head.bias.data.mul_(scale)
+    partial = model_dir.with_name(model_dir.name + ".partial")
+    model.save_pretrained(partial)
+    (partial / "preprocessor_config.json").write_text((source / "preprocessor_config.json").read_text())
+    partial.rename(model_dir)
+    return model_dir

@@ -1,5 +1,8 @@
 """Forward-pass throughput of our DeiT against transformers' (SDPA attention), same weights, dtype and device.
 
+Ours is timed twice: as loaded (q/k/v as three Linears, like transformers) and with the q/k/v projections fused into
+one matmul (``DeiT.fuse_attention_projections``, what the service runs).
+
 Both models are timed in one process, in many short alternating rounds; the ratio is the median of the per-round
 ratios, so load that drifts in or out skews both sides alike. Random weights; the logits are compared first.
 On a shared CPU, ``--threads 1 --clock cpu`` counts only the CPU time this process got.
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
+from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, PreTrainedModel
 from transformers.utils import logging as transformers_logging
 
 from service.model.checkpoints import cpu_supports_bf16, load_checkpoint
@@ -38,8 +41,11 @@ class Result:
     dtype: str
     batch: int
     ours_img_s: float
+    fused_img_s: float
     hf_img_s: float
     ratio: float
+    fused_ratio: float
+    fused_vs_unfused: float
     max_abs_diff: float
 
 
@@ -57,8 +63,8 @@ def hf_config(size: str) -> DeiTConfig:
     )
 
 
-def build_pair(size: str, dtype: torch.dtype, device: torch.device, directory: Path) -> tuple[nn.Module, nn.Module]:
-    """The same random weights as transformers' model and as ours, both in ``dtype`` on ``device``."""
+def build_models(size: str, dtype: torch.dtype, device: torch.device, directory: Path) -> dict[str, nn.Module]:
+    """The same random weights as transformers' model, as ours, and as ours fused, all in ``dtype`` on ``device``."""
     if not (directory / "config.json").is_file():
         torch.manual_seed(0)
         DeiTForImageClassificationWithTeacher(hf_config(size)).save_pretrained(directory)
@@ -67,7 +73,8 @@ def build_pair(size: str, dtype: torch.dtype, device: torch.device, directory: P
     )
     reference = reference.to(device).eval().requires_grad_(False)
     ours = load_checkpoint(directory, device=device, dtype=dtype).model
-    return ours, reference
+    fused = load_checkpoint(directory, device=device, dtype=dtype).model.fuse_attention_projections()
+    return {"transformers": reference, "ours": ours, "fused": fused}
 
 
 def _sync(device: torch.device) -> None:
@@ -89,35 +96,39 @@ def _time_iters(fn: Callable[[], object], iters: int, device: torch.device, cloc
 
 
 def compare(
-    ours: nn.Module,
-    reference: nn.Module,
+    models: dict[str, nn.Module],
     x: Tensor,
     rounds: int,
     round_time: float,
     device: torch.device,
     clock: Callable[[], float],
-) -> tuple[float, float, float, float]:
-    """Median per-call seconds of ours and of transformers, median per-round speed ratio, largest logit gap."""
+) -> tuple[dict[str, float], dict[str, dict[str, float]], float]:
+    """Median per-call seconds of each model; per pair (a, b), the median per-round ratio a's time / b's time; the
+    largest logit gap of any model to the first (the reference). The order of the models rotates every round."""
+    names = list(models)
 
-    def run_ours() -> Tensor:
-        return ours(x)
+    def call(name: str) -> Callable[[], Tensor]:
+        model = models[name]
+        if isinstance(model, PreTrainedModel):
+            return lambda: model(pixel_values=x).logits
+        return lambda: model(x)
 
-    def run_reference() -> Tensor:
-        return reference(pixel_values=x).logits
-
+    runs = {name: call(name) for name in names}
     with torch.inference_mode():
-        gap = (run_ours().float() - run_reference().float()).abs().max().item()
+        reference = runs[names[0]]().float()
+        gap = max((runs[n]().float() - reference).abs().max().item() for n in names[1:])
         # Warm-up (allocator, kernel selection), and a first estimate of the per-call time.
-        estimate = max(_time_iters(run_ours, 1, device, clock), _time_iters(run_reference, 1, device, clock))
+        estimate = max(_time_iters(runs[n], 1, device, clock) for n in names)
         iters = max(1, round(round_time / max(estimate, 1e-6)))
-        ours_times: list[float] = []
-        reference_times: list[float] = []
+        times: dict[str, list[float]] = {n: [] for n in names}
         for i in range(rounds):
-            order = [(run_ours, ours_times), (run_reference, reference_times)]
-            for fn, times in order if i % 2 == 0 else order[::-1]:
-                times.append(_time_iters(fn, iters, device, clock))
-    ratio = statistics.median(r / o for o, r in zip(ours_times, reference_times, strict=True))
-    return statistics.median(ours_times), statistics.median(reference_times), ratio, gap
+            for n in names[i % len(names) :] + names[: i % len(names)]:
+                times[n].append(_time_iters(runs[n], iters, device, clock))
+    ratios = {
+        a: {b: statistics.median(ta / tb for ta, tb in zip(times[a], times[b], strict=True)) for b in names}
+        for a in names
+    }
+    return {n: statistics.median(t) for n, t in times.items()}, ratios, gap
 
 
 def default_dtypes(device: torch.device) -> list[str]:
@@ -140,29 +151,35 @@ def run(
             directory = Path(tmp) / size
             for dtype_name in dtypes:
                 dtype = DTYPES[dtype_name]
-                ours, reference = build_pair(size, dtype, device, directory)
+                models = build_models(size, dtype, device, directory)
                 if compile_ours:
-                    ours = torch.compile(ours)  # type: ignore[assignment]  # compiled on the first call per batch
+                    models["ours"] = torch.compile(models["ours"])  # type: ignore[assignment]  # per batch size
+                    models["fused"] = torch.compile(models["fused"])  # type: ignore[assignment]
                 for batch in batches:
                     x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
                     x = x.to(device=device, dtype=dtype)
-                    ours_s, ref_s, ratio, gap = compare(ours, reference, x, rounds, round_time, device, clock)
-                    result = Result(size, dtype_name, batch, batch / ours_s, batch / ref_s, ratio, gap)
+                    secs, ratios, gap = compare(models, x, rounds, round_time, device, clock)
+                    hf = "transformers"
+                    result = Result(
+                        size, dtype_name, batch, batch / secs["ours"], batch / secs["fused"], batch / secs[hf],
+                        ratios[hf]["ours"], ratios[hf]["fused"], ratios["ours"]["fused"], gap,
+                    )  # fmt: skip
                     results.append(result)
                     print(_row(result), flush=True)
-                del ours, reference
+                del models
     return results
 
 
 _HEADER = (
-    f"{'model':<6} {'dtype':<5} {'batch':>5} {'ours img/s':>11} {'transformers img/s':>19} {'ratio':>6} {'max|Δ|':>8}"
+    f"{'model':<6} {'dtype':<5} {'batch':>5} {'ours img/s':>11} {'fused img/s':>12} {'transformers img/s':>19} "
+    f"{'ratio':>6} {'fused ratio':>12} {'fused/ours':>11} {'max|Δ|':>8}"
 )
 
 
 def _row(r: Result) -> str:
     return (
-        f"{r.size:<6} {r.dtype:<5} {r.batch:>5} {r.ours_img_s:>11.1f} {r.hf_img_s:>19.1f} {r.ratio:>6.2f} "
-        f"{r.max_abs_diff:>8.1e}"
+        f"{r.size:<6} {r.dtype:<5} {r.batch:>5} {r.ours_img_s:>11.1f} {r.fused_img_s:>12.1f} {r.hf_img_s:>19.1f} "
+        f"{r.ratio:>6.2f} {r.fused_ratio:>12.2f} {r.fused_vs_unfused:>11.2f} {r.max_abs_diff:>8.1e}"
     )
 
 
@@ -203,7 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--clock cpu measures one CPU thread's work: use it with --threads 1 on CPU")
     print(
         f"{args.rounds} rounds × ~{args.round_time:g}s per model, {args.clock} clock; "
-        "ratio = median per-round (transformers time / ours time), > 1: ours faster"
+        "ratio = median per-round (transformers time / ours time), > 1: ours faster; "
+        "fused/ours = unfused time / fused time"
     )
     print(_HEADER, flush=True)
     run(args.sizes, dtypes, args.batches, device, args.rounds, args.round_time, CLOCKS[args.clock], args.compile)

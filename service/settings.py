@@ -24,6 +24,16 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: float16 on CUDA, bfloat16 on CPUs with native bf16, else float32"
     )
+    quantize: Literal["none", "int8"] = Field(
+        "none",
+        description="int8: dynamic int8 weights and activations for the encoder's Linear layers (CPU, float32 "
+        "elsewhere); faster on CPUs without native bf16, top-1 may change on close calls",
+    )
+    cuda_graphs: bool = Field(
+        False,
+        description="replay the forward pass from CUDA graphs captured per bucketed batch size (powers of two up to "
+        "max_batch_size; a batch is padded to its bucket); CUDA only",
+    )
     max_batch_size: int = Field(32, ge=1, le=1024, description="images per forward pass, at most")
     max_batch_delay_ms: float = Field(
         5.0, ge=0, le=1000, description="longest a partial batch waits for images still being decoded"
@@ -106,4 +116,10 @@ class Settings(BaseSettings):
     def _timeouts(self) -> Settings:
         if self.request_timeout_s > self.max_request_timeout_s:
             raise ValueError("request_timeout_s must not exceed max_request_timeout_s")
+        return self
+
+    @model_validator(mode="after")
+    def _int8_in_float32(self) -> Settings:
+        if self.quantize == "int8" and self.dtype not in ("auto", "float32"):
+            raise ValueError(f"quantize int8 runs float32 activations; dtype {self.dtype} cannot be combined with it")
         return self

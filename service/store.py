@@ -33,7 +33,8 @@ from service.errors import (
     ServiceError,
 )
 from service.metrics import Metrics
-from service.model.checkpoints import LoadedCheckpoint, load_checkpoint
+from service.model.checkpoints import LoadedCheckpoint
+from service.model.prepare import load_for_serving
 from service.model.preprocessing import Preprocessor
 from service.repository import Fingerprint, StoreContents, VersionSource, model_entries, scan_model, scan_store
 from service.runner import ModelRunner, checkpoint_forward, default_forward_workers
@@ -158,7 +159,7 @@ class ModelStore:
         """Load, check and warm up one version; raises on any problem, leaving the store as it was."""
         s = self.settings
         started = time.perf_counter()
-        checkpoint = load_checkpoint(path, device=s.device, dtype=s.dtype)
+        checkpoint = load_for_serving(path, s)
         if checkpoint.config.num_channels != 3:
             raise CheckpointError(
                 f"{checkpoint.source}: the model takes {checkpoint.config.num_channels} input channels; "

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 
 from service.model.architecture import Architecture
 from service.model.checkpoints import load_checkpoint
-from service.model.deit import DeiT
+from service.model.deit import DeiT, SelfAttention
 from tests.factories import TINY, HFFormat, HFKind, TimmWrapping, hf_model, save_hf, save_timm
 
 ATOL = 1e-4
@@ -189,3 +189,38 @@ def test_bfloat16_keeps_float32_top1(tmp_path: Path) -> None:
     assert margin > 1.0
     assert torch.equal(logits16.float().argmax(dim=1), top1)
     torch.testing.assert_close(logits16.float(), logits32, atol=0.25, rtol=0.05)
+
+
+def _fused_attention(model: DeiT) -> list[nn.Linear]:
+    return [m.qkv for m in model.modules() if isinstance(m, SelfAttention) and m.qkv is not None]
+
+
+@pytest.mark.parametrize("source", ["distilled", "single_head", "vit", "mim", "bare", "timm"])
+def test_fused_qkv_matches_transformers_and_the_unfused_model(source: str, tmp_path: Path) -> None:
+    kind: HFKind = "distilled" if source == "timm" else source  # type: ignore[assignment]
+    reference_model = hf_model(kind, seed=17, layer_norm_eps=1e-6 if source == "timm" else 1e-12)
+    if source == "timm":
+        path = save_timm(reference_model, tmp_path / "deit.pth")
+    else:
+        path = save_hf(reference_model, tmp_path / "ckpt", "safetensors")
+
+    def load() -> DeiT:
+        heads = TINY["num_attention_heads"] if source == "timm" else None
+        return load_checkpoint(path, num_heads=heads).model
+
+    unfused, fused = load(), load().fuse_attention_projections()
+    layers = reference_model.config.num_hidden_layers
+    assert len(_fused_attention(fused)) == layers
+    assert not any(hasattr(m, "query") for m in fused.modules() if isinstance(m, SelfAttention))
+    d = reference_model.config.hidden_size
+    assert {tuple(q.weight.shape) for q in _fused_attention(fused)} == {(3 * d, d)}
+    for height, width in _resolutions(kind):
+        x = _inputs(height, width)
+        reference = _reference(reference_model, kind, x)
+        _assert_nontrivial(reference)
+        with torch.inference_mode():
+            diff = _max_diff(fused(x), reference)
+            against_unfused = _max_diff(fused(x), unfused(x))
+        print(f"parity fused {source} {height}x{width}: max |fused - transformers| = {diff:.2e}")
+        assert diff < ATOL
+        assert against_unfused < ATOL

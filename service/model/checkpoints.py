@@ -11,6 +11,7 @@ Loading never executes code from a checkpoint (safetensors, or ``torch.load(weig
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 import re
@@ -49,9 +50,14 @@ class LoadedCheckpoint:
     def labels(self) -> list[str]:
         return [self.config.id2label[i] for i in range(self.config.num_labels)]
 
-    @property
+    @functools.cached_property
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        """Weights of the model, dynamic int8 Linears' packed ones included (they are not ``parameters()``)."""
+        packed = 0
+        for m in self.model.modules():
+            if isinstance(m, torch.ao.nn.quantized.dynamic.Linear):
+                packed += m.in_features * m.out_features + (m.out_features if m.bias() is not None else 0)  # type: ignore[no-untyped-call]
+        return sum(p.numel() for p in self.model.parameters()) + packed
 
 
 # --- dtype / device -------------------------------------------------------------------------------------------

@@ -71,6 +71,8 @@ class Embeddings(nn.Module):
 
 
 class SelfAttention(nn.Module):
+    """Multi-head self-attention; q/k/v loaded as transformers' three Linears, run as one after ``fuse``."""
+
     def __init__(self, config: DeiTConfig) -> None:
         super().__init__()
         d = config.hidden_size
@@ -78,13 +80,33 @@ class SelfAttention(nn.Module):
         self.query = nn.Linear(d, d, bias=config.qkv_bias)
         self.key = nn.Linear(d, d, bias=config.qkv_bias)
         self.value = nn.Linear(d, d, bias=config.qkv_bias)
+        self.qkv: nn.Linear | None = None
+
+    def fuse(self) -> None:
+        """Replace the three projections by one ``[3D, D]`` Linear: one matmul reads the activations once."""
+        if self.qkv is not None:
+            return
+        parts = (self.query, self.key, self.value)
+        weight = torch.cat([p.weight for p in parts])
+        biases = [p.bias for p in parts]
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=biases[0] is not None, device="meta")
+        fused.weight = nn.Parameter(weight, requires_grad=False)
+        if biases[0] is not None:
+            fused.bias = nn.Parameter(torch.cat([b for b in biases if b is not None]), requires_grad=False)
+        self.qkv = fused
+        del self.query, self.key, self.value
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, d = x.shape
-        shape = (b, n, self.num_heads, d // self.num_heads)
-        q = self.query(x).view(shape).transpose(1, 2)
-        k = self.key(x).view(shape).transpose(1, 2)
-        v = self.value(x).view(shape).transpose(1, 2)
+        head_dim = d // self.num_heads
+        if self.qkv is not None:
+            # [b, n, 3·D] -> three [b, heads, n, head_dim] views of the one output.
+            q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            shape = (b, n, self.num_heads, head_dim)
+            q = self.query(x).view(shape).transpose(1, 2)
+            k = self.key(x).view(shape).transpose(1, 2)
+            v = self.value(x).view(shape).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)
         return out.transpose(1, 2).reshape(b, n, d)
 
@@ -260,6 +282,16 @@ class DeiT(nn.Module):
             elif name is Pooling.POOLER and backbone.pooler is not None:
                 out[name] = backbone.pooler(seq)
         return out
+
+    def fuse_attention_projections(self) -> DeiT:
+        """Fuse every block's q/k/v projections (``SelfAttention.fuse``); the outputs stay equal up to fp32 rounding.
+
+        Done after loading, so checkpoints keep transformers' tensor names; ``state_dict`` then names ``qkv``.
+        """
+        for module in self.modules():
+            if isinstance(module, SelfAttention):
+                module.fuse()
+        return self
 
     def head_logits(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
         """The distilled model's CLS-head and distillation-head logits, separately (for evaluation)."""

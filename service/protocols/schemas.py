@@ -178,3 +178,17 @@ def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
 
     resolved: dict[str, Any] = resolve(schema)
     return resolved
+
+
+# --- Open Inference Protocol: model repository extension ----------------------------------------------------------
+
+
+class RepositoryIndexRequest(BaseModel):
+    ready: bool = Field(False, description="list only the versions that are ready")
+
+
+class RepositoryIndexEntry(BaseModel):
+    name: str
+    version: str
+    state: str = Field(description="READY, UNAVAILABLE or LOADING")
+    reason: str = Field(description="why it is in that state (a failed load's error)")

@@ -29,6 +29,8 @@ from service.protocols.schemas import (
     ModelMetadata,
     ModelReady,
     Ready,
+    RepositoryIndexEntry,
+    RepositoryIndexRequest,
     ServerMetadata,
     TensorMetadata,
     VersionPolicy,
@@ -285,23 +287,38 @@ async def infer(
 # --- model repository extension -------------------------------------------------------------------------------
 
 
-@router.post("/v2/repository/index", summary="Every model version of the store, loaded or not", dependencies=Authorized)
+@router.post(
+    "/v2/repository/index",
+    summary="Every model version of the store, loaded or not",
+    dependencies=Authorized,
+    responses=_errors(400, 401),
+)
 async def repository_index(
-    state: State, body: Annotated[dict[str, Any] | None, Body()] = None
-) -> list[dict[str, str]]:  # fmt: skip
-    ready_only = bool((body or {}).get("ready", False))
+    state: State, body: Annotated[RepositoryIndexRequest | None, Body()] = None
+) -> list[RepositoryIndexEntry]:
     contents = await asyncio.to_thread(scan_store, state.settings.model_store)
-    return state.store.index(contents, ready_only)
+    rows = state.store.index(contents, body is not None and body.ready)
+    return [RepositoryIndexEntry(**row) for row in rows]
 
 
-@router.post("/v2/repository/models/{model_name}/load", summary="Load or reload a model", dependencies=Authorized)
+@router.post(
+    "/v2/repository/models/{model_name}/load",
+    summary="Load or reload a model",
+    dependencies=Authorized,
+    responses={200: {"description": "loaded, or already loaded and unchanged"}, **_errors(400, 401, 404, 503)},
+)
 async def repository_load(state: State, model_name: str) -> Response:
     state.lifecycle.check_accepting()
     await state.store.load(model_name)
     return Response(status_code=200)
 
 
-@router.post("/v2/repository/models/{model_name}/unload", summary="Unload a model", dependencies=Authorized)
+@router.post(
+    "/v2/repository/models/{model_name}/unload",
+    summary="Unload a model",
+    dependencies=Authorized,
+    responses={200: {"description": "unloaded"}, **_errors(401, 404, 503)},
+)
 async def repository_unload(state: State, model_name: str) -> Response:
     state.lifecycle.check_accepting()
     await state.store.unload(model_name)

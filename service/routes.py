@@ -154,7 +154,7 @@ def _wants_octet_stream(accept: str) -> bool:
     return False
 
 
-def _model_info(served: ServedModel, default: str | None, versions: list[int] | None = None) -> ModelInfo:
+def _model_info(served: ServedModel, default: str | None, ready: bool, versions: list[int] | None = None) -> ModelInfo:
     cp = served.checkpoint
     return ModelInfo(
         name=served.name,
@@ -168,7 +168,7 @@ def _model_info(served: ServedModel, default: str | None, versions: list[int] | 
         dtype=str(cp.dtype).removeprefix("torch."),
         device=str(cp.device),
         parameters=cp.num_parameters,
-        ready=served.ready,
+        ready=ready,
         default=served.name == default,
         version=served.version,
         versions=versions or [served.version],
@@ -178,15 +178,19 @@ def _model_info(served: ServedModel, default: str | None, versions: list[int] | 
 @router.get("/v1/models", response_model=ModelList, responses=_errors(401), dependencies=[Authorized])
 async def list_models(state: State) -> ModelList:
     store = state.store
+    ready = state.lifecycle.phase is Phase.READY
     return ModelList(
-        models=[_model_info(m, store.default_name, sorted(store.versions[m.name])) for m in store.models.values()]
+        models=[
+            _model_info(m, store.default_name, ready, sorted(store.versions[m.name])) for m in store.models.values()
+        ]
     )
 
 
 @router.get("/v1/models/{name}", response_model=ModelInfo, responses=_errors(401, 404), dependencies=[Authorized])
 async def get_model(name: str, state: State) -> ModelInfo:
     served = state.store.get(name)
-    return _model_info(served, state.store.default_name, sorted(state.store.versions[served.name]))
+    ready = state.lifecycle.phase is Phase.READY
+    return _model_info(served, state.store.default_name, ready, sorted(state.store.versions[served.name]))
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness: the process answers")

@@ -49,7 +49,7 @@ class ModelInfo(BaseModel):
     dtype: str
     device: str
     parameters: int
-    ready: bool
+    ready: bool = Field(description="the service takes work: models loaded and warm, not draining")
     default: bool
     version: int = Field(1, description="the version requests that name none get: the newest loaded")
     versions: list[int] = Field(default_factory=list, description="loaded versions (?version=N serves one)")

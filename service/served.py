@@ -70,7 +70,6 @@ class ServedModel:
     metrics: Metrics
     max_pixels: int
     load_seconds: float = 0.0
-    ready: bool = False
     version: int = 1
     labels: list[str] = field(init=False)
 
@@ -242,7 +241,6 @@ class ServedModel:
                     f"warm-up forward pass gave non-finite scores (NaN or infinity) from the weights in "
                     f"{self.checkpoint.source} on the output of {self.preprocess_source}"
                 )
-        self.ready = True
 
     def _output_widths(self) -> dict[str, int]:
         """Each output of the forward pass and its width: the logits of a classifier, the features of every one."""

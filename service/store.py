@@ -198,7 +198,6 @@ class ModelStore:
             served.warm_up(s.max_batch_size)
         else:
             served.probe()
-        served.ready = True
         self.metrics.model_info.labels(name, str(version), *_info_labels(checkpoint)).set(1)
         log.info(
             "model loaded",

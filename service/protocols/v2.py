@@ -201,7 +201,7 @@ async def model_metadata(state: State, model_name: str, model_version: Version) 
 )
 async def model_ready(state: State, model_name: str, model_version: Version) -> ModelReady:
     served = _model(state, model_name, model_version)
-    if not served.ready or state.lifecycle.phase is not Phase.READY:
+    if state.lifecycle.phase is not Phase.READY:
         raise NotReady(f"model {served.name!r} is not ready: {state.lifecycle.phase.value}")
     return ModelReady(name=served.name, ready=True)
 

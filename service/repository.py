@@ -67,7 +67,7 @@ def fingerprint(path: Path) -> Fingerprint:
 def model_versions(path: Path) -> dict[int, VersionSource]:
     """The versions of one model: its numeric sub-directories, or the model itself as version 1."""
     if path.is_dir():
-        numbered = {int(d.name): d for d in path.iterdir() if d.is_dir() and d.name.isdigit()}
+        numbered = {int(d.name): d for d in path.iterdir() if d.is_dir() and d.name.isascii() and d.name.isdigit()}
         if numbered:
             return {n: VersionSource(d, fingerprint(d)) for n, d in sorted(numbered.items())}
     return {1: VersionSource(path, fingerprint(path))}

@@ -49,7 +49,11 @@ async def _limited(
     never read). Its bytes are reserved in the upload budget before they are read: all at once when the length is
     declared, else as they arrive."""
     declared_header = request.headers.get("content-length")
-    declared = int(declared_header) if declared_header is not None and declared_header.isdigit() else None
+    declared = (
+        int(declared_header)
+        if declared_header is not None and declared_header.isascii() and declared_header.isdigit()
+        else None
+    )
     if declared is not None and declared > max_bytes:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {max_bytes}")
     if declared is not None:

@@ -66,7 +66,7 @@ def test_sustained_overload_keeps_memory_flat_and_accepted_latency(slow_store: P
         )
         overload = asyncio.run(
             run_load(
-                server.url, images, concurrency=4 * queue, duration_s=4.0, backoff_s=0.25, server_pid=pid,
+                server.url, images, concurrency=4 * queue, duration_s=4.0, backoff_s=0.05, server_pid=pid,
                 timeout_s=60,
             )
         )  # fmt: skip

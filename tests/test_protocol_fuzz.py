@@ -92,6 +92,15 @@ def test_routes_from_the_openapi_schema(case: Case[Any], server: ServerProcess) 
     )
 
 
+@pytest.mark.parametrize("suffix", ["", "/ready", "/config"])
+@pytest.mark.parametrize("version", ["²", "1¹", "٣", "-1", "01x"])
+def test_a_version_that_is_not_a_plain_number_is_not_found(server: ServerProcess, version: str, suffix: str) -> None:
+    """Found by the fuzzer: "²" passes ``str.isdigit`` but not ``int``; such a version is a 404, not a 500."""
+    response = httpx.get(f"{server.url}/v2/models/tiny/versions/{version}{suffix}", timeout=10)
+    check_answer(response.status_code, response.headers["content-type"], response.content, version)
+    assert response.status_code == 404, response.text
+
+
 # --- binary infer requests: a JSON header, binary tensor data, and a declared header length -------------------------
 
 _NAMES = st.sampled_from(["image", "pixel_values", "logits", ""])

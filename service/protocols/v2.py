@@ -127,7 +127,7 @@ async def ready(state: State) -> Ready:
 
 def _model(state: AppState, name: str, version: str | None) -> ServedModel:
     """The version a path names (``/versions/{v}``), or the model's newest loaded one."""
-    if version is not None and not version.isdigit():
+    if version is not None and not (version.isascii() and version.isdigit()):
         state.store.get(name)  # an unknown model is named as such first
         raise ModelNotFound(f"model {name!r} has no version {version!r}: versions are numbers")
     served = state.store.get(name, None if version is None else int(version))

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks import assets
-from benchmarks.quantization import DIGITS_MODEL, _training_script, eval_inputs
+from benchmarks.assets import training_script
+from benchmarks.quantization import DIGITS_MODEL, eval_inputs
 from service.model.checkpoints import cpu_supports_bf16, load_checkpoint
 from service.model.prepare import load_for_serving
 from service.model.preprocessing import Preprocessor
@@ -153,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("|---|--:|" + "--:|" * len(names))
     agreements: list[str] = []
     with tempfile.TemporaryDirectory(prefix="deit-ort-") as tmp:
-        train = _training_script()
+        train = training_script()
         models = contestants(DIGITS_MODEL, Path(tmp), args.threads)
         inputs, labels = train.held_out_inputs(
             train.held_out_split(), Preprocessor(load_checkpoint(DIGITS_MODEL).preprocess)

@@ -15,14 +15,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +35,6 @@ from service.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS_MODEL = REPO / "service" / "data" / "model_store" / "deit-tiny-digits"
-TRAINING_SCRIPT = REPO / "scripts" / "train_default_model.py"
 MAX_PIXELS = Settings.model_fields["max_image_pixels"].default
 RANDOM_INPUTS = 58  # with the six photos: 64 images per model
 
@@ -74,19 +71,9 @@ def eval_inputs(checkpoint: LoadedCheckpoint, count: int = RANDOM_INPUTS) -> Ten
     return torch.cat([torch.stack(photos), noise])
 
 
-def _training_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("train_default_model", TRAINING_SCRIPT)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def digits_accuracy() -> dict[str, dict[str, str]]:
     """Held-out accuracy per head, float32 and int8, of the embedded trained model."""
-    train = _training_script()
+    train = assets.training_script()
     split = train.held_out_split()
     results: dict[str, dict[str, str]] = {}
     for quantize in ("none", "int8"):

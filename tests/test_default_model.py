@@ -3,38 +3,23 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import re
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 from torch import Tensor
 
+from benchmarks.assets import training_script
 from service.model.checkpoints import LoadedCheckpoint, load_checkpoint
 from service.model.decoding import decode_image
 from service.model.preprocessing import Preprocessor
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "service" / "data" / "model_store" / "deit-tiny-digits"
-TRAINING_SCRIPT = ROOT / "scripts" / "train_default_model.py"
 MAX_BYTES = 5 * 1024 * 1024
 MAX_PIXELS = 40_000_000
 TOLERANCE_PERCENT = 0.5
-
-
-@functools.cache
-def _training_module() -> ModuleType:
-    """The training script, imported so the held-out split and rendering are the very ones the card was made with."""
-    spec = importlib.util.spec_from_file_location("train_default_model", TRAINING_SCRIPT)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @functools.cache
@@ -51,7 +36,7 @@ def _card_accuracy(row: str) -> float:
 
 
 def _held_out(checkpoint: LoadedCheckpoint) -> tuple[Tensor, Tensor]:
-    module = _training_module()
+    module = training_script()
     return module.held_out_inputs(module.held_out_split(), Preprocessor(checkpoint.preprocess))
 
 
@@ -77,7 +62,7 @@ def test_samples_are_classified_as_their_file_names_say(dtype: str) -> None:
 
 def test_model_card_accuracy_is_reproduced_on_the_held_out_split() -> None:
     checkpoint = _checkpoint("float32")
-    assert checkpoint.preprocess == _training_module().PREPROCESS, "shipped preprocessing differs from training's"
+    assert checkpoint.preprocess == training_script().PREPROCESS, "shipped preprocessing differs from training's"
     inputs, labels = _held_out(checkpoint)
     with torch.inference_mode():
         averaged = checkpoint.model(inputs)

@@ -42,14 +42,6 @@ class DecodePool:
         self._turns: deque[_Turn] = deque()
         self._running = 0
 
-    @property
-    def running(self) -> int:
-        return self._running
-
-    @property
-    def waiting(self) -> int:
-        return sum(len(t.jobs) for t in self._turns)
-
     def submit(self, context: RequestContext, fns: Sequence[Callable[[], T]]) -> list[asyncio.Future[T]]:
         """Queue one request's jobs; their futures resolve as each job runs (or are cancelled if it never does)."""
         loop = asyncio.get_running_loop()

@@ -25,7 +25,6 @@ class RequestContext:
         self.deadline = deadline
         self.error: ServiceError | None = None  # why the request was cancelled, once it was
         self._signal: asyncio.Future[None] | None = None  # resolved on cancel; awaited beside every stage
-        self._on_cancel: list[Callable[[ServiceError], None]] = []
 
     @classmethod
     def with_timeout(cls, timeout_s: float) -> RequestContext:
@@ -54,15 +53,6 @@ class RequestContext:
         self.error = error
         if self._signal is not None and not self._signal.done():
             self._signal.set_result(None)
-        for hook in self._on_cancel:
-            hook(error)
-
-    def on_cancel(self, hook: Callable[[ServiceError], None]) -> None:
-        """Call ``hook`` when the request is cancelled (at once if it already is)."""
-        if self.error is not None:
-            hook(self.error)
-        else:
-            self._on_cancel.append(hook)
 
     def check(self, timeout_error: Callable[[], ServiceError] | None = None) -> None:
         """Raise the cancel reason, or the deadline's error, if the request should stop."""

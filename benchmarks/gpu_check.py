@@ -1,5 +1,6 @@
 """GPU check: raw forward of DeiT-base in fp16 (ours, ours with CUDA graphs, transformers) at batch 1 / 64 / 256,
-then end to end through a real server (one 640×480 JPEG per request, c = 64 / 256), as one table.
+then end to end through a real server (one 640×480 JPEG per request, c = 64 / 256; decoding on the CPU, then on the
+GPU with ``--preprocess-device cuda``), as one table.
 
 End to end is compared with ours' raw forward at its best batch size (the target is ≥ 0.8 of it). Run by
 ``benchmarks/gpu_check.sh`` on a CUDA machine; ``--pytest`` takes the parity tests' summary line for the table.
@@ -84,12 +85,17 @@ def end_to_end(
     rows: list[tuple[str, str, str]] = []
     bodies = [multipart(data, f"{i}.jpg") for i, data in enumerate(assets.photos("640x480"))]
     threads = max(2, (os.cpu_count() or 4) - 2)
-    for label, graphs in (("ours", "false"), ("ours + CUDA graphs", "true")):
+    configurations = (
+        ("ours", "false", "cpu"),
+        ("ours + CUDA graphs", "true", "cpu"),
+        ("ours + CUDA graphs + GPU decoding", "true", "cuda"),
+    )
+    for label, graphs, decoding in configurations:
         env = {
             "DEIT_MODEL_STORE": str(model_dir.parent), "DEIT_HOST": "127.0.0.1", "DEIT_PORT": "{port}",
             "DEIT_DEVICE": "cuda", "DEIT_DTYPE": "float16", "DEIT_MAX_BATCH_SIZE": str(max(concurrency)),
             "DEIT_MAX_QUEUE_SIZE": str(4 * max(concurrency)), "DEIT_PREPROCESS_THREADS": str(threads),
-            "DEIT_CUDA_GRAPHS": graphs, "DEIT_ACCESS_LOG": "false",
+            "DEIT_CUDA_GRAPHS": graphs, "DEIT_PREPROCESS_DEVICE": decoding, "DEIT_ACCESS_LOG": "false",
         }  # fmt: skip
         spec = ServerSpec("ours", python_module("service"), "/readyz", "/classify", env)
         with tempfile.TemporaryDirectory() as tmp, running(spec, Path(tmp) / "server.log") as server:

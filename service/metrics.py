@@ -23,8 +23,8 @@ def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
 
 # The series one model version's queue, forward passes and decoding record (see ``Metrics.for_version``).
 PER_VERSION = (
-    "queue_wait", "batch_size", "forward_duration", "preprocess_duration", "queue_depth", "images", "rejected",
-    "dropped", "batch_failures", "nonfinite_outputs",
+    "queue_wait", "batch_size", "forward_duration", "preprocess_duration", "decoded", "queue_depth", "images",
+    "rejected", "dropped", "batch_failures", "nonfinite_outputs",
 )  # fmt: skip
 
 
@@ -70,6 +70,10 @@ class Metrics:
         self.preprocess_duration = Histogram(
             "deit_preprocess_duration_seconds", "Decode + preprocess time of one image", ["model", "version"],
             buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.decoded = Counter(
+            "deit_decoded_images", "Uploaded images decoded and preprocessed, by where: cpu, or device "
+            "(--preprocess-device)", ["model", "version", "path"], registry=r,
         )  # fmt: skip
         self.queue_depth = Gauge("deit_queue_depth", "Images waiting for a batch", ["model", "version"], registry=r)
         self.images = Counter("deit_images", "Images classified", ["model", "version"], registry=r)

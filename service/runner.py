@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from service.model.checkpoints import LoadedCheckpoint
+from service.model.cuda_streams import on_thread_stream
 
 log = logging.getLogger("deit_serve.runner")
 
@@ -29,22 +30,59 @@ def checkpoint_forward(checkpoint: LoadedCheckpoint) -> Forward:
     """Stack, move, run: float32 outputs on the CPU, the logits (the average of the CLS and distillation heads) of
     a classifier and the token features its embeddings are pooled from (``DeiT.outputs``), from one pass."""
     model, device, dtype = checkpoint.model, checkpoint.device, checkpoint.dtype
-    pin = device.type == "cuda"
+    if device.type == "cuda":
+        return _cuda_forward(checkpoint)
 
     def forward(pixels: Sequence[Tensor]) -> Outputs:
-        batch = torch.stack(list(pixels))
-        if pin:
-            batch = batch.pin_memory()
-        batch = batch.to(device, dtype=dtype, non_blocking=True)
+        batch = torch.stack(list(pixels)).to(dtype)
         with torch.inference_mode():
             outputs = model.outputs(batch)
-            return {name: value.float().cpu() for name, value in outputs.items()}
+            return {name: value.float() for name, value in outputs.items()}
 
     return forward
 
 
+def _cuda_forward(checkpoint: LoadedCheckpoint) -> Forward:
+    """The forward pass on CUDA, on its forward thread's own stream: the batch is stacked into pinned memory and
+    copied without blocking, the outputs copied back the same way, and only the end of the stream is waited for.
+    With two forward slots (the default on CUDA), the copy of one batch runs while the other's forward pass does.
+    Inputs already on the device (``--preprocess-device cuda``) are stacked there."""
+    model, device, dtype = checkpoint.model, checkpoint.device, checkpoint.dtype
+
+    def forward(pixels: Sequence[Tensor]) -> Outputs:
+        with on_thread_stream(device) as stream, torch.inference_mode():
+            assert stream is not None
+            batch = stack_on_device(pixels, device, stream).to(dtype)
+            outputs = model.outputs(batch)
+            host = {}
+            for name, value in outputs.items():
+                host[name] = torch.empty(value.shape, dtype=torch.float32, pin_memory=True)
+                host[name].copy_(value.float(), non_blocking=True)
+            stream.synchronize()
+        return host
+
+    return forward
+
+
+def stack_on_device(pixels: Sequence[Tensor], device: torch.device, stream: torch.cuda.Stream) -> Tensor:
+    """One float32 batch on ``device`` from images on the CPU (through pinned memory, without blocking) or on the
+    device already (made on another thread's stream: ``record_stream`` keeps their memory until this one is done)."""
+    on_device = [p for p in pixels if p.device.type == "cuda"]
+    for p in on_device:
+        p.record_stream(stream)
+    if not on_device:
+        host = torch.empty((len(pixels), *pixels[0].shape), dtype=torch.float32, pin_memory=True)
+        torch.stack(list(pixels), out=host)
+        return host.to(device, non_blocking=True)
+    moved = [p if p.device.type == "cuda" else p.pin_memory().to(device, non_blocking=True) for p in pixels]
+    return torch.stack(moved)
+
+
 def default_forward_workers(device: torch.device, threads: int) -> int:
-    """Two batches at once, one per core, on a two-thread CPU; otherwise one batch on all threads."""
+    """Two batches at once: on a two-thread CPU, one per core; on CUDA, so that one batch's copies and stacking
+    overlap the other's forward pass. Otherwise one batch on all threads."""
+    if device.type == "cuda":
+        return 2
     return 2 if device.type == "cpu" and threads == 2 else 1
 
 

@@ -23,7 +23,8 @@ from service.decode_pool import DecodePool
 from service.errors import ClientGone, InvalidParameter, ModelStoreError, ServiceError, ShuttingDown, TaskNotSupported
 from service.metrics import Metrics
 from service.model.checkpoints import LoadedCheckpoint
-from service.model.decoding import decode_image
+from service.model.decoding import decode_image, load_rgb, open_image
+from service.model.device_decoding import DeviceDecoding
 from service.model.pooling import LOGITS, Pooling, default_pooling, feature_names, pool, poolings
 from service.model.preprocessing import Preprocessor
 from service.request_context import RequestContext
@@ -71,6 +72,7 @@ class ServedModel:
     max_pixels: int
     load_seconds: float = 0.0
     version: int = 1
+    device_decoding: DeviceDecoding | None = None  # --preprocess-device cuda
     labels: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -188,12 +190,23 @@ class ServedModel:
         """Decode and preprocess one image (in a decoding thread)."""
         started = time.perf_counter()
         try:
-            pixels = self.preprocessor(decode_image(image.data, self.max_pixels, self.preprocessor.draft_size))
+            pixels, path = self._decode_data(image.data)
         except ServiceError as e:
             e.message = f"{image.name}: {e.message}"
             raise
         self.metrics.preprocess_duration.labels(self.name).observe(time.perf_counter() - started)
+        self.metrics.decoded.labels(self.name, path).inc()
         return pixels
+
+    def _decode_data(self, data: bytes) -> tuple[Tensor, str]:
+        """The model input of an upload, and where it was made: on the device when the device path takes the
+        upload (checked first, as every upload is), else on the CPU."""
+        opened, name = open_image(data, self.max_pixels)
+        if self.device_decoding is not None:
+            pixels = self.device_decoding(opened, data)
+            if pixels is not None:
+                return pixels, "device"
+        return self.preprocessor(load_rgb(opened, name, self.preprocessor.draft_size)), "cpu"
 
     # --- start-up ----------------------------------------------------------------------------------------------
 
@@ -211,6 +224,11 @@ class ServedModel:
             pixels = self.preprocessor(decode_image(PROBE_JPEG, PROBE_PIXELS, self.preprocessor.draft_size))
         except Exception as e:
             raise ModelStoreError(f"{self.preprocess_source}: preprocessing fails: {type(e).__name__}: {e}") from e
+        if self.device_decoding is not None:
+            on_device = self.device_decoding(open_image(PROBE_JPEG, PROBE_PIXELS)[0], PROBE_JPEG)
+            if on_device is None:
+                raise ModelStoreError("--preprocess-device cuda: the device's JPEG decoder failed on a baseline JPEG")
+            pixels = on_device
         expected = (3, *self.input_size)
         finite = bool(torch.isfinite(pixels).all())
         if tuple(pixels.shape) != expected or not finite:

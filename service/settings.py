@@ -55,12 +55,17 @@ class Settings(BaseSettings):
         0,
         ge=0,
         le=64,
-        description="batches of one model that may run at once (0: auto: 2 on a two-thread CPU, else 1)",
+        description="batches of one model that may run at once (0: auto: 2 on a two-thread CPU or on CUDA, else 1)",
     )
     jpeg_draft: bool = Field(
         False,
         description="decode large JPEGs at 1/2, 1/4 or 1/8 scale (no smaller than the resize): several times faster "
         "for photos, but the pixels differ slightly from the reference preprocessing",
+    )
+    preprocess_device: Literal["cpu", "cuda"] = Field(
+        "cpu",
+        description="cuda: decode JPEGs with nvJPEG (torchvision) and resize, crop and normalize them on the model's "
+        "GPU; other formats, and JPEGs it does not take (CMYK, progressive), are decoded on the CPU",
     )
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest request body accepted")
     max_files: int = Field(64, ge=1, description="most images in one request")

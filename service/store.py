@@ -34,6 +34,7 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.model.checkpoints import LoadedCheckpoint
+from service.model.device_decoding import device_decoding_for
 from service.model.prepare import load_for_serving
 from service.model.preprocessing import Preprocessor
 from service.repository import Fingerprint, StoreContents, VersionSource, model_entries, scan_model, scan_store
@@ -183,16 +184,21 @@ class ModelStore:
             max_queue_size=s.max_queue_size,
             metrics=metrics,
         )
+        preprocessor = Preprocessor(checkpoint.preprocess, jpeg_draft=s.jpeg_draft)
+        device_decoding = None
+        if s.preprocess_device == "cuda":
+            device_decoding = device_decoding_for(preprocessor, checkpoint.device, name)
         served = ServedModel(
             name,
             checkpoint,
-            Preprocessor(checkpoint.preprocess, jpeg_draft=s.jpeg_draft),
+            preprocessor,
             batcher,
             self.decode_pool,
             metrics,
             s.max_image_pixels,
             load_seconds=time.perf_counter() - started,
             version=version,
+            device_decoding=device_decoding,
         )
         if s.warmup:
             served.warm_up(s.max_batch_size)

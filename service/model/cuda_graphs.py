@@ -50,7 +50,8 @@ def fill_bucket(buffer: Tensor, batch: Tensor) -> Tensor:
 class GraphedModel(nn.Module):
     """``model`` replayed from CUDA graphs captured at load time for each bucket of ``image_shape`` inputs.
 
-    Other input shapes run eagerly. One replay at a time (a lock): the graphs share their buffers and memory pool.
+    Other input shapes run eagerly. One replay at a time (a lock, and each replay's stream waits for the last one's
+    end): the graphs share their buffers and memory pool, and forward slots replay from streams of their own.
     """
 
     def __init__(self, model: DeiT, buckets: Sequence[int], image_shape: tuple[int, int, int],
@@ -62,6 +63,7 @@ class GraphedModel(nn.Module):
         self.buckets = tuple(sorted(buckets))
         self.image_shape = image_shape
         self._lock = threading.Lock()
+        self._replayed: torch.cuda.Event | None = None
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor, dict[str, Tensor]]] = {}
         pool = None
         with torch.inference_mode():
@@ -87,10 +89,16 @@ class GraphedModel(nn.Module):
             outputs: dict[str, Tensor] = self.model.outputs(pixel_values)
             return outputs
         with self._lock:
+            stream = torch.cuda.current_stream(pixel_values.device)
+            if self._replayed is not None:  # the last replay, maybe from another thread's stream, has read and
+                stream.wait_event(self._replayed)  # written the shared buffers before these are filled again
             graph, static_in, static_out = self._graphs[bucket_for(n, self.buckets)]
             fill_bucket(static_in, pixel_values)
             graph.replay()
-            return {name: value[:n].clone() for name, value in static_out.items()}
+            outputs = {name: value[:n].clone() for name, value in static_out.items()}
+            self._replayed = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self._replayed.record(stream)
+            return outputs
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         if LOGITS in next(iter(self._graphs.values()))[2]:

@@ -60,7 +60,7 @@ ACCEPTED_NAMES = ", ".join(ACCEPTED_FORMATS.values())
 # something else (PPM's "P" + one character also starts plain text).
 _DISTINCTIVE = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "ICO", "PSD"})
 # What Pillow's readers raise on malformed headers and data (struct.error: short reads they unpack).
-_DATA_ERRORS = (
+DATA_ERRORS = (
     OSError,
     SyntaxError,
     ValueError,
@@ -80,11 +80,21 @@ def decode_image(data: bytes, max_pixels: int, draft: tuple[int, int] | None = N
     ``draft``: let the JPEG decoder scale down by 1/2, 1/4 or 1/8 while decoding, keeping at least this
     (width, height). Much faster for large photos, but not the pixels of a full decode (opt-in, ``jpeg_draft``).
     """
+    return load_rgb(*open_image(data, max_pixels), draft)
+
+
+def open_image(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
+    """The upload's header, parsed by the first accepted format that claims it, its pixel limit checked; nothing
+    is decoded yet. Returns the opened image and the format's name for messages."""
     if not data:
         raise EmptyUpload("the uploaded file is empty")
     ceiling = Image.MAX_IMAGE_PIXELS
     limit = max_pixels if ceiling is None else min(max_pixels, ceiling)
-    image, name = _open(data, limit)
+    return _open(data, limit)
+
+
+def load_rgb(image: Image.Image, name: str, draft: tuple[int, int] | None = None) -> Image.Image:
+    """Decode an image ``open_image`` returned: frame 0, upright (EXIF orientation), RGB."""
     try:
         # A freshly opened image is at its first frame (PSD: the composite; its layers are frames 1…n): no seek.
         if draft is not None and image.format == "JPEG":
@@ -94,7 +104,7 @@ def decode_image(data: bytes, max_pixels: int, draft: tuple[int, int] | None = N
         return to_rgb(image)
     except NotImplementedError as e:
         raise UnsupportedMediaType(f"a {name} variant this service cannot read: {e}") from e
-    except _DATA_ERRORS as e:
+    except DATA_ERRORS as e:
         raise InvalidImage(f"{name} image data is truncated or corrupt: {e}") from e
 
 
@@ -119,7 +129,7 @@ def _open(data: bytes, limit: int) -> tuple[Image.Image, str]:
             image: Image.Image = factory(io.BytesIO(data), "")
         except NotImplementedError as e:
             raise UnsupportedMediaType(f"a {name} variant this service cannot read: {e}") from e
-        except _DATA_ERRORS as e:
+        except DATA_ERRORS as e:
             if fmt in _DISTINCTIVE:
                 raise InvalidImage(f"{name} image is truncated or corrupt: its header could not be read ({e})") from e
             continue
@@ -254,15 +264,13 @@ def _identify_other_format(data: bytes) -> str | None:
     return None
 
 
-def _refuse_jpeg_variants(data: bytes) -> None:
-    """Name the JPEG variants Pillow's reader refuses or libjpeg cannot decode, from the frame header.
-
-    Pillow reads 8-bit JPEG with 1, 3 or 4 components; hierarchical JPEG (SOF5–7, 13–15) has no libjpeg decoder.
-    """
+def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+    """The frame header of a JPEG: its SOF marker (0xC0 baseline, 0xC1 extended, 0xC2 progressive, …), sample
+    precision in bits and number of colour components; ``None`` when no frame header precedes the first scan."""
     position = 2
     while position + 4 <= len(data):
         if data[position] != 0xFF:
-            return
+            return None
         marker = data[position + 1]
         if marker == 0xFF:  # fill byte
             position += 1
@@ -271,17 +279,31 @@ def _refuse_jpeg_variants(data: bytes) -> None:
             position += 2
             continue
         if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header: for the reader
-            return
+            return None
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             frame = data[position + 4 : position + 10]
-            if marker in (0xC5, 0xC6, 0xC7, 0xCD, 0xCE, 0xCF):
-                raise UnsupportedMediaType(f"hierarchical JPEG (SOF{marker - 0xC0}) is not supported")
-            if len(frame) == 6 and frame[0] != 8:
-                raise UnsupportedMediaType(f"{frame[0]}-bit JPEG is not supported: only 8-bit JPEG can be decoded")
-            if len(frame) == 6 and frame[5] not in (1, 3, 4):
-                raise UnsupportedMediaType(f"JPEG with {frame[5]} colour components is not supported")
-            return
+            if len(frame) < 6:
+                return None
+            return marker, frame[0], frame[5]
         position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return None
+
+
+def _refuse_jpeg_variants(data: bytes) -> None:
+    """Name the JPEG variants Pillow's reader refuses or libjpeg cannot decode, from the frame header.
+
+    Pillow reads 8-bit JPEG with 1, 3 or 4 components; hierarchical JPEG (SOF5–7, 13–15) has no libjpeg decoder.
+    """
+    frame = jpeg_frame(data)
+    if frame is None:
+        return
+    marker, precision, components = frame
+    if marker in (0xC5, 0xC6, 0xC7, 0xCD, 0xCE, 0xCF):
+        raise UnsupportedMediaType(f"hierarchical JPEG (SOF{marker - 0xC0}) is not supported")
+    if precision != 8:
+        raise UnsupportedMediaType(f"{precision}-bit JPEG is not supported: only 8-bit JPEG can be decoded")
+    if components not in (1, 3, 4):
+        raise UnsupportedMediaType(f"JPEG with {components} colour components is not supported")
 
 
 # --- colour -------------------------------------------------------------------------------------------------------

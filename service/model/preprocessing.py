@@ -228,13 +228,20 @@ def _per_channel(value: object, where: str) -> tuple[float, float, float]:
 # --- preprocessing --------------------------------------------------------------------------------------------
 
 
-def _resize_size(cfg: PreprocessConfig, width: int, height: int) -> tuple[int, int]:
-    """Target (width, height) of the resize step."""
+def resize_size(cfg: PreprocessConfig, width: int, height: int) -> tuple[int, int]:
+    """Target (width, height) of the resize step for a ``width``×``height`` image; ``ImageTooLarge`` when keeping
+    the aspect ratio would make it huge."""
     if cfg.shortest_edge is None:
         return cfg.resize_width, cfg.resize_height
     short, long = (width, height) if width <= height else (height, width)
     new_short, new_long = cfg.shortest_edge, int(cfg.shortest_edge * long / short)
-    return (new_short, new_long) if width <= height else (new_long, new_short)
+    size = (new_short, new_long) if width <= height else (new_long, new_short)
+    if size[0] * size[1] > MAX_RESIZED_PIXELS:
+        raise ImageTooLarge(
+            f"a {width}×{height} image would be resized to {size[0]}×{size[1]} pixels, more than "
+            f"{MAX_RESIZED_PIXELS}: its aspect ratio is too extreme"
+        )
+    return size
 
 
 def _center_crop(image: Image.Image, crop_h: int, crop_w: int) -> Image.Image:
@@ -260,6 +267,7 @@ class Preprocessor:
             scales, shifts = scale / std, mean / std
         else:
             scales, shifts = torch.full((3, 1), scale), torch.zeros(3, 1)
+        self.scales, self.shifts = scales.view(3), shifts.view(3)  # x × scale − shift, per channel
         # (x × scale − shift) of every 8-bit value, per channel, with the same float32 roundings as computing it
         # per pixel: a lookup gives identical numbers without float passes over the image (nor torch threads).
         self._lut = torch.arange(256, dtype=torch.float32).view(1, 256).mul(scales).sub(shifts).numpy()
@@ -274,12 +282,7 @@ class Preprocessor:
         if image.mode != "RGB":
             image = to_rgb(image)
         if cfg.do_resize:
-            size = _resize_size(cfg, image.width, image.height)
-            if size[0] * size[1] > MAX_RESIZED_PIXELS:
-                raise ImageTooLarge(
-                    f"a {image.width}×{image.height} image would be resized to {size[0]}×{size[1]} pixels, more than "
-                    f"{MAX_RESIZED_PIXELS}: its aspect ratio is too extreme"
-                )
+            size = resize_size(cfg, image.width, image.height)
             if size != image.size:
                 image = image.resize(size, resample=Image.Resampling(cfg.resample))
         if cfg.do_center_crop:

@@ -8,6 +8,7 @@ after the decode; nvJPEG itself is compared on CUDA in ``test_cuda_parity.py`` a
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from service.model.device_decoding import (
 from service.model.preprocessing import PreprocessConfig, Preprocessor
 from service.runner import default_forward_workers
 from service.settings import Settings
+from tests.serving import run_server, write_tiny_model
 
 CPU = torch.device("cpu")
 MAX_PIXELS = 40_000_000
@@ -183,3 +185,18 @@ def test_cuda_runs_two_forward_slots_so_copies_overlap_forward_passes() -> None:
     assert default_forward_workers(torch.device("cuda"), 16) == 2
     assert default_forward_workers(CPU, 2) == 2
     assert default_forward_workers(CPU, 16) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_a_server_asked_for_gpu_decoding_without_a_gpu_exits_naming_the_setting(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    write_tiny_model(store / "tiny")
+    env = {"DEIT_DEVICE": "cpu", "DEIT_PREPROCESS_DEVICE": "cuda", "DEIT_TORCH_THREADS": "1"}
+    with run_server(store, tmp_path, env=env, wait=False) as server:
+        code = server.process.wait(timeout=90)
+        lines = [line for line in server.log().splitlines() if line.strip()]
+    assert code != 0
+    assert all(line.startswith("{") for line in lines), lines  # JSON only, no bare traceback
+    errors = [record for record in map(json.loads, lines) if record["level"] in ("error", "critical")]
+    assert len(errors) == 1, errors
+    assert "--preprocess-device cuda needs the model on a CUDA device; the device is cpu" in errors[0]["message"]

@@ -14,11 +14,12 @@ arithmetic after the decode alone (resize, crop, normalize in torch against Pill
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from PIL import Image
 from torch import Tensor
 
 from benchmarks import assets
+from benchmarks.jpeg_draft import median_ms, no_sync
 from service.errors import CheckpointError
 from service.model.checkpoints import load_checkpoint
 from service.model.decoding import decode_image, load_rgb, open_image
@@ -41,24 +43,8 @@ def _pillow_decode(data: bytes) -> Tensor:
         return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
-def _no_sync() -> None:
-    pass
-
-
 def _cuda_sync() -> None:
     torch.cuda.synchronize()
-
-
-def _ms(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     checkpoint = load_checkpoint(assets.peaked_checkpoint(args.model), dtype="float32")
     cpu = Preprocessor(checkpoint.preprocess)
     decode: Decode = _pillow_decode
-    device, sync, decoder = torch.device("cpu"), _no_sync, "Pillow on the CPU (no CUDA device)"
+    device, sync, decoder = torch.device("cpu"), no_sync, "Pillow on the CPU (no CUDA device)"
     if torch.cuda.is_available():
         try:
             decode, device = nvjpeg_decoder(torch.device("cuda")), torch.device("cuda")
@@ -93,11 +79,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             assert pixels is not None, "a baseline JPEG the device path refused"
             return pixels
 
-        cpu_ms = statistics.median(
-            _ms(lambda data=data: cpu(decode_image(data, MAX_PIXELS)), args.repeats, _no_sync)  # type: ignore[misc]
-            for data in photos
+        def on_cpu(data: bytes) -> Tensor:
+            return cpu(decode_image(data, MAX_PIXELS))
+
+        clock = time.perf_counter  # wall time: the device path's work is not this thread's CPU time
+        cpu_ms = statistics.median(median_ms(functools.partial(on_cpu, d), args.repeats, clock) for d in photos)
+        device_ms = statistics.median(
+            median_ms(functools.partial(by_device, d), args.repeats, clock, sync) for d in photos
         )
-        device_ms = statistics.median(_ms(lambda data=data: by_device(data), args.repeats, sync) for data in photos)  # type: ignore[misc]
         a = torch.stack([cpu(load_rgb(*open_image(data, MAX_PIXELS))) for data in photos])
         b = torch.stack([by_device(data).cpu() for data in photos])
         with torch.inference_mode():

@@ -27,13 +27,24 @@ from service.settings import Settings
 MAX_PIXELS = Settings.model_fields["max_image_pixels"].default
 
 
-def _ms(fn: Callable[[], object], repeats: int) -> float:
+def no_sync() -> None:
+    pass
+
+
+def median_ms(
+    fn: Callable[[], object], repeats: int, clock: Callable[[], float] = time.thread_time,
+    sync: Callable[[], None] = no_sync,
+) -> float:  # fmt: skip
+    """Median milliseconds of ``fn`` after one call to warm up; ``clock`` defaults to this thread's CPU time (steady
+    on a shared machine); ``sync`` waits for work ``fn`` queued elsewhere (a GPU) before each reading."""
     fn()
+    sync()
     times = []
     for _ in range(repeats):
-        t0 = time.thread_time()  # CPU time of this thread: steady on a shared machine
+        t0 = clock()
         fn()
-        times.append(time.thread_time() - t0)
+        sync()
+        times.append(clock() - t0)
     return statistics.median(times) * 1000
 
 
@@ -54,11 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for size in assets.IMAGE_SIZES:
         photos = assets.photos(size)
         exact_ms = statistics.median(
-            _ms(lambda data=data: exact(decode_image(data, MAX_PIXELS)), args.repeats)  # type: ignore[misc]
+            median_ms(lambda data=data: exact(decode_image(data, MAX_PIXELS)), args.repeats)  # type: ignore[misc]
             for data in photos
         )
         draft_ms = statistics.median(
-            _ms(lambda data=data: draft(decode_image(data, MAX_PIXELS, draft.draft_size)), args.repeats)  # type: ignore[misc]
+            median_ms(lambda data=data: draft(decode_image(data, MAX_PIXELS, draft.draft_size)), args.repeats)  # type: ignore[misc]
             for data in photos
         )
         a = torch.stack([exact(decode_image(data, MAX_PIXELS)) for data in photos])

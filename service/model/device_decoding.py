@@ -163,14 +163,14 @@ class DeviceDecoding:
         with on_thread_stream(self.device) as stream:
             try:
                 rgb = self._decode(data)
-            except RuntimeError as e:  # what nvJPEG cannot decode, libjpeg may: the CPU path decides
-                log.debug("device decoder failed, decoding on the CPU", extra={"error": str(e)})
+                if tuple(rgb.shape) != (3, image.height, image.width):
+                    return None
+                pixels = self._preprocess(upright(rgb, orientation if isinstance(orientation, int) else 1))
+                if stream is not None:
+                    stream.synchronize()  # ready for the forward thread's stream
+            except RuntimeError as e:  # nvJPEG's refusals, device out of memory: the CPU path decides
+                log.debug("device decoding failed, decoding on the CPU", extra={"error": str(e)})
                 return None
-            if tuple(rgb.shape) != (3, image.height, image.width):
-                return None
-            pixels = self._preprocess(upright(rgb, orientation if isinstance(orientation, int) else 1))
-            if stream is not None:
-                stream.synchronize()  # ready for the forward thread's stream
         return pixels
 
 

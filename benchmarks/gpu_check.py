@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -119,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="timing per raw-forward measurement")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of each end-to-end window")
     args = parser.parse_args(argv)
+    # `timeout` ends this with SIGTERM: unwind, so that the servers started here are stopped, not left on the GPU.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
     model_dir = assets.checkpoint("base")

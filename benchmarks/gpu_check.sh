@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command on a CUDA machine: run the CUDA parity tests, the GPU decoding path against the CPU path
-# (device_decoding.py), the raw forward (ours / ours + CUDA graphs / transformers, DeiT-base fp16, batch 1 / 64 / 256)
+# (device_decoding.py, tiny), the raw forward (ours / ours + CUDA graphs / transformers, DeiT-base fp16, batch 1 / 64 / 256)
 # and end to end (c = 64 / 256, one 640×480 JPEG per request; CPU decoding, then --preprocess-device cuda); print
 # one table. Under 8 minutes on an H200.
 #   benchmarks/gpu_check.sh
@@ -16,7 +16,8 @@ if python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/de
   if [ -d "$wheels" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$wheels"/*.whl
   else
-    python3 -m pip install -q --target "$site" fastapi uvicorn pydantic-settings python-multipart httptools orjson
+    python3 -m pip install -q --target "$site" fastapi uvicorn pydantic-settings python-multipart httptools orjson \
+      pytest-asyncio
   fi
   export PYTHONPATH=$PWD:$site${PYTHONPATH:+:$PYTHONPATH}
 else
@@ -32,7 +33,7 @@ export PYTHONUNBUFFERED=1
 set +e
 timeout 150 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda_parity.py tests/test_cuda_graphs.py \
   tests/test_device_decoding.py 2>&1 | tee /tmp/gpu-check-pytest.log
-timeout 60 "$py" -m benchmarks.device_decoding --model base --repeats 10 2>&1 | tee /tmp/gpu-check-decoding.log
+timeout 90 "$py" -m benchmarks.device_decoding --model tiny --repeats 10 2>&1 | tee /tmp/gpu-check-decoding.log
 set -e
-summary=$(grep -E "passed|failed|error" /tmp/gpu-check-pytest.log | tail -1)
+summary=$(grep -E "passed|failed|error" /tmp/gpu-check-pytest.log | tail -1 || true)
 exec timeout 300 "$py" -m benchmarks.gpu_check --pytest "${summary:-no summary}"

@@ -62,7 +62,8 @@ def test_two_forward_slots_on_their_own_streams_give_the_serial_answers(cuda_gra
         assert set(one) == set(two)
         for name in one:
             assert one[name].device.type == "cpu"
-            torch.testing.assert_close(two[name], one[name], atol=0, rtol=0)
+            # Graphs replay the same kernels; eager cuBLAS may pick other algorithms on another stream's workspace.
+            torch.testing.assert_close(two[name], one[name], atol=0 if cuda_graphs else 2e-3, rtol=0)
 
 
 def test_batches_of_images_already_on_the_device_and_on_the_cpu_stack_alike() -> None:

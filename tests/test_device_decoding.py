@@ -141,6 +141,9 @@ def test_only_baseline_rgb_and_grey_jpegs_take_the_device_path() -> None:
     assert _refusal(png.getvalue()) == "a PNG image"
     assert _refusal(_jpeg(photo.convert("CMYK"))) == "a CMYK JPEG"
     assert _refusal(_jpeg(photo, progressive=True)) == "a progressive or arithmetic-coded JPEG"
+    truncated = _jpeg(_photo(640, 480))[:-300]
+    assert _refusal(truncated) == "a JPEG without its end-of-image marker (truncated?)"
+    assert _refusal(_jpeg(photo) + b"\0" * 100) is None  # zero padding after the end of the image
 
 
 def _decoding(cfg: PreprocessConfig, decode: object = _pil_decode) -> tuple[Preprocessor, DeviceDecoding]:

@@ -255,6 +255,11 @@ JPEG_VARIANTS = {
     "12-bit-baseline-marker": (jpeg_with_frame(precision=12), "12-bit JPEG"),
     "16-bit-lossless": (jpeg_with_frame(marker=0xC3, precision=16), "16-bit JPEG"),
     "hierarchical": (jpeg_with_frame(marker=0xC5), "hierarchical JPEG"),
+    # Cut inside its frame header: the marker alone names the variant.
+    "hierarchical-cut-short": (
+        jpeg_with_frame(marker=0xC5)[: jpeg_with_frame().index(b"\xff\xc0") + 7],
+        "hierarchical JPEG",
+    ),
     "two-components": (jpeg_with_frame(components=2), "2 colour components"),
 }
 

@@ -13,7 +13,8 @@ _local = threading.local()
 
 
 def thread_stream(device: torch.device) -> torch.cuda.Stream:
-    """This thread's stream on ``device`` (a CUDA device), made on first use."""
+    """This thread's stream on ``device`` (a CUDA device), made on first use. Streams come from torch's pool (32 a
+    device), so with many decoding threads two threads may share one: still correct, only less concurrent."""
     streams: dict[torch.device, torch.cuda.Stream] = _local.__dict__.setdefault("streams", {})
     stream = streams.get(device)
     if stream is None:

@@ -264,9 +264,10 @@ def _identify_other_format(data: bytes) -> str | None:
     return None
 
 
-def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+def jpeg_frame(data: bytes) -> tuple[int, int | None, int | None] | None:
     """The frame header of a JPEG: its SOF marker (0xC0 baseline, 0xC1 extended, 0xC2 progressive, …), sample
-    precision in bits and number of colour components; ``None`` when no frame header precedes the first scan."""
+    precision in bits and number of colour components (``None`` when the header is cut short); ``None`` when no
+    frame header precedes the first scan."""
     position = 2
     while position + 4 <= len(data):
         if data[position] != 0xFF:
@@ -283,7 +284,7 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             frame = data[position + 4 : position + 10]
             if len(frame) < 6:
-                return None
+                return marker, None, None
             return marker, frame[0], frame[5]
         position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
     return None
@@ -300,9 +301,9 @@ def _refuse_jpeg_variants(data: bytes) -> None:
     marker, precision, components = frame
     if marker in (0xC5, 0xC6, 0xC7, 0xCD, 0xCE, 0xCF):
         raise UnsupportedMediaType(f"hierarchical JPEG (SOF{marker - 0xC0}) is not supported")
-    if precision != 8:
+    if precision is not None and precision != 8:
         raise UnsupportedMediaType(f"{precision}-bit JPEG is not supported: only 8-bit JPEG can be decoded")
-    if components not in (1, 3, 4):
+    if components is not None and components not in (1, 3, 4):
         raise UnsupportedMediaType(f"JPEG with {components} colour components is not supported")
 
 

@@ -5,8 +5,9 @@ A JPEG the device path takes is then decoded by nvJPEG (``torchvision.io.decode_
 from its EXIF orientation, resized with torch's antialiased filters (PIL's separable kernels), rounded to 8 bits as
 PIL's resize is, center-cropped (zero-padded when smaller) and normalized with the CPU path's own constants, all on
 the device. What it does not take goes the CPU path, image by image: other formats, CMYK JPEGs, progressive or
-arithmetic-coded JPEGs, any image the device decoder fails on; and every image of a model whose resize filter torch
-lacks (lanczos, box, hamming). ``jpeg_draft`` applies to the CPU path only.
+arithmetic-coded JPEGs, JPEGs stored as RGB (Adobe transform 0) or without their end-of-image marker (nvJPEG may
+decode a truncated file that libjpeg refuses), any image the device decoder fails on; and every image of a model
+whose resize filter torch lacks (lanczos, box, hamming). ``jpeg_draft`` applies to the CPU path only.
 
 Everything after the decode is plain torch, so it runs (and is tested) on any device; only nvJPEG needs CUDA. The
 paths differ by the JPEG decoders (IDCT, chroma upsampling) and by the resize's rounding between its two passes:
@@ -54,6 +55,10 @@ def image_refusal(image: Image.Image, data: bytes) -> str | None:
     frame = jpeg_frame(data)
     if frame is None or frame[0] not in DEVICE_JPEG_FRAMES:
         return "a progressive or arithmetic-coded JPEG"
+    if image.info.get("adobe_transform") == 0 and image.mode == "RGB":
+        return "a JPEG stored as RGB, not YCbCr (Adobe transform 0)"
+    if data[-1024:].rstrip(b"\0")[-2:] != b"\xff\xd9":
+        return "a JPEG without its end-of-image marker (truncated?)"  # nvJPEG may decode what libjpeg refuses
     return None
 
 
@@ -122,8 +127,11 @@ class TensorPreprocessor:
 Decode = Callable[[bytes], Tensor]  # JPEG bytes → [3, H, W] uint8 RGB on the device, as stored (not turned)
 
 
+_NVJPEG_LOCK = threading.Lock()  # torchvision keeps one nvJPEG decoder per process
+
+
 def nvjpeg_decoder(device: torch.device) -> Decode:
-    """nvJPEG through torchvision, one image at a time (a lock: torchvision keeps one decoder per process)."""
+    """nvJPEG through torchvision, one image at a time in the process."""
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
     except ImportError as e:
@@ -131,12 +139,12 @@ def nvjpeg_decoder(device: torch.device) -> Decode:
             f"--preprocess-device cuda decodes JPEGs with torchvision's nvJPEG decoder, which cannot be imported "
             f"({e}); install the torchvision build that matches torch {torch.__version__}"
         ) from e
-    lock = threading.Lock()
 
     def decode(data: bytes) -> Tensor:
         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        with lock:
-            # The decoder writes on a stream of its own: nothing queued here may still use memory it is handed.
+        with _NVJPEG_LOCK:
+            # The decoder allocates its output on this thread's stream and writes it on a stream of its own: nothing
+            # queued here may still use the memory it is handed.
             torch.cuda.current_stream(device).synchronize()
             image: Tensor = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
         return image

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from service.errors import CheckpointError
 from service.model.checkpoints import LoadedCheckpoint, load_checkpoint, resolve_device
 from service.model.cuda_graphs import GraphedModel, bucket_sizes
@@ -26,6 +28,10 @@ def load_for_serving(path: Path, settings: Settings) -> LoadedCheckpoint:
     model = checkpoint.model.fuse_attention_projections()
     if settings.quantize == "int8":
         model = quantize_int8(model)
+    if device.type == "cuda":
+        # Loading and fusing queued copies on the default stream; forward and decoding threads run on streams of
+        # their own that are not ordered after it.
+        torch.cuda.synchronize(device)
     if settings.cuda_graphs:
         h, w = checkpoint.preprocess.output_size
         image_shape = (checkpoint.config.num_channels, h, w)

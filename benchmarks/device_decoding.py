@@ -27,10 +27,10 @@ from PIL import Image
 from torch import Tensor
 
 from benchmarks import assets
-from benchmarks.jpeg_draft import median_ms, no_sync
+from benchmarks.jpeg_draft import median_ms, no_sync, output_agreement
 from service.errors import CheckpointError
 from service.model.checkpoints import load_checkpoint
-from service.model.decoding import decode_image, load_rgb, open_image
+from service.model.decoding import decode_image, open_image
 from service.model.device_decoding import Decode, DeviceDecoding, nvjpeg_decoder
 from service.model.preprocessing import Preprocessor
 from service.settings import Settings
@@ -38,7 +38,8 @@ from service.settings import Settings
 MAX_PIXELS = Settings.model_fields["max_image_pixels"].default
 
 
-def _pillow_decode(data: bytes) -> Tensor:
+def pillow_decode(data: bytes) -> Tensor:
+    """Pillow's decode of the stored pixels (not turned upright), as nvJPEG returns them: [3, H, W] uint8 RGB."""
     with Image.open(io.BytesIO(data)) as image:
         return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
 
@@ -55,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)
     checkpoint = load_checkpoint(assets.peaked_checkpoint(args.model), dtype="float32")
     cpu = Preprocessor(checkpoint.preprocess)
-    decode: Decode = _pillow_decode
+    decode: Decode = pillow_decode
     device, sync, decoder = torch.device("cpu"), no_sync, "Pillow on the CPU (no CUDA device)"
     if torch.cuda.is_available():
         try:
@@ -87,19 +88,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         device_ms = statistics.median(
             median_ms(functools.partial(by_device, d), args.repeats, clock, sync) for d in photos
         )
-        a = torch.stack([cpu(load_rgb(*open_image(data, MAX_PIXELS))) for data in photos])
+        a = torch.stack([on_cpu(data) for data in photos])
         b = torch.stack([by_device(data).cpu() for data in photos])
-        with torch.inference_mode():
-            pa, pb = torch.softmax(checkpoint.model(a), -1), torch.softmax(checkpoint.model(b), -1)
-        top1 = (pa.argmax(-1) == pb.argmax(-1)).sum().item()
-        top5 = sum(
-            set(x.tolist()) == set(y.tolist()) for x, y in zip(pa.topk(5).indices, pb.topk(5).indices, strict=True)
-        )
+        max_dp, top1, top5 = output_agreement(checkpoint.model, a, b)
         units = (a - b).abs() / scale
         n = len(photos)
         print(
             f"| {n} × {size} | {cpu_ms:.2f} | {device_ms:.2f} | {units.mean().item():.4f} | {units.max().item():.0f} "
-            f"| {(a - b).abs().max().item():.3f} | {(pa - pb).abs().max().item():.1e} | {top1}/{n} | {top5}/{n} |"
+            f"| {(a - b).abs().max().item():.3f} | {max_dp:.1e} | {top1}/{n} | {top5}/{n} |"
         )
     return 0
 

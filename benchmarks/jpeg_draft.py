@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
+from torch import Tensor
 
 from benchmarks import assets
 from service.model.checkpoints import load_checkpoint
@@ -48,6 +49,16 @@ def median_ms(
     return statistics.median(times) * 1000
 
 
+def output_agreement(model: torch.nn.Module, a: Tensor, b: Tensor) -> tuple[float, int, int]:
+    """How far the model's answers to inputs ``a`` and ``b`` (one row per image) are apart: the largest probability
+    difference, and on how many images the top-1 class and the top-5 set are the same."""
+    with torch.inference_mode():
+        pa, pb = torch.softmax(model(a), -1), torch.softmax(model(b), -1)
+    top1 = int((pa.argmax(-1) == pb.argmax(-1)).sum().item())
+    top5 = sum(set(x.tolist()) == set(y.tolist()) for x, y in zip(pa.topk(5).indices, pb.topk(5).indices, strict=True))
+    return (pa - pb).abs().max().item(), top1, top5
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--model", choices=sorted(assets.VARIANTS), default="tiny")
@@ -74,17 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         a = torch.stack([exact(decode_image(data, MAX_PIXELS)) for data in photos])
         b = torch.stack([draft(decode_image(data, MAX_PIXELS, draft.draft_size)) for data in photos])
-        with torch.inference_mode():
-            pa, pb = torch.softmax(checkpoint.model(a), -1), torch.softmax(checkpoint.model(b), -1)
-        top1 = (pa.argmax(-1) == pb.argmax(-1)).sum().item()
-        top5 = sum(
-            set(x.tolist()) == set(y.tolist()) for x, y in zip(pa.topk(5).indices, pb.topk(5).indices, strict=True)
-        )
+        max_dp, top1, top5 = output_agreement(checkpoint.model, a, b)
         n = len(photos)
         print(
             f"| {n} × {size} | {exact_ms:.2f} | {draft_ms:.2f} | {exact_ms / draft_ms:.1f}× "
             f"| {(a - b).abs().mean().item():.4f} | {(a - b).abs().max().item():.3f} "
-            f"| {(pa - pb).abs().max().item():.1e} | {top1}/{n} | {top5}/{n} |"
+            f"| {max_dp:.1e} | {top1}/{n} | {top5}/{n} |"
         )
     return 0
 

@@ -18,9 +18,11 @@ from PIL import Image
 from skimage import data as skdata
 from torch import Tensor
 
+from benchmarks.device_decoding import pillow_decode
 from service.errors import CheckpointError, ImageTooLarge
 from service.model.decoding import load_rgb, open_image
 from service.model.device_decoding import (
+    Decode,
     DeviceDecoding,
     TensorPreprocessor,
     center_crop,
@@ -48,13 +50,6 @@ def _jpeg(image: Image.Image, **options: object) -> bytes:
     return buffer.getvalue()
 
 
-def _pil_decode(data: bytes) -> Tensor:
-    """Pillow's decode of the stored pixels (not turned upright), as nvJPEG returns them: [3, H, W] uint8."""
-    with Image.open(io.BytesIO(data)) as image:
-        rgb = np.array(image.convert("RGB"))
-    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
-
-
 def _in_8bit_units(a: Tensor, b: Tensor, preprocessor: Preprocessor) -> Tensor:
     return (a - b).abs() / preprocessor.scales.view(3, 1, 1)
 
@@ -65,7 +60,7 @@ def test_upright_turns_pixels_as_exif_transpose_does(orientation: int) -> None:
     exif[0x0112] = orientation
     data = _jpeg(_photo(64, 40), exif=exif.tobytes())
     expected = np.asarray(load_rgb(*open_image(data, MAX_PIXELS)))
-    turned = upright(_pil_decode(data), orientation).permute(1, 2, 0).numpy()
+    turned = upright(pillow_decode(data), orientation).permute(1, 2, 0).numpy()
     assert turned.shape == expected.shape
     assert np.array_equal(turned, expected)
 
@@ -146,9 +141,9 @@ def test_only_baseline_rgb_and_grey_jpegs_take_the_device_path() -> None:
     assert _refusal(_jpeg(photo) + b"\0" * 100) is None  # zero padding after the end of the image
 
 
-def _decoding(cfg: PreprocessConfig, decode: object = _pil_decode) -> tuple[Preprocessor, DeviceDecoding]:
+def _decoding(cfg: PreprocessConfig, decode: Decode = pillow_decode) -> tuple[Preprocessor, DeviceDecoding]:
     preprocessor = Preprocessor(cfg)
-    return preprocessor, DeviceDecoding(preprocessor, CPU, decode)  # type: ignore[arg-type]
+    return preprocessor, DeviceDecoding(preprocessor, CPU, decode)
 
 
 def test_device_decoding_of_an_upload_matches_the_cpu_path() -> None:

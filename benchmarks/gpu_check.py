@@ -27,7 +27,6 @@ from torch import Tensor
 from benchmarks import assets
 from benchmarks.loadgen import ServerSpec, multipart, python_module, run_closed_loop, running
 from service.model.prepare import load_for_serving
-from service.settings import Settings
 
 
 def _img_s(fn: Callable[[], object], batch: int, seconds: float) -> float:
@@ -58,9 +57,10 @@ def raw_forward(model_dir: Path, batches: Sequence[int], seconds: float) -> tupl
         model_dir, dtype=torch.float16, attn_implementation="sdpa"
     )
     reference = reference.to("cuda").eval()
-    base = {"model_store": model_dir.parent, "device": "cuda", "dtype": "float16", "max_batch_size": max(batches)}
-    ours = load_for_serving(model_dir, Settings.model_validate(base)).model
-    graphed = load_for_serving(model_dir, Settings.model_validate(base | {"cuda_graphs": True})).model
+    ours = load_for_serving(model_dir, device="cuda", dtype="float16", max_batch_size=max(batches)).model
+    graphed = load_for_serving(
+        model_dir, device="cuda", dtype="float16", max_batch_size=max(batches), cuda_graphs=True
+    ).model
     best = 0.0
     for batch in batches:
         x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.float16)

@@ -25,8 +25,8 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from service.http_limits import HttpLimits
-from service.http_protocol import limited_protocol
+from service.http.limits import HttpLimits
+from service.http.protocol import limited_protocol
 
 BODY = b"x" * 3000
 REQUEST = (

@@ -5,7 +5,7 @@ sample PNGs, so that the HTTP path, not the model, is what the closed loop measu
 ``python -m service`` process in which the named modules cannot be imported (uvicorn then falls back to
 asyncio's loop and h11; responses to the stdlib ``json``); variants alternate over ``--rounds`` so that drift of
 a shared machine falls on all of them. One more variant swaps the service's HTTP protocol (its head, time and
-connection limits, service/http_protocol.py) for uvicorn's own httptools one, to show what the limits cost.
+connection limits, service/http/protocol.py) for uvicorn's own httptools one, to show what the limits cost.
 Prints img/s and the server's CPU per request, each as a ratio to the variant with everything installed (``fast``).
 
     .venv/bin/python -m benchmarks.http_stack --concurrency 32 --rounds 3

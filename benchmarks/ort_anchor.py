@@ -32,7 +32,6 @@ from service.model.checkpoints import cpu_supports_bf16, load_checkpoint
 from service.model.prepare import load_for_serving
 from service.model.preprocessing import Preprocessor
 from service.model.quantization import cpu_has_int8_dot_product
-from service.settings import Settings
 
 Forward = Callable[[Tensor], Tensor]
 
@@ -80,8 +79,7 @@ def ort_forward(model: Path, threads: int) -> Forward:
 
 
 def ours_forward(path: Path, dtype: str, quantize: str) -> Forward:
-    values = {"model_store": path.parent, "device": "cpu", "dtype": dtype, "quantize": quantize}
-    model = load_for_serving(path, Settings.model_validate(values)).model
+    model = load_for_serving(path, device="cpu", dtype=dtype, quantize=quantize).model
 
     def run(x: Tensor) -> Tensor:
         with torch.inference_mode():

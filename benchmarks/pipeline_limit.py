@@ -33,12 +33,12 @@ import torch
 from torch import Tensor
 
 from benchmarks import assets
-from service.batching import Batcher
+from service.engine.batching import Batcher
+from service.engine.runner import ModelRunner, checkpoint_forward, default_forward_workers
 from service.metrics import Metrics
 from service.model.checkpoints import LoadedCheckpoint, load_checkpoint
 from service.model.decoding import decode_image
 from service.model.preprocessing import Preprocessor
-from service.runner import ModelRunner, checkpoint_forward, default_forward_workers
 from service.settings import Settings
 
 MAX_PIXELS = Settings.model_fields["max_image_pixels"].default

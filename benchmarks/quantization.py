@@ -49,9 +49,7 @@ class Agreement:
 
 def load(path: Path, quantize: str) -> LoadedCheckpoint:
     """The model exactly as the service prepares it (fused q/k/v; int8 when asked), float32."""
-    values = {"model_store": path.parent, "device": "cpu", "dtype": "float32", "quantize": quantize}
-    settings = Settings.model_validate(values)
-    return load_for_serving(path, settings)
+    return load_for_serving(path, device="cpu", dtype="float32", quantize=quantize)
 
 
 def agreement(reference: nn.Module, candidate: nn.Module, inputs: Tensor) -> Agreement:

@@ -13,18 +13,20 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
-from service.decode_pool import DecodePool
-from service.deps import AppState, json_response
+from service.api import hf, v2
+from service.api.admission import AppState
+from service.api.native import router
+from service.engine.decode_pool import DecodePool
+from service.engine.lifecycle import Lifecycle, Phase
+from service.engine.repository import poll_store
+from service.engine.store import ModelStore
 from service.errors import CheckpointError, ModelLoadFailed, ServiceError
-from service.lifecycle import Lifecycle, Phase
+from service.http.access_log import RequestContextMiddleware
+from service.http.front_door import plain_error_body
+from service.http.responses import json_response
+from service.http.upload_budget import UploadBudget, default_budget_bytes
 from service.metrics import Metrics
-from service.middleware import RequestContextMiddleware
-from service.protocols import hf, plain_error_body, v2
-from service.repository import poll_store
-from service.routes import router
 from service.settings import Settings
-from service.store import ModelStore
-from service.upload_budget import UploadBudget, default_budget_bytes
 
 log = logging.getLogger("deit_serve.app")
 

@@ -13,9 +13,9 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.app import create_app
-from service.http_limits import HttpLimits
+from service.http.limits import HttpLimits
+from service.http.server import ANSWER_GRACE_S, DrainingServer
 from service.logs import configure_logging
-from service.server import ANSWER_GRACE_S, DrainingServer
 from service.settings import Settings
 
 log = logging.getLogger("deit_serve.cli")
@@ -68,7 +68,7 @@ def http_options(settings: Settings) -> dict[str, Any]:
             "h11_max_incomplete_event_size": limits.max_header_bytes,
             "limit_concurrency": limits.max_connections,
         }
-    from service.http_protocol import limited_protocol
+    from service.http.protocol import limited_protocol
 
     return {"http": limited_protocol(limits)}
 

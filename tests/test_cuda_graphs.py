@@ -10,7 +10,6 @@ import torch
 from service.model.checkpoints import load_checkpoint
 from service.model.cuda_graphs import GraphedModel, bucket_for, bucket_sizes, fill_bucket
 from service.model.prepare import load_for_serving
-from service.settings import Settings
 from tests.serving import write_tiny_model
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -82,7 +81,6 @@ def test_graphed_model_matches_the_eager_model_for_every_batch_size(dtype: torch
 @cuda
 def test_the_service_loads_a_graphed_model_on_cuda(tmp_path: Path) -> None:
     path = write_tiny_model(tmp_path / "store" / "tiny")
-    values = {"model_store": path.parent, "device": "cuda", "cuda_graphs": True, "max_batch_size": 4}
-    checkpoint = load_for_serving(path, Settings.model_validate(values))
+    checkpoint = load_for_serving(path, device="cuda", cuda_graphs=True, max_batch_size=4)
     assert isinstance(checkpoint.model, GraphedModel)
     assert checkpoint.model.buckets == (1, 2, 4)

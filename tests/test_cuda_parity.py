@@ -12,13 +12,12 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
+from service.engine.runner import checkpoint_forward, stack_on_device
 from service.model.cuda_streams import on_thread_stream
 from service.model.decoding import load_rgb, open_image
 from service.model.device_decoding import DeviceDecoding, nvjpeg_decoder
 from service.model.prepare import load_for_serving
 from service.model.preprocessing import PreprocessConfig, Preprocessor
-from service.runner import checkpoint_forward, stack_on_device
-from service.settings import Settings
 from tests.factories import TINY, hf_model, save_hf
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -32,8 +31,7 @@ def test_served_model_on_cuda_matches_transformers(dtype: str, atol: float, cuda
     (path / "preprocessor_config.json").write_text(
         f'{{"size": {TINY["image_size"]}, "crop_size": {TINY["image_size"]}}}'
     )
-    values = {"model_store": path.parent, "device": "cuda", "dtype": dtype, "cuda_graphs": cuda_graphs}
-    ours = load_for_serving(path, Settings.model_validate(values)).model
+    ours = load_for_serving(path, device="cuda", dtype=dtype, cuda_graphs=cuda_graphs).model
     torch_dtype = getattr(torch, dtype)
     reference = reference.to("cuda", torch_dtype).eval()
     size = TINY["image_size"]
@@ -51,8 +49,7 @@ def test_two_forward_slots_on_their_own_streams_give_the_serial_answers(cuda_gra
     """Each forward thread copies and runs on its own stream (graphs: replays ordered by an event); batches run
     from two threads at once must give what one thread gives."""
     path = save_hf(hf_model("distilled", seed=5), tmp_path / "store" / "tiny", "safetensors")
-    values = {"model_store": path.parent, "device": "cuda", "dtype": "float16", "cuda_graphs": cuda_graphs}
-    forward = checkpoint_forward(load_for_serving(path, Settings.model_validate(values)))
+    forward = checkpoint_forward(load_for_serving(path, device="cuda", dtype="float16", cuda_graphs=cuda_graphs))
     size = TINY["image_size"]
     batches = [list(torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(n))) for n in range(1, 25)]
     serial = [forward(b) for b in batches]

@@ -19,6 +19,7 @@ from skimage import data as skdata
 from torch import Tensor
 
 from benchmarks.device_decoding import pillow_decode
+from service.engine.runner import default_forward_workers
 from service.errors import CheckpointError, ImageTooLarge
 from service.model.decoding import load_rgb, open_image
 from service.model.device_decoding import (
@@ -32,7 +33,6 @@ from service.model.device_decoding import (
     upright,
 )
 from service.model.preprocessing import PreprocessConfig, Preprocessor
-from service.runner import default_forward_workers
 from service.settings import Settings
 from tests.serving import run_server, write_tiny_model
 

@@ -19,16 +19,16 @@ from torch import Tensor
 from transformers import DeiTConfig as HFDeiTConfig
 from transformers import DeiTModel, PreTrainedModel
 
-from service.decode_pool import DecodePool
+from service.engine.context import RequestContext
+from service.engine.decode_pool import DecodePool
+from service.engine.runner import Outputs, checkpoint_forward
+from service.engine.store import ModelStore
 from service.metrics import Metrics
 from service.model.checkpoints import load_checkpoint
 from service.model.decoding import decode_image
 from service.model.pooling import LOGITS, Pooling, default_pooling, pool, poolings
 from service.model.preprocessing import Preprocessor
-from service.request_context import RequestContext
-from service.runner import Outputs, checkpoint_forward
 from service.settings import Settings
-from service.store import ModelStore
 from tests.factories import TINY, HFKind, hf_model, randomize_, save_hf
 from tests.serving import ServerProcess, image_bytes, run_server
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from service.batching import Batcher
+from service.engine.batching import Batcher
+from service.engine.runner import ModelRunner, Outputs
 from service.metrics import Metrics
-from service.runner import ModelRunner, Outputs
 
 
 class RecordingRunner:

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from benchmarks.load_test import sample_images
-from service.batching import Batcher
-from service.runner import Forward, Outputs
+from service.engine.batching import Batcher
+from service.engine.runner import Forward, Outputs
 from service.settings import Settings
 from tests.serving import (
     InProcessServer,

@@ -20,15 +20,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from service.batching import Batcher
-from service.decode_pool import DecodePool
+from service.engine.batching import Batcher
+from service.engine.decode_pool import DecodePool
+from service.engine.runner import ModelRunner, Outputs
+from service.engine.store import ModelStore
 from service.errors import CheckpointError, InferenceFailed, ModelLoadFailed
 from service.metrics import Metrics
 from service.model.architecture import DeiTConfig
 from service.model.preprocessing import MAX_CONFIG_SIDE, PreprocessConfig
-from service.runner import ModelRunner, Outputs
 from service.settings import Settings
-from service.store import ModelStore
 from tests.serving import Scrape, ServerProcess, image_bytes, multipart, run_server, write_tiny_model
 
 GOOD, BROKEN = "a-good", "b-broken"  # loaded in name order: the good model is loaded first

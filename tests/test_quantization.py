@@ -29,8 +29,7 @@ pytestmark = pytest.mark.skipif(int8_engine() is None, reason="this torch build 
 
 
 def _load(quantize: str, **overrides: object) -> LoadedCheckpoint:
-    values = {"model_store": DEMO_MODEL.parent, "device": "cpu", "quantize": quantize, **overrides}
-    return load_for_serving(DEMO_MODEL, Settings.model_validate(values))
+    return load_for_serving(DEMO_MODEL, device="cpu", quantize=quantize, **overrides)  # type: ignore[arg-type]
 
 
 def _samples(checkpoint: LoadedCheckpoint) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.schemas import ModelInfo
+from service.api.schemas import ModelInfo
 from tests.serving import DEMO_MODEL, REPO, free_port, wait_ready
 
 README = (REPO / "README.md").read_text(encoding="utf-8")

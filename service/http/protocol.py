@@ -19,7 +19,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from service.http_limits import HttpLimits, error_response
+from service.http.limits import HttpLimits, error_response
 
 log = logging.getLogger("deit_serve.http")
 

@@ -9,12 +9,13 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.deps import Authorized, MetricsAuthorized, State, accepting_model, admit, json_response
+from service.api.admission import Authorized, MetricsAuthorized, State, accepting_model, admit
+from service.api.schemas import ClassifyResponse, EmbedResponse, ErrorBody, Health, ModelInfo, ModelList
+from service.engine.lifecycle import Phase
+from service.engine.served import ServedModel
 from service.errors import InvalidParameter, NotReady
-from service.lifecycle import Phase
-from service.schemas import ClassifyResponse, EmbedResponse, ErrorBody, Health, ModelInfo, ModelList
-from service.served import ServedModel
-from service.uploads import FILE_FIELD
+from service.http.body import FILE_FIELD
+from service.http.responses import json_response
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:

@@ -15,11 +15,12 @@ import torch
 from fastapi import APIRouter, Header, Request, Response
 from torch import Tensor
 
-from service.deps import Authorized, State, accepting_model, admit, json_response
+from service.api.admission import Authorized, State, accepting_model, admit
+from service.api.protocol_schemas import HFRequest, HFResponse, inline_schema
+from service.api.schemas import PlainErrorBody
 from service.errors import BadRequest, EmptyUpload, InvalidParameter, TooManyFiles
-from service.protocols.schemas import HFRequest, HFResponse, inline_schema
-from service.schemas import PlainErrorBody
-from service.served import EncodedImage
+from service.http.responses import json_response
+from service.images import EncodedImage
 
 FUNCTIONS = ("softmax", "sigmoid", "none")
 DEFAULT_TOP_K = 5  # the pipeline's default

@@ -14,13 +14,9 @@ from fastapi import APIRouter, Body, Depends, Header, Request, Response
 from torch import Tensor
 
 from service import __version__
-from service.deps import AppState, State, admit
-from service.deps import Authorized as AuthorizedDep
-from service.errors import BadRequest, ModelNotFound, NotReady, UnsupportedMediaType
-from service.lifecycle import Phase
-from service.middleware import request_arrival
-from service.model.pooling import LOGITS, pool
-from service.protocols.schemas import (
+from service.api.admission import AppState, State, admit
+from service.api.admission import Authorized as AuthorizedDep
+from service.api.protocol_schemas import (
     ConfigTensor,
     InferRequest,
     InferResponse,
@@ -36,7 +32,8 @@ from service.protocols.schemas import (
     VersionPolicy,
     inline_schema,
 )
-from service.protocols.v2_codec import (
+from service.api.schemas import PlainErrorBody
+from service.api.v2_codec import (
     CLASSIFICATION_OUTPUTS,
     EMBEDDING_OUTPUT,
     IMAGE_INPUT,
@@ -44,9 +41,13 @@ from service.protocols.v2_codec import (
     build_infer_response,
     parse_infer_request,
 )
-from service.repository import scan_store
-from service.schemas import PlainErrorBody
-from service.served import EncodedImage, ServedModel
+from service.engine.lifecycle import Phase
+from service.engine.repository import scan_store
+from service.engine.served import ServedModel
+from service.errors import BadRequest, ModelNotFound, NotReady, UnsupportedMediaType
+from service.http.access_log import request_arrival
+from service.images import EncodedImage
+from service.model.pooling import LOGITS, pool
 
 PLATFORM = "pytorch_deit"
 EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration", "model_repository")

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from service.deps import dumps
 from service.errors import BadRequest, TaskNotSupported, TooManyFiles
+from service.http.responses import dumps
 
 IMAGE_INPUT = "image"  # BYTES [N] or [N, 1]: encoded images (JPEG, PNG, ...)
 PIXELS_INPUT = "pixel_values"  # FP32 or FP16 [N, 3, H, W]: preprocessed pixels

@@ -22,8 +22,11 @@ from pathlib import Path
 
 import torch
 
-from service.batching import Batcher
-from service.decode_pool import DecodePool
+from service.engine.batching import Batcher
+from service.engine.decode_pool import DecodePool
+from service.engine.repository import Fingerprint, StoreContents, VersionSource, model_entries, scan_model, scan_store
+from service.engine.runner import ModelRunner, checkpoint_forward, default_forward_workers
+from service.engine.served import ServedModel
 from service.errors import (
     CheckpointError,
     ModelLoadFailed,
@@ -37,9 +40,6 @@ from service.model.checkpoints import LoadedCheckpoint
 from service.model.device_decoding import device_decoding_for
 from service.model.prepare import load_for_serving
 from service.model.preprocessing import Preprocessor
-from service.repository import Fingerprint, StoreContents, VersionSource, model_entries, scan_model, scan_store
-from service.runner import ModelRunner, checkpoint_forward, default_forward_workers
-from service.served import ServedModel
 from service.settings import Settings
 
 log = logging.getLogger("deit_serve.store")
@@ -160,7 +160,14 @@ class ModelStore:
         """Load, check and warm up one version; raises on any problem, leaving the store as it was."""
         s = self.settings
         started = time.perf_counter()
-        checkpoint = load_for_serving(path, s)
+        checkpoint = load_for_serving(
+            path,
+            device=s.device,
+            dtype=s.dtype,
+            quantize=s.quantize,
+            cuda_graphs=s.cuda_graphs,
+            max_batch_size=s.max_batch_size,
+        )
         if checkpoint.config.num_channels != 3:
             raise CheckpointError(
                 f"{checkpoint.source}: the model takes {checkpoint.config.num_channels} input channels; "

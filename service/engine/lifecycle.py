@@ -7,8 +7,8 @@ import contextlib
 import enum
 from collections.abc import Callable, Iterator
 
+from service.engine.context import RequestContext
 from service.errors import NotReady, ShuttingDown
-from service.request_context import RequestContext
 
 
 class Phase(enum.StrEnum):

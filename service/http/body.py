@@ -12,6 +12,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartState, parse_options_header
 from starlette.requests import Request
 
+from service.engine.context import RequestContext
 from service.errors import (
     BadRequest,
     ClientGone,
@@ -21,9 +22,8 @@ from service.errors import (
     TooManyFiles,
     UnsupportedMediaType,
 )
-from service.request_context import RequestContext
-from service.served import EncodedImage
-from service.upload_budget import Reservation
+from service.http.upload_budget import Reservation
+from service.images import EncodedImage
 
 FILE_FIELD = "file"
 

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from service.request_context import RequestContext
+from service.engine.context import RequestContext
 
 T = TypeVar("T")
 

@@ -11,8 +11,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.http.front_door import protocol_of
 from service.metrics import Metrics
-from service.protocols import protocol_of
 
 log = logging.getLogger("deit_serve.access")
 

@@ -1,4 +1,4 @@
-"""Dynamic batching: one queue and one batcher task per model, in front of its forward slots (service.runner).
+"""Dynamic batching: one queue and one batcher task per model, in front of its forward slots (service.engine.runner).
 
 The queue admits work up front (bounded: overload is refused at once, not queued), the batcher takes up to
 ``max_batch_size`` live images as soon as the model is free, and waits at most ``max_batch_delay`` only while
@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from service.engine.runner import ModelRunner, Outputs
 from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, ServiceError, ShuttingDown, TooManyFiles
 from service.metrics import Metrics
-from service.runner import ModelRunner, Outputs
 
 log = logging.getLogger("deit_serve.batching")
 

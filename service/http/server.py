@@ -14,7 +14,7 @@ from types import FrameType
 
 import uvicorn
 
-from service.lifecycle import Lifecycle, Phase
+from service.engine.lifecycle import Lifecycle, Phase
 
 log = logging.getLogger("deit_serve.server")
 

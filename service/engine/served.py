@@ -18,24 +18,17 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from service.batching import Batcher
-from service.decode_pool import DecodePool
+from service.engine.batching import Batcher
+from service.engine.context import RequestContext
+from service.engine.decode_pool import DecodePool
 from service.errors import ClientGone, InvalidParameter, ModelStoreError, ServiceError, ShuttingDown, TaskNotSupported
+from service.images import EncodedImage
 from service.metrics import Metrics
 from service.model.checkpoints import LoadedCheckpoint
 from service.model.decoding import decode_image, load_rgb, open_image
 from service.model.device_decoding import DeviceDecoding
 from service.model.pooling import LOGITS, Pooling, default_pooling, feature_names, pool, poolings
 from service.model.preprocessing import Preprocessor
-from service.request_context import RequestContext
-
-
-@dataclass(frozen=True)
-class EncodedImage:
-    """An uploaded image file as received; ``name`` labels it in results and error messages."""
-
-    name: str
-    data: bytes
 
 
 @dataclass(frozen=True)

@@ -4,25 +4,25 @@ a request (refusals before the body is read, its deadline and cancel signal, its
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import Depends, Request, Response
+from fastapi import Depends, Request
 from torch import Tensor
 
-from service.auth import check_api_key
-from service.decode_pool import DecodePool
-from service.lifecycle import Lifecycle
+from service.engine.context import RequestContext
+from service.engine.decode_pool import DecodePool
+from service.engine.lifecycle import Lifecycle
+from service.engine.served import Inputs, Prediction, RequestStats, ServedModel
+from service.engine.store import ModelStore
+from service.http.access_log import request_arrival
+from service.http.auth import check_api_key
+from service.http.body import read_body, read_uploads, watch_disconnect
+from service.http.upload_budget import Reservation, UploadBudget
+from service.images import EncodedImage
 from service.metrics import Metrics
-from service.middleware import request_arrival
-from service.request_context import RequestContext
-from service.served import EncodedImage, Inputs, Prediction, RequestStats, ServedModel
 from service.settings import Settings
-from service.store import ModelStore
-from service.upload_budget import Reservation, UploadBudget
-from service.uploads import read_body, read_uploads, watch_disconnect
 
 
 @dataclass
@@ -125,19 +125,3 @@ async def admit(
     request.state.stats = stats
     with state.lifecycle.request(context), state.store.hold(served), state.upload_budget.reservation() as reservation:
         yield Admitted(request, state, served, context, reservation, stats)
-
-
-try:
-    import orjson
-
-    def dumps(body: Any) -> bytes:
-        return orjson.dumps(body)
-
-except ImportError:  # the "fast" extra is optional
-
-    def dumps(body: Any) -> bytes:
-        return json.dumps(body, separators=(",", ":")).encode()
-
-
-def json_response(body: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(dumps(body), status_code=status_code, headers=headers, media_type="application/json")

@@ -63,8 +63,13 @@ class RequestContext:
 
     async def run(self, awaitable: Awaitable[T], timeout_error: Callable[[], ServiceError] | None = None) -> T:
         """Await ``awaitable`` until the deadline or the cancel signal, whichever comes first. On either, it is
-        cancelled and the reason raised (``timeout_error()`` for the deadline, default: 504)."""
-        self.check(timeout_error)
+        cancelled and the reason raised (``timeout_error()`` for the deadline, default: 504). A request already
+        stopped never starts ``awaitable``, and never leaves it unobserved either."""
+        try:
+            self.check(timeout_error)
+        except ServiceError:
+            _discard(awaitable)
+            raise
         task = asyncio.ensure_future(awaitable)
         if self._signal is None:
             self._signal = asyncio.get_running_loop().create_future()
@@ -86,6 +91,16 @@ class RequestContext:
 
 def _deadline_passed() -> ServiceError:
     return DeadlineExceeded("the request deadline passed before its images were classified")
+
+
+def _discard(awaitable: Awaitable[Any]) -> None:
+    """Drop an awaitable that will never be awaited: a coroutine is closed unstarted, a future (a gather of the
+    request's jobs) is cancelled and its outcome read, so that asyncio logs neither as never awaited/retrieved."""
+    if asyncio.iscoroutine(awaitable):
+        awaitable.close()
+    elif asyncio.isfuture(awaitable):
+        awaitable.cancel()
+        awaitable.add_done_callback(_consume)
 
 
 def _consume(future: asyncio.Future[Any]) -> None:

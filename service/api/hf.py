@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from typing import Annotated, Any
 
 import torch
@@ -19,6 +18,7 @@ from service.api.admission import Authorized, State, accepting_model, admit
 from service.api.protocol_schemas import HFRequest, HFResponse, inline_schema
 from service.api.schemas import PlainErrorBody
 from service.errors import BadRequest, EmptyUpload, InvalidParameter, TooManyFiles
+from service.http.json_body import loads_bounded
 from service.http.responses import json_response
 from service.images import EncodedImage
 
@@ -89,10 +89,7 @@ def parse_request(body: bytes, content_type: str, max_images: int) -> tuple[list
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type != "application/json" and not (not media_type and body.lstrip()[:1] == b"{"):
         return [body], {}, False
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest(f"the body is not valid JSON: {e}") from e
+    payload = loads_bounded(body, "the body")
     if not isinstance(payload, dict) or "inputs" not in payload:
         raise BadRequest("a JSON body must be an object with 'inputs' (a base64-encoded image)")
     params = payload.get("parameters") or {}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
 import struct
 from collections.abc import Sequence
@@ -20,7 +19,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from service.api.pixels import check_pixels, pixels_from_json
 from service.errors import BadRequest, TaskNotSupported, TooManyFiles
+from service.http.json_body import loads_bounded
 from service.http.responses import dumps
 
 IMAGE_INPUT = "image"  # BYTES [N] or [N, 1]: encoded images (JPEG, PNG, ...)
@@ -69,10 +70,7 @@ def parse_infer_request(
     """Parse a whole infer request body; 400 naming the problem, 413 over ``max_elements`` images. ``offered``: the
     outputs the model gives (a model without a classification head gives only the embedding)."""
     header_bytes, binary = _split(body, header_length)
-    try:
-        header = json.loads(header_bytes)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest(f"the inference request header is not valid JSON: {e}") from e
+    header = loads_bounded(header_bytes, "the inference request header")
     if not isinstance(header, dict):
         raise BadRequest("the inference request must be a JSON object")
     params = _object(header.get("parameters"), "parameters")
@@ -252,12 +250,9 @@ def _pixels(tensor: _Input, size: tuple[int, int], max_elements: int) -> Tensor:
                 f"input {PIXELS_INPUT!r}: shape {tensor.shape} of {tensor.datatype} needs {count * dtype.itemsize} "
                 f"bytes, got {len(tensor.raw)}"
             )
-        array = np.frombuffer(tensor.raw, dtype=dtype)
+        array = check_pixels(np.frombuffer(tensor.raw, dtype=dtype), PIXELS_INPUT)
     else:
-        try:
-            array = np.asarray(_flat(tensor.data, PIXELS_INPUT), dtype=np.float32)
-        except (TypeError, ValueError) as e:
-            raise BadRequest(f"input {PIXELS_INPUT!r}: 'data' must hold numbers ({e})") from e
+        array = pixels_from_json(_flat(tensor.data, PIXELS_INPUT), PIXELS_INPUT)
         if array.size != count:
             raise BadRequest(f"input {PIXELS_INPUT!r} has shape {tensor.shape} but holds {array.size} values")
     return torch.from_numpy(array.astype(np.float32)).reshape(n, 3, h, w)
@@ -271,6 +266,8 @@ def _outputs(raw: Any, binary_default: bool, offered: Sequence[str]) -> list[Req
         return [RequestedOutput(name, binary_default) for name in defaults]
     if not isinstance(raw, list):
         raise BadRequest("'outputs' must be a list")
+    if not raw:  # an answer with nothing in it is never what a client meant
+        raise BadRequest(f"'outputs' is empty: name at least one of {', '.join(map(repr, offered))}, or leave it out")
     requested: list[RequestedOutput] = []
     for i, item in enumerate(raw):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):

@@ -28,6 +28,7 @@ from service.errors import CheckpointError
 from service.model.architecture import Architecture, DeiTConfig
 from service.model.deit import DeiT
 from service.model.hf_names import from_transformers5_names, has_transformers5_names
+from service.model.layer_count import check_layer_count
 from service.model.preprocessing import PreprocessConfig
 from service.model.tf import H5_SUFFIXES, TF_WEIGHTS_NAME, is_tf_state_dict, read_keras_h5, tf_to_hf
 from service.model.timm import is_timm_state_dict, timm_to_hf
@@ -238,7 +239,9 @@ def _add_missing_prefix(state: dict[str, Tensor], config: DeiTConfig) -> dict[st
 def build_model(
     config: DeiTConfig, state: Mapping[str, Tensor], source: Path, dtype: torch.dtype, device: torch.device
 ) -> DeiT:
-    """Create the model on ``meta`` and assign the checkpoint's tensors, converted once to ``dtype`` on ``device``."""
+    """Create the model on ``meta`` and assign the checkpoint's tensors, converted once to ``dtype`` on ``device``.
+    Its depth is checked against the tensors first: even on ``meta``, each layer is a tree of module objects."""
+    check_layer_count(config, state, source)
     with torch.device("meta"):
         model = DeiT(config)
     expected = model.state_dict()

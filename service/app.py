@@ -16,6 +16,7 @@ from service import __version__
 from service.api import hf, v2
 from service.api.admission import AppState
 from service.api.native import router
+from service.engine.daemon_thread import run_in_daemon_thread
 from service.engine.decode_pool import DecodePool
 from service.engine.lifecycle import Lifecycle, Phase
 from service.engine.repository import poll_store
@@ -94,7 +95,7 @@ async def _load_models(
     """Load the store in a thread, then start the batchers. ANY failure ends start-up: one error line (naming the
     model and its files when one failed) and ``on_fatal``, never a service left "starting" for ever."""
     try:
-        await asyncio.to_thread(store.load_all)
+        await run_in_daemon_thread(store.load_all, "load-models")  # never joined at exit: see daemon_thread
         for served in store.all_served():
             served.batcher.start()
     except Exception as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -104,4 +105,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     server = DrainingServer(config, app.state.lifecycle, settings.drain_timeout_s)
     server.run()
-    sys.exit(server.exit_code)
+    exit_process(server.exit_code)
+
+
+def exit_process(code: int) -> typing.NoReturn:
+    """Exit once the server has stopped, whatever a thread is still doing. A model load abandoned at its timeout
+    or by the drain may run a warm-up for hours on its threads (an executor's, which the interpreter joins at
+    exit); the server has answered every request and holds nothing that needs writing back, so nothing waits."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

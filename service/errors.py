@@ -138,6 +138,14 @@ class ShuttingDown(ServiceError):
     headers = {"Retry-After": "1", "Connection": "close"}  # noqa: RUF012
 
 
+class ModelRetired(ServiceError):
+    """The version a request ran on was unloaded or replaced, and its drain timeout passed before the answer."""
+
+    status_code = 503
+    code = "model_unloaded"
+    headers = {"Retry-After": "1"}  # noqa: RUF012
+
+
 class NotReady(ServiceError):
     status_code = 503
     code = "not_ready"

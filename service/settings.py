@@ -96,6 +96,12 @@ class Settings(BaseSettings):
         "removed ones (0: off; load and unload through /v2/repository then)",
     )
     warmup: bool = Field(True, description="run a dummy batch per model before reporting ready")
+    load_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="longest a model version's load and warm-up may take at run time (repository API, store "
+        "polling); past it the load fails and what was serving still serves",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = Field(True, description="one JSON log line per request")
 

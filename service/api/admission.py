@@ -123,5 +123,9 @@ async def admit(
     context = RequestContext(request_arrival(request) + timeout)
     stats = RequestStats()
     request.state.stats = stats
-    with state.lifecycle.request(context), state.store.hold(served), state.upload_budget.reservation() as reservation:
+    with (
+        state.lifecycle.request(context),
+        state.store.hold(served, context),
+        state.upload_budget.reservation() as reservation,
+    ):
         yield Admitted(request, state, served, context, reservation, stats)

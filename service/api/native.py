@@ -145,9 +145,12 @@ async def embed_images(
 
 
 def _wants_octet_stream(accept: str) -> bool:
-    """Raw float32 when the client lists application/octet-stream before (or without) application/json."""
+    """Raw float32 when the client lists application/octet-stream before (or without) application/json; a type
+    given ``q=0`` is one the client refuses, as if it were not listed."""
     for part in accept.split(","):
-        media_type = part.split(";", 1)[0].strip().lower()
+        media_type, *params = (p.strip().lower() for p in part.split(";"))
+        if any(p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000") for p in params):
+            continue
         if media_type == OCTET_STREAM:
             return True
         if media_type == "application/json":

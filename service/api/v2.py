@@ -10,12 +10,13 @@ import asyncio
 from typing import Annotated, Any
 
 import torch
-from fastapi import APIRouter, Body, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 from torch import Tensor
 
 from service import __version__
 from service.api.admission import AppState, State, admit
 from service.api.admission import Authorized as AuthorizedDep
+from service.api.control import read_control_json, run_control
 from service.api.protocol_schemas import (
     ConfigTensor,
     InferRequest,
@@ -292,13 +293,24 @@ async def infer(
     "/v2/repository/index",
     summary="Every model version of the store, loaded or not",
     dependencies=Authorized,
-    responses=_errors(400, 401),
+    responses=_errors(400, 401, 408, 413),
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": inline_schema(RepositoryIndexRequest)}},
+        }
+    },
 )
-async def repository_index(
-    state: State, body: Annotated[RepositoryIndexRequest | None, Body()] = None
-) -> list[RepositoryIndexEntry]:
+async def repository_index(request: Request, state: State) -> list[RepositoryIndexEntry]:
+    # The body is read here, after authentication: a declared body parameter would be read (whole) before it.
+    body = await read_control_json(request, state, "the repository index request")
+    if body is not None and not isinstance(body, dict):
+        raise BadRequest("the repository index request must be a JSON object")
+    ready = (body or {}).get("ready", False)
+    if not isinstance(ready, bool):
+        raise BadRequest(f"'ready' must be true or false, not {ready!r}")
     contents = await asyncio.to_thread(scan_store, state.settings.model_store)
-    rows = state.store.index(contents, body is not None and body.ready)
+    rows = state.store.index(contents, ready)
     return [RepositoryIndexEntry(**row) for row in rows]
 
 
@@ -310,7 +322,7 @@ async def repository_index(
 )
 async def repository_load(state: State, model_name: str) -> Response:
     state.lifecycle.check_accepting()
-    await state.store.load(model_name)
+    await run_control(state, state.store.load(model_name))
     return Response(status_code=200)
 
 
@@ -322,7 +334,7 @@ async def repository_load(state: State, model_name: str) -> Response:
 )
 async def repository_unload(state: State, model_name: str) -> Response:
     state.lifecycle.check_accepting()
-    await state.store.unload(model_name)
+    await run_control(state, state.store.unload(model_name))
     return Response(status_code=200)
 
 

@@ -11,18 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import gc
 import itertools
 import logging
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from service.engine.batching import Batcher
+from service.engine.context import RequestContext
+from service.engine.daemon_thread import run_in_daemon_thread
 from service.engine.decode_pool import DecodePool
 from service.engine.repository import Fingerprint, StoreContents, VersionSource, model_entries, scan_model, scan_store
 from service.engine.runner import ModelRunner, checkpoint_forward, default_forward_workers
@@ -31,6 +33,7 @@ from service.errors import (
     CheckpointError,
     ModelLoadFailed,
     ModelNotFound,
+    ModelRetired,
     ModelStoreError,
     RepositoryLoadFailed,
     ServiceError,
@@ -104,13 +107,11 @@ class ModelStore:
         self.models: dict[str, ServedModel] = {}  # the newest loaded version of each model
         self.entries: dict[str, dict[int, VersionEntry]] = {}
         self._fingerprints: dict[ServedModel, Fingerprint] = {}  # every live version, draining ones too
-        self._holds: dict[ServedModel, int] = {}
+        self._holds: dict[ServedModel, dict[object, RequestContext | None]] = {}  # the requests on each version
         self._released: dict[ServedModel, asyncio.Event] = {}  # set when the last request on a retiring version ends
         self._retiring: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
         self._threads = settings.torch_threads or torch.get_num_threads()
-        # One loading thread on one intra-op thread: a load never holds a second OpenMP team (see Batcher).
-        self._loader = ThreadPoolExecutor(1, "model-load", initializer=torch.set_num_threads, initargs=(1,))
 
     @property
     def default_name(self) -> str | None:
@@ -144,6 +145,24 @@ class ModelStore:
             raise ModelLoadFailed(
                 _label(name, version), str(source.path), f"loading failed: {type(e).__name__}: {e}"
             ) from e
+
+    def _load_alone(self, name: str, version: int, source: VersionSource) -> tuple[ServedModel, Fingerprint]:
+        """A run-time load on its own thread with one intra-op thread: it never holds a second OpenMP team beside
+        the forward passes (see Batcher)."""
+        torch.set_num_threads(1)
+        return self._load_named(name, version, source)
+
+    async def _load_in_thread(self, name: str, version: int, source: VersionSource) -> tuple[ServedModel, Fingerprint]:
+        """Load one version within the load timeout; past it the load fails (its thread is abandoned, and what
+        it builds is dropped), and a cancelled caller (an abandoned drain) never waits for it."""
+        timeout = self.settings.load_timeout_s
+        future = run_in_daemon_thread(functools.partial(self._load_alone, name, version, source), f"load-{name}")
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise ModelLoadFailed(
+                _label(name, version), str(source.path), f"loading and warm-up did not finish within {timeout:g} s"
+            ) from None
 
     def _install(self, loaded: tuple[ServedModel, Fingerprint]) -> ServedModel | None:
         """Put a loaded version in place (one step, on the event loop after start-up); returns the one it replaces."""
@@ -234,9 +253,11 @@ class ModelStore:
     def get(self, name: str | None, version: int | None = None) -> ServedModel:
         """The model a request names (or the default), at ``version`` (or its newest loaded one)."""
         key = name or self.default_name
-        if key is None or key not in self.models:
+        if key is None:
+            raise ModelNotFound("no model is loaded: load one (POST /v2/repository/models/{name}/load)")
+        if key not in self.models:
             known = ", ".join(sorted(self.models)) or "none loaded"
-            raise ModelNotFound(f"model {name or key!r} not found; available: {known}")
+            raise ModelNotFound(f"model {key!r} not found; available: {known}")
         if version is None:
             return self.models[key]
         served = self.versions[key].get(version)
@@ -246,14 +267,18 @@ class ModelStore:
         return served
 
     @contextlib.contextmanager
-    def hold(self, served: ServedModel) -> Iterator[None]:
-        """Count a request on the version it runs on: a version replaced or unloaded drains until none holds it."""
-        self._holds[served] = self._holds.get(served, 0) + 1
+    def hold(self, served: ServedModel, context: RequestContext | None = None) -> Iterator[None]:
+        """Count a request on the version it runs on until it is answered: a version replaced or unloaded drains
+        until none holds it, and a drain that runs out of time cancels ``context`` (503) rather than free the
+        version under it."""
+        holders = self._holds.setdefault(served, {})
+        token = object()
+        holders[token] = context
         try:
             yield
         finally:
-            self._holds[served] -= 1
-            if self._holds[served] == 0 and served in self._released:
+            holders.pop(token, None)
+            if not holders and served in self._released:
                 self._released[served].set()
 
     # --- run time: load, reload, unload ------------------------------------------------------------------------
@@ -314,9 +339,10 @@ class ModelStore:
             previous_state = READY if version in loaded else UNAVAILABLE
             entry.state, entry.reason = LOADING, ""
             try:
-                ready = await asyncio.get_running_loop().run_in_executor(
-                    self._loader, self._load_named, name, version, source
-                )
+                ready = await self._load_in_thread(name, version, source)
+            except asyncio.CancelledError:  # the request asking for it was cancelled (the service shuts down)
+                entries[version] = VersionEntry(previous_state, "the load was cancelled before it finished")
+                raise
             except ModelLoadFailed as e:
                 reason = e.message if version not in loaded else f"reload failed, the loaded files serve: {e.message}"
                 entries[version] = VersionEntry(previous_state, reason, source.fingerprint)
@@ -353,8 +379,20 @@ class ModelStore:
     async def _drain(self, served: ServedModel) -> None:
         """Wait until no request holds the version (at most the drain timeout), stop its batcher, free it."""
         released = self._released.setdefault(served, asyncio.Event())
-        if self._holds.get(served, 0) > 0:
+        if self._holds.get(served):
             with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(released.wait(), self.settings.drain_timeout_s)
+        holders = self._holds.get(served, {})
+        if holders:  # the drain ran out of time: the requests still on this version end now, with a 503
+            log.warning(
+                "model drain timeout passed with %d requests on it; they are cancelled",
+                len(holders),
+                extra={"model": served.name, "version": served.version},
+            )
+            for context in list(holders.values()):
+                if context is not None:
+                    context.cancel(ModelRetired(_retired_message(served)))
+            with contextlib.suppress(TimeoutError):  # each cancelled request leaves at its next await
                 await asyncio.wait_for(released.wait(), self.settings.drain_timeout_s)
         await served.batcher.stop()
         self._holds.pop(served, None)
@@ -386,7 +424,13 @@ class ModelStore:
             await served.batcher.stop()
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
-        self._loader.shutdown(wait=False, cancel_futures=True)
+
+
+def _retired_message(served: ServedModel) -> str:
+    return (
+        f"model {served.name!r} version {served.version} was unloaded or replaced before this request finished "
+        "(the drain timeout passed); retry"
+    )
 
 
 def _label(name: str, version: int) -> str:

@@ -1,0 +1,415 @@
+"""The edge, second round, against one real ``deit-serve`` process with API keys: a body is read only once the
+request may send it and within its route's bound, every JSON parser is bounded in depth, pixels are checked before
+the queue, echoed client text always encodes, a model's drain never frees it under a request, a stopped request
+leaves no future unobserved, and a config cannot make a load allocate without bound."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.routing import APIRoute
+
+from service.api import hf, native, v2
+from service.http.json_body import json_depth
+from service.http.responses import dumps
+from tests.factories import edit_config_json
+from tests.serving import (
+    Scrape,
+    ServerProcess,
+    image_bytes,
+    multipart_body,
+    plain_error,
+    read_answer,
+    rss_bytes,
+    run_server,
+    wait_until,
+    write_tiny_model,
+)
+
+KEY = "edge-secret"
+AUTH = {"X-API-Key": KEY}
+SIZE = 32  # the tiny model's input size
+PIXELS = 3 * SIZE * SIZE
+INFER = "/v2/models/tiny/infer"
+
+
+@pytest.fixture(scope="module")
+def edge_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny`` serves the requests; ``spare`` is unloaded and reloaded; models added later are loaded on request."""
+    store = tmp_path_factory.mktemp("edge-store")
+    write_tiny_model(store / "tiny")
+    shutil.copytree(store / "tiny", store / "spare")
+    return store
+
+
+@pytest.fixture(scope="module")
+def edge(edge_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    env = {"DEIT_API_KEYS": KEY, "DEIT_DRAIN_TIMEOUT_S": "0.5", "DEIT_MAX_BATCH_SIZE": "4"}
+    with run_server(edge_store, tmp_path_factory.mktemp("edge"), env=env) as server:
+        yield server
+
+
+def raw_request(server: ServerProcess, head: str, body: bytes = b"") -> socket.socket:
+    """A connection that has sent ``head`` (CRLF line ends added) and ``body``, left open for the answer."""
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n\r\n" + body)
+    return sock
+
+
+def assert_clean_log(server: ServerProcess) -> None:
+    """No error-level line, traceback or unobserved asyncio future in the server's log so far."""
+    httpx.get(f"{server.url}/healthz")  # a round trip: what the last request logged is written
+    text = server.log()
+    for marker in ("never retrieved", "was never awaited", "Traceback", "Exception in ASGI application"):
+        assert marker not in text, text[-3000:]
+    # A load refused for its files is the operator's error line, expected where a test asks for one.
+    errors = [
+        r
+        for r in server.log_records()
+        if r.get("level") in ("error", "critical") and r.get("message") != "model load failed"
+    ]
+    assert not errors, errors
+
+
+# --- 1. a body is read only when it may be, within its route's bound -----------------------------------------
+
+
+def test_the_repository_index_answers_401_before_reading_a_declared_body(edge: ServerProcess) -> None:
+    # 100 MiB declared, not one byte sent: the answer comes without the body.
+    sock = raw_request(
+        edge, "POST /v2/repository/index HTTP/1.1\nHost: x\nContent-Type: application/json\nContent-Length: 104857600"
+    )
+    with sock:
+        status, body = read_answer(sock)
+    assert status == 401, body
+    assert body == {"error": "an API key is required (Authorization: Bearer <key> or X-API-Key)"}
+
+
+def test_the_repository_index_refuses_a_chunked_body_without_a_key_unread(edge: ServerProcess) -> None:
+    pulled = 0
+
+    def body() -> Iterator[bytes]:
+        nonlocal pulled
+        for _ in range(2048):  # 128 MiB offered
+            pulled += 65536
+            yield b" " * 65536
+
+    response = httpx.post(f"{edge.url}/v2/repository/index", content=body(), timeout=30)
+    assert plain_error(response, 401).startswith("an API key is required")
+    assert pulled < 32 * 2**20
+
+
+def test_malformed_json_without_a_key_is_401_not_a_parse_error(edge: ServerProcess) -> None:
+    response = httpx.post(f"{edge.url}/v2/repository/index", content=b"{")
+    plain_error(response, 401)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["declared", "chunked"])
+def test_the_repository_index_body_is_capped_even_with_a_key(edge: ServerProcess, chunked: bool) -> None:
+    payload = b'{"ready": true, "pad": "' + b"x" * (2 * 2**20) + b'"}'
+    content: bytes | Iterator[bytes] = iter([payload[i : i + 65536] for i in range(0, len(payload), 65536)])
+    response = httpx.post(
+        f"{edge.url}/v2/repository/index", content=content if chunked else payload, headers=AUTH, timeout=30
+    )
+    assert "65536" in plain_error(response, 413)
+
+
+def test_the_repository_index_reads_its_flag_after_authentication(edge: ServerProcess) -> None:
+    url = f"{edge.url}/v2/repository/index"
+    everything = httpx.post(url, headers=AUTH)
+    ready = httpx.post(url, json={"ready": True}, headers=AUTH)
+    assert everything.status_code == ready.status_code == 200
+    assert {r["name"] for r in ready.json()} <= {r["name"] for r in everything.json()}
+    assert all(r["state"] == "READY" for r in ready.json())
+    assert "'ready' must be true or false" in plain_error(httpx.post(url, json={"ready": "yes"}, headers=AUTH), 400)
+    assert "JSON object" in plain_error(httpx.post(url, json=[1], headers=AUTH), 400)
+
+
+def test_no_route_declares_a_body_that_fastapi_would_read_before_its_dependencies() -> None:
+    """FastAPI reads (whole) a declared body before it runs a route's dependencies, authentication among them."""
+    routes = [r for router in (native.router, v2.router, hf.router) for r in router.routes if isinstance(r, APIRoute)]
+    assert len(routes) > 20
+    assert [r.path for r in routes if r.body_field is not None] == []
+
+
+# --- 2. nesting is bounded before parsing ---------------------------------------------------------------------
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def infer_json(data: Any = None, **extra: Any) -> dict[str, Any]:
+    values = data if data is not None else [0.0] * PIXELS
+    tensor = {"name": "pixel_values", "datatype": "FP32", "shape": [1, 3, SIZE, SIZE], "data": values}
+    return {"inputs": [tensor], **extra}
+
+
+@pytest.mark.parametrize(
+    ("text", "depth"),
+    [
+        (b"{}", 1),
+        (b'{"a": [1, {"b": []}]}', 4),
+        (b'{"a": "[[[[ {{{{ \\" [[["}', 1),  # brackets and an escaped quote inside a string do not count
+        (b'"\\\\" []', 1),  # an escaped backslash ends before the closing quote
+        (b"[" * 40, 33),  # counted up to the first level past the limit, then no further
+    ],
+)
+def test_json_depth_counts_brackets_outside_strings(text: bytes, depth: int) -> None:
+    assert json_depth(text, 32) == depth
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        pytest.param(INFER, DEEP, id="v2-body"),
+        pytest.param(INFER, json.dumps(infer_json(parameters={"x": 0})).replace("0}", DEEP + "}"), id="v2-parameters"),
+        pytest.param(INFER, json.dumps(infer_json(id="X")).replace('"X"', DEEP), id="v2-id"),
+        pytest.param("/", '{"inputs": ' + DEEP + "}", id="hf"),
+    ],
+)
+def test_deeply_nested_json_is_a_400_naming_the_limit(edge: ServerProcess, path: str, body: str) -> None:
+    response = httpx.post(
+        f"{edge.url}{path}", content=body.encode(), headers={**AUTH, "Content-Type": "application/json"}
+    )
+    assert "nests deeper than 32 levels" in plain_error(response, 400)
+    assert_clean_log(edge)
+
+
+# --- 3. pixels are checked before the queue -------------------------------------------------------------------
+
+
+def json_pixels_with(bad: str) -> bytes:
+    """An infer body whose pixel element 5 is the JSON text ``bad`` (NaN, 1e400 …: what json.dumps cannot write)."""
+    values = ["0.5"] * PIXELS
+    values[5] = bad
+    body = json.dumps(infer_json(data=["SLOT"]))
+    return body.replace('["SLOT"]', "[" + ",".join(values) + "]").encode()
+
+
+def binary_pixels_with(datatype: str, bad: float) -> tuple[bytes, int]:
+    dtype = {"FP32": "<f4", "FP16": "<f2"}[datatype]
+    values = np.full(PIXELS, 0.5, dtype=dtype)
+    values[5] = bad
+    raw = values.tobytes()
+    header = {
+        "inputs": [
+            {
+                "name": "pixel_values",
+                "datatype": datatype,
+                "shape": [1, 3, SIZE, SIZE],
+                "parameters": {"binary_data_size": len(raw)},
+            }
+        ]
+    }
+    head = json.dumps(header).encode()
+    return head + raw, len(head)
+
+
+@pytest.mark.parametrize(
+    "bad", ["NaN", "Infinity", "-Infinity", "null", "1" + "0" * 400, "1e400", "1e30", "true", '"0.5"']
+)
+def test_json_pixels_that_are_not_finite_numbers_are_a_400_naming_the_element(edge: ServerProcess, bad: str) -> None:
+    response = httpx.post(
+        f"{edge.url}{INFER}", content=json_pixels_with(bad), headers={**AUTH, "Content-Type": "application/json"}
+    )
+    assert "input 'pixel_values' element 5" in plain_error(response, 400)
+    assert_clean_log(edge)
+
+
+@pytest.mark.parametrize(
+    ("datatype", "bad"),
+    [("FP16", float("nan")), ("FP32", float("inf")), ("FP32", -1e30)],
+    ids=["fp16-nan", "fp32-inf", "fp32-huge"],
+)
+def test_binary_pixels_that_are_not_finite_are_a_400(edge: ServerProcess, datatype: str, bad: float) -> None:
+    body, header_length = binary_pixels_with(datatype, bad)
+    response = httpx.post(
+        f"{edge.url}{INFER}",
+        content=body,
+        headers={
+            **AUTH,
+            "Content-Type": "application/octet-stream",
+            "Inference-Header-Content-Length": str(header_length),
+        },
+    )
+    assert "input 'pixel_values' element 5" in plain_error(response, 400)
+    assert_clean_log(edge)
+
+
+def test_finite_pixels_still_classify(edge: ServerProcess) -> None:
+    response = httpx.post(f"{edge.url}{INFER}", json=infer_json(data=[-2.0, 2.5] * (PIXELS // 2)), headers=AUTH)
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"][0]["shape"] == [1, 10]
+
+
+# --- 4. echoed client text always encodes ---------------------------------------------------------------------
+
+
+def test_dumps_repairs_lone_surrogates_in_keys_and_values_and_leaves_pairs_alone() -> None:
+    encoded = dumps({"id\udc80": ["a\ud800b", {"k": "\ud83d\ude00"}], "n": 1})
+    assert json.loads(encoded) == {"id\ufffd": ["a\ufffdb", {"k": "\U0001f600"}], "n": 1}
+
+
+def test_a_lone_surrogate_in_an_echoed_id_is_replaced_not_a_500(edge: ServerProcess) -> None:
+    body = json.dumps(infer_json(id="req-\ud800"))  # ensure_ascii: the surrogate travels as the escape \ud800
+    assert "\\ud800" in body
+    response = httpx.post(f"{edge.url}{INFER}", content=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+    assert response.json()["id"] == "req-\ufffd"
+
+
+def test_a_lone_surrogate_echoed_in_an_error_message_is_replaced(edge: ServerProcess) -> None:
+    body = infer_json()
+    body["inputs"][0]["datatype"] = "\udc80"
+    response = httpx.post(
+        f"{edge.url}{INFER}", content=json.dumps(body), headers={**AUTH, "Content-Type": "application/json"}
+    )
+    assert "\ufffd" in plain_error(response, 400)
+    assert_clean_log(edge)
+
+
+# --- 5. a request holds its model until it is answered --------------------------------------------------------
+
+
+def test_an_unload_whose_drain_runs_out_cancels_the_request_on_it_with_a_503(edge: ServerProcess) -> None:
+    body, content_type = multipart_body([b"x" * 4096])
+    head = (
+        f"POST /classify?model=spare HTTP/1.1\nHost: x\nX-API-Key: {KEY}\nContent-Type: {content_type}\n"
+        f"Content-Length: {len(body)}"
+    )
+    sock = raw_request(edge, head, body[:100])  # the rest never comes: the request holds "spare" while it waits
+
+    def admitted() -> bool:
+        return Scrape.parse(httpx.get(f"{edge.url}/metrics").text).value("deit_upload_bytes_in_flight") >= len(body)
+
+    wait_until(admitted, what="the upload admitted")
+    assert httpx.post(f"{edge.url}/v2/repository/models/spare/unload", headers=AUTH).status_code == 200
+    with sock:
+        status, answer = read_answer(sock)  # after the 0.5 s drain timeout, not at the request's 30 s deadline
+    assert status == 503, answer
+    assert answer["error"]["code"] == "model_unloaded"
+    assert "spare" in answer["error"]["message"]
+    assert httpx.post(f"{edge.url}/v2/repository/models/spare/load", headers=AUTH).status_code == 200
+    files = [("file", ("a.png", image_bytes(), "image/png"))]
+    assert httpx.post(f"{edge.url}/classify?model=spare", files=files, headers=AUTH).status_code == 200
+    assert_clean_log(edge)
+
+
+# --- 6. no stage leaves a future unobserved -------------------------------------------------------------------
+
+
+def test_a_request_past_its_deadline_before_queueing_is_504_with_nothing_unobserved(edge: ServerProcess) -> None:
+    for _ in range(3):
+        response = httpx.post(f"{edge.url}{INFER}", json=infer_json(parameters={"timeout": 1}), headers=AUTH)
+        assert plain_error(response, 504)
+    assert_clean_log(edge)
+
+
+# --- choices: what is open, what an empty or refused choice means ------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/v2", "/v2/health/ready", "/openapi.json", "/docs"])
+def test_probes_and_the_api_description_stay_open_with_keys(edge: ServerProcess, path: str) -> None:
+    assert httpx.get(f"{edge.url}{path}").status_code == 200
+
+
+def test_an_empty_outputs_list_is_a_400(edge: ServerProcess) -> None:
+    response = httpx.post(f"{edge.url}{INFER}", json=infer_json(outputs=[]), headers=AUTH)
+    assert "'outputs' is empty" in plain_error(response, 400)
+
+
+def test_octet_stream_given_q_0_is_refused_and_json_answered(edge: ServerProcess) -> None:
+    files = [("file", ("a.png", image_bytes(), "image/png"))]
+    for accept, raw in [("application/octet-stream;q=0, application/json", False), ("application/octet-stream", True)]:
+        response = httpx.post(f"{edge.url}/embed", files=files, headers={**AUTH, "Accept": accept})
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"].startswith("application/octet-stream" if raw else "application/json")
+
+
+# --- 7. a config cannot allocate without bound ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("layers", "message"),
+    [
+        (1_000_000, "num_hidden_layers 1000000 is above the limit of 256"),
+        (3, "asks for 3 encoder layers, the weights hold 2"),
+    ],
+    ids=["million", "one-more"],
+)
+def test_a_config_asking_for_more_layers_than_its_weights_is_refused_before_building(
+    edge: ServerProcess, edge_store: Path, layers: int, message: str
+) -> None:
+    name = f"layers-{layers}"
+    shutil.copytree(edge_store / "tiny", edge_store / name)
+    edit_config_json(edge_store / name, num_hidden_layers=layers)
+    before = rss_bytes(edge.process.pid)
+    response = httpx.post(f"{edge.url}/v2/repository/models/{name}/load", headers=AUTH, timeout=60)
+    assert message in plain_error(response, 400)
+    assert rss_bytes(edge.process.pid) - before < 64 * 2**20
+    assert httpx.get(f"{edge.url}/v2/models/{name}", headers=AUTH).status_code == 404
+
+
+# --- 8. a load obeys its timeout, and shutdown whatever a load is doing ---------------------------------------
+
+
+def write_endless_model(directory: Path) -> Path:
+    """A tiny model whose preprocessing crops 2048×2048: valid, but its warm-up takes hours on a CPU."""
+    write_tiny_model(directory)
+    preprocess = {"size": 2048, "crop_size": 2048, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    (directory / "preprocessor_config.json").write_text(json.dumps(preprocess))
+    return directory
+
+
+def test_a_load_past_its_timeout_fails_and_sigterm_exits_during_a_load(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    write_tiny_model(store / "tiny")
+    env = {"DEIT_DRAIN_TIMEOUT_S": "1", "DEIT_LOAD_TIMEOUT_S": "2", "DEIT_MAX_BATCH_SIZE": "1"}
+    with run_server(store, tmp_path, env=env) as server:
+        write_endless_model(store / "endless")
+        load = f"{server.url}/v2/repository/models/endless/load"
+        timed_out = httpx.post(load, timeout=60)
+        assert "did not finish within 2 s" in plain_error(timed_out, 400)
+        index = httpx.post(f"{server.url}/v2/repository/index").json()
+        assert {"name": "endless", "version": "1", "state": "UNAVAILABLE"} in [
+            {k: row[k] for k in ("name", "version", "state")} for row in index
+        ]
+        assert (
+            httpx.post(f"{server.url}/classify", files=[("file", ("a.png", image_bytes(), "image/png"))]).status_code
+            == 200
+        )
+
+        assert httpx.post(f"{server.url}/v2/repository/models/tiny/unload").status_code == 200
+        nothing = httpx.post(f"{server.url}/classify", files=[("file", ("a.png", image_bytes(), "image/png"))])
+        assert nothing.status_code == 404
+        assert nothing.json()["error"]["message"].startswith("no model is loaded")
+        assert httpx.get(f"{server.url}/readyz").status_code == 200
+
+        answers: list[httpx.Response] = []
+        pending = threading.Thread(target=lambda: answers.append(httpx.post(load, timeout=60)))
+        pending.start()
+
+        def loading() -> bool:
+            rows = httpx.post(f"{server.url}/v2/repository/index").json()
+            return any(r["name"] == "endless" and r["state"] == "LOADING" for r in rows)
+
+        wait_until(loading, what="the second load under way")
+        server.terminate()
+        assert server.wait(timeout=30) == 0  # drain 1 s, then the answers' grace: never the hours of the warm-up
+        pending.join(timeout=30)
+    assert len(answers) == 1
+    answer = answers[0]
+    assert answer.status_code in (400, 503), answer.text  # the load's own timeout or the abandoned drain: JSON
+    assert set(answer.json()) == {"error"}
+    text = server.log()
+    assert "Exception in ASGI application" not in text
+    assert "Traceback" not in text

@@ -6,7 +6,6 @@ import asyncio
 import io
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,6 +17,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.app import create_app
+from service.engine.store import ModelStore
 from service.metrics import Metrics
 from service.model.architecture import Architecture
 from service.model.checkpoints import load_checkpoint
@@ -391,14 +391,17 @@ def test_openapi_documents_the_protocol_routes_with_typed_schemas(client: TestCl
 
 
 @pytest.mark.asyncio
-async def test_readyz_is_503_until_the_models_are_loaded(tiny_store: Path) -> None:
-    """Loading runs on the loop's default executor; holding its only thread keeps the service deterministically
-    in the loading phase until the gate opens."""
-    loop = asyncio.get_running_loop()
-    executor = ThreadPoolExecutor(max_workers=1)
-    loop.set_default_executor(executor)
+async def test_readyz_is_503_until_the_models_are_loaded(tiny_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading runs on its own thread; a gate in front of the store's real load keeps the service deterministically
+    in the loading phase until it opens."""
     gate = threading.Event()
-    held = loop.run_in_executor(None, gate.wait)
+    load_all = ModelStore.load_all
+
+    def gated(store: ModelStore) -> None:
+        gate.wait(timeout=60)
+        load_all(store)
+
+    monkeypatch.setattr(ModelStore, "load_all", gated)
     app = create_app(_settings(tiny_store))
     transport = httpx.ASGITransport(app=app)
     try:
@@ -422,8 +425,6 @@ async def test_readyz_is_503_until_the_models_are_loaded(tiny_store: Path) -> No
             assert (await c.post("/classify", files=[_png_part("a.png", _PNG)])).status_code == 200
     finally:
         gate.set()
-        await held
-        executor.shutdown(wait=True)
 
 
 @pytest.mark.asyncio

@@ -335,6 +335,16 @@ def test_octet_stream_given_q_0_is_refused_and_json_answered(edge: ServerProcess
         assert response.headers["content-type"].startswith("application/octet-stream" if raw else "application/json")
 
 
+def test_a_symlinked_model_directory_is_followed_out_of_the_store(
+    edge: ServerProcess, edge_store: Path, tmp_path: Path
+) -> None:
+    outside = shutil.copytree(edge_store / "tiny", tmp_path / "mounted-volume" / "model")
+    (edge_store / "linked").symlink_to(outside, target_is_directory=True)
+    assert httpx.post(f"{edge.url}/v2/repository/models/linked/load", headers=AUTH, timeout=60).status_code == 200
+    files = [("file", ("a.png", image_bytes(), "image/png"))]
+    assert httpx.post(f"{edge.url}/classify?model=linked", files=files, headers=AUTH).status_code == 200
+
+
 # --- 7. a config cannot allocate without bound ----------------------------------------------------------------
 
 
@@ -354,7 +364,9 @@ def test_a_config_asking_for_more_layers_than_its_weights_is_refused_before_buil
     edit_config_json(edge_store / name, num_hidden_layers=layers)
     before = rss_bytes(edge.process.pid)
     response = httpx.post(f"{edge.url}/v2/repository/models/{name}/load", headers=AUTH, timeout=60)
-    assert message in plain_error(response, 400)
+    error = plain_error(response, 400)
+    assert message in error
+    assert str(edge_store / name) in error  # the repository API is the operator's: it names the server's files
     assert rss_bytes(edge.process.pid) - before < 64 * 2**20
     assert httpx.get(f"{edge.url}/v2/models/{name}", headers=AUTH).status_code == 404
 

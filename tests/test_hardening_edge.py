@@ -19,7 +19,7 @@ import pytest
 from fastapi.routing import APIRoute
 
 from service.api import hf, native, v2
-from service.http.json_body import json_depth
+from service.http.json_body import nests_deeper_than
 from service.http.responses import dumps
 from tests.factories import edit_config_json
 from tests.serving import (
@@ -154,17 +154,19 @@ def infer_json(data: Any = None, **extra: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    ("text", "depth"),
+    ("text", "deeper"),
     [
-        (b"{}", 1),
-        (b'{"a": [1, {"b": []}]}', 4),
-        (b'{"a": "[[[[ {{{{ \\" [[["}', 1),  # brackets and an escaped quote inside a string do not count
-        (b'"\\\\" []', 1),  # an escaped backslash ends before the closing quote
-        (b"[" * 40, 33),  # counted up to the first level past the limit, then no further
+        (b"{}", False),
+        (b'{"a": [1, {"b": []}]}', False),
+        (b"[" * 33 + b"]" * 33, True),
+        (b"[]" * 1000, False),  # many openers, never more than one level
+        (b'["' + b"[" * 40 + b'"]', False),  # brackets inside a string do not count
+        (b'["\\\\"' + b"[" * 40, True),  # an escaped backslash ends before the closing quote: these count
+        (b'["\\"' + b"[" * 40 + b'"]', False),  # an escaped quote does not end the string
     ],
 )
-def test_json_depth_counts_brackets_outside_strings(text: bytes, depth: int) -> None:
-    assert json_depth(text, 32) == depth
+def test_nesting_is_counted_on_brackets_outside_strings(text: bytes, deeper: bool) -> None:
+    assert nests_deeper_than(text, 32) is deeper
 
 
 @pytest.mark.parametrize(

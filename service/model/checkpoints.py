@@ -26,7 +26,7 @@ from torch import Tensor
 
 from service.errors import CheckpointError
 from service.model.architecture import Architecture, DeiTConfig
-from service.model.deit import DeiT
+from service.model.deit import DeiT, build_deit
 from service.model.hf_names import from_transformers5_names, has_transformers5_names
 from service.model.preprocessing import PreprocessConfig
 from service.model.tf import H5_SUFFIXES, TF_WEIGHTS_NAME, is_tf_state_dict, read_keras_h5, tf_to_hf
@@ -240,7 +240,7 @@ def build_model(
 ) -> DeiT:
     """Create the model on ``meta`` and assign the checkpoint's tensors, converted once to ``dtype`` on ``device``."""
     with torch.device("meta"):
-        model = DeiT(config)
+        model = build_deit(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -326,7 +326,8 @@ async def test_classify_and_embed_requests_share_one_forward_pass(store: Path) -
     and each request gets what it would alone."""
     values: dict[str, Any] = {"model_store": store, "device": "cpu", "dtype": "float32", "warmup": False}
     settings = Settings(**values, forward_workers=1, max_batch_delay_ms=0)
-    repository = Repository.open(settings, Metrics(settings.max_batch_size), DecodePool(1))
+    metrics = Metrics(settings.max_batch_size)
+    repository = Repository.open(settings, metrics, DecodePool(1))
     repository.load_all()
     served = repository.store.get("distilled")
     runner = served.batcher.runner
@@ -346,7 +347,8 @@ async def test_classify_and_embed_requests_share_one_forward_pass(store: Path) -
         await _until(lambda: sizes == [1], "the holding batch started")
         classified = asyncio.create_task(served.infer(x[1:4], RequestContext.with_timeout(30)))
         embedded = asyncio.create_task(served.infer(x[4:], RequestContext.with_timeout(30)))
-        await _until(lambda: served.batcher.queued == 6, "six images queued behind it")
+        depth = {"model": "distilled", "version": "1"}
+        await _until(lambda: metrics.registry.get_sample_value("deit_queue_depth", depth) == 6, "six queued behind it")
         gate.set()
         await holder
         logits = results.logits(await classified)

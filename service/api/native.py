@@ -23,6 +23,8 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 router = APIRouter()
+ModelQuery = Annotated[str | None, Query(description="model name (default model when omitted)")]
+VersionQuery = Annotated[int | None, Query(ge=0, description="model version (default: the newest loaded)")]
 
 _CLASSIFY_BODY = {
     "requestBody": {
@@ -60,9 +62,9 @@ _CLASSIFY_BODY = {
 async def classify_images(
     request: Request,
     state: State,
-    model: Annotated[str | None, Query(description="model name (default model when omitted)")] = None,
+    model: ModelQuery = None,
     top_k: Annotated[int | None, Query(ge=1, description="predictions per image (default 5)")] = None,
-    version: Annotated[int | None, Query(ge=0, description="model version (default: the newest loaded)")] = None,
+    version: VersionQuery = None,
     x_request_timeout: TimeoutHeader = None,
 ) -> Response:
     served = accepting_model(state, model, version, task=CLASSIFY)
@@ -103,8 +105,8 @@ SHAPE_HEADER = "X-Embedding-Shape"
 async def embed_images(
     request: Request,
     state: State,
-    model: Annotated[str | None, Query(description="model name (default model when omitted)")] = None,
-    version: Annotated[int | None, Query(ge=0, description="model version (default: the newest loaded)")] = None,
+    model: ModelQuery = None,
+    version: VersionQuery = None,
     pooling: Annotated[str | None, Query(description="cls, distillation, cls_distillation, mean or pooler")] = None,
     normalize: Annotated[bool, Query(description="scale each vector to unit length")] = False,
     encoding: Annotated[
@@ -203,9 +205,7 @@ async def healthz() -> Health:
 async def readyz(state: State) -> Health:
     phase = state.lifecycle.phase
     if phase is not Phase.READY:
-        error = NotReady(f"not ready: {phase.value}" + (f" ({state.lifecycle.error})" if state.lifecycle.error else ""))
-        error.headers = {"Retry-After": "1"}
-        raise error
+        raise NotReady(f"not ready: {phase.value}" + (f" ({state.lifecycle.error})" if state.lifecycle.error else ""))
     return Health(status="ready")
 
 

@@ -1,12 +1,12 @@
 """What every front door shares: the app's run-time state, FastAPI dependencies, and the admission of a request
 (every refusal before the body is read, once; its deadline and cancel signal; its share of the upload budget), then
-its one engine call. The REST routes call it today; any other transport calls the same ``accepting_model``,
-``admit`` and ``Admitted.infer``."""
+its one engine call. Any transport calls the same three steps: ``accepting_model``, ``admission`` (``admit`` for an
+HTTP request) and ``Admission.infer``."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -76,15 +76,27 @@ TimeoutHeader = Annotated[
 
 
 @dataclass
-class Admitted:
-    """A request let in at a front door: read its body and make its one engine call, under its one deadline."""
+class Admission:
+    """A request let in, whatever its transport: its model, one deadline and cancel signal, its share of the upload
+    budget, and its one engine call."""
 
-    request: Request
     state: AppState
     served: ServedModel
     context: RequestContext
     reservation: Reservation
     stats: RequestStats
+
+    async def infer(self, inputs: Inputs) -> Inference:
+        """The engine call: the forward pass's outputs for every input (``service.api.results`` makes the answer)."""
+        return await self.served.infer(inputs, self.context, self.stats)
+
+
+@dataclass
+class Admitted(Admission):
+    """A request let in at an HTTP front door: its body is read under the deadline, and a client that disconnects
+    stops its engine call."""
+
+    request: Request
 
     async def body(self) -> bytes:
         return await read_body(self.request, self.state.settings.max_upload_bytes, self.context, self.reservation)
@@ -94,10 +106,8 @@ class Admitted:
         return await read_uploads(self.request, s.max_upload_bytes, s.max_files, self.context, self.reservation)
 
     async def infer(self, inputs: Inputs) -> Inference:
-        """The engine call: the forward pass's outputs for every input (``service.api.results`` makes the answer);
-        a client that disconnects stops it."""
         async with watch_disconnect(self.request, self.context):
-            return await self.served.infer(inputs, self.context, self.stats)
+            return await super().infer(inputs)
 
 
 def version_number(state: AppState, name: str | None, version: int | str | None) -> int | None:
@@ -122,20 +132,26 @@ def accepting_model(
     return served
 
 
+@contextlib.contextmanager
+def admission(state: AppState, served: ServedModel, *, arrived: float, timeout_s: float | None) -> Iterator[Admission]:
+    """Refuse at once when the model's queue is full, before the body is read (the room for all of the request's
+    images is reserved when they are queued); then count the request as in flight, holding its model version, with
+    its deadline (``timeout_s`` or the default, capped by the server) from its arrival (``time.monotonic()``)."""
+    settings = state.settings
+    served.check_room(1)
+    timeout = min(timeout_s or settings.request_timeout_s, settings.max_request_timeout_s)
+    context = RequestContext(arrived + timeout)
+    with state.lifecycle.request(context), state.store.hold(served), state.upload_budget.reservation() as reservation:
+        yield Admission(state, served, context, reservation, RequestStats())
+
+
 @contextlib.asynccontextmanager
 async def admit(
     request: Request, state: AppState, served: ServedModel, timeout_s: float | None
 ) -> AsyncIterator[Admitted]:
-    """Refuse at once when the model's queue is full, before the body is read (the room for all of the request's
-    images is reserved when they are queued); then count the request as in flight with its deadline (``timeout_s``
-    or the default, capped by the server) from its arrival, and name its model in its access-log record."""
-    settings = state.settings
+    """``admission`` for an HTTP request: its access-log record names the model and gets what it saw of batching."""
     record = request_record(request)
     record.model, record.version = served.name, str(served.version)
-    served.check_room(1)
-    timeout = min(timeout_s or settings.request_timeout_s, settings.max_request_timeout_s)
-    context = RequestContext(record.arrived + timeout)
-    stats = RequestStats()
-    record.batching = stats
-    with state.lifecycle.request(context), state.store.hold(served), state.upload_budget.reservation() as reservation:
-        yield Admitted(request, state, served, context, reservation, stats)
+    with admission(state, served, arrived=record.arrived, timeout_s=timeout_s) as admitted:
+        record.batching = admitted.stats
+        yield Admitted(state, served, admitted.context, admitted.reservation, admitted.stats, request)

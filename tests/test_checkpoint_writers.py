@@ -27,7 +27,7 @@ from service.errors import CheckpointError
 from service.model.architecture import Architecture
 from service.model.checkpoints import load_checkpoint
 from service.model.decoding import decode_image
-from service.model.deit import DeiT, LayerScale
+from service.model.deit import LayerScale, build_deit
 from service.model.preprocessing import Preprocessor
 from service.model.timm import timm_to_hf
 from tests.factories import HFKind, hf_model
@@ -340,7 +340,7 @@ def test_full_size_timm_names_and_shapes_are_accepted(variant: str, headless: bo
     )
     assert config.architecture is expected_arch
     with torch.device("meta"):
-        model = DeiT(config)
+        model = build_deit(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in converted.items()} == expected
 

@@ -222,6 +222,8 @@ class DeiT(nn.Module):
         super().__init__()
         self.config = config
         arch = config.architecture
+        if arch is Architecture.DISTILLED and not isinstance(self, DistilledDeiT):
+            raise TypeError("a distilled config builds a DistilledDeiT (build_deit), whose two heads it needs")
         backbone = Backbone(
             config,
             add_pooling_layer=config.add_pooling_layer and arch is Architecture.BARE,

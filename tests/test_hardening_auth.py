@@ -11,16 +11,15 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.serving import ServerProcess, image_bytes, run_server
+from tests.serving import ServerProcess, SharedServers, image_bytes, run_server
 
 KEYS = ("k1-secret", "k2-secret")
 
 
 @pytest.fixture(scope="module")
-def keyed(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def keyed(tiny_store: Path, servers: SharedServers) -> ServerProcess:
     env = {"DEIT_API_KEYS": ",".join(KEYS)}
-    with run_server(tiny_store, tmp_path_factory.mktemp("keyed"), env=env) as server:
-        yield server
+    return servers.get(tiny_store, env)
 
 
 def call(server: ServerProcess, method: str, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
@@ -137,9 +136,10 @@ def test_a_valid_request_id_is_echoed_and_logged_once_with_batching_details(keye
     assert line["path"] == "/classify"
     assert line["batch_size"]
     assert all(1 <= b <= 2 for b in line["batch_size"])
-    assert line["queue_ms"] >= 0
-    assert line["inference_ms"] > 0
-    assert line["duration_ms"] >= line["inference_ms"]
+    # Times in milliseconds within the request's own (a forward pass may take well under a millisecond).
+    for phase in ("queue_ms", "inference_ms"):
+        assert isinstance(line[phase], float | int), line
+        assert 0 <= line[phase] <= line["duration_ms"], line
     assert line["level"] == "info"
 
 

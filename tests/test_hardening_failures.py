@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from benchmarks.load_test import sample_images
+from harness.load import sample_images
 from service.engine.batching import Batcher
 from service.engine.runner import Forward, Outputs
 from service.settings import Settings
@@ -122,7 +121,9 @@ def test_a_client_leaving_mid_upload_is_logged_and_the_server_keeps_serving(slow
     with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) as client:
         request = raw_request(server.url, body, content_type, request_id, declared_length=len(body) + 10_000)
         client.sendall(request)
-        time.sleep(0.2)  # the server is now waiting for the rest of the body
+        wait_until(
+            lambda: scrape(server.url).value("deit_upload_bytes_in_flight") > 0, what="the server reading the body"
+        )
     record = access_record(server, request_id)
     assert record["status"] == 499
     assert httpx.get(f"{server.url}/healthz").status_code == 200

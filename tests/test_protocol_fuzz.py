@@ -8,7 +8,6 @@ import base64
 import io
 import json
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from schemathesis.specs.openapi.checks import (
 
 from service.app import create_app
 from service.settings import Settings
-from tests.serving import ServerProcess, run_server
+from tests.serving import ServerProcess, SharedServers
 
 MAX_FILES = 4
 MAX_UPLOAD_BYTES = 256 * 1024
@@ -46,7 +45,7 @@ JPEG = _jpeg(0)
 
 
 @pytest.fixture(scope="module")
-def server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(tiny_store: Path, servers: SharedServers) -> ServerProcess:
     env = {
         "DEIT_DEVICE": "cpu",
         "DEIT_DTYPE": "float32",
@@ -54,8 +53,7 @@ def server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "DEIT_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
         "DEIT_ACCESS_LOG": "false",
     }
-    with run_server(tiny_store, tmp_path_factory.mktemp("fuzz"), env=env) as process:
-        yield process
+    return servers.get(tiny_store, env)
 
 
 def check_answer(status: int, content_type: str, content: bytes, what: object) -> None:

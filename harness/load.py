@@ -117,6 +117,9 @@ async def run_load(
     """``concurrency`` closed-loop clients for ``duration_s`` seconds; requests in flight at the end are awaited."""
     report = LoadReport(elapsed_s=0.0)
     params = {"top_k": "1", **({"model": model} if model else {})}
+    # One TLS context for all clients, as building one per client is slow; built before the clock starts, since
+    # loading the CA certificates can take longer than a short run.
+    tls = ssl.create_default_context()
     started = time.monotonic()
     end = started + duration_s
     stop = asyncio.Event()
@@ -157,8 +160,7 @@ async def run_load(
                 await asyncio.sleep(backoff_s)
 
     # One client (one connection) per worker: a pool shared by many workers costs more client CPU than the server
-    # spends on a request. One TLS context for all, as building one per client is slow.
-    tls = ssl.create_default_context()
+    # spends on a request.
 
     def transport() -> httpx.AsyncHTTPTransport:
         return httpx.AsyncHTTPTransport(verify=tls, limits=httpx.Limits(max_connections=1))

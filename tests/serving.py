@@ -43,13 +43,16 @@ def image_bytes(
     return buf.getvalue()
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll ``condition`` every 10 ms until it holds; TimeoutError naming ``what`` after ``timeout`` seconds."""
+def wait_until(
+    condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition", every: float = 0.01
+) -> None:
+    """Poll ``condition`` every ``every`` seconds until it holds; TimeoutError naming ``what`` after ``timeout``
+    seconds. A condition that asks the server under test (a scrape) polls less often, so as not to load it."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not met within {timeout}s")
-        time.sleep(0.01)
+        time.sleep(every)
 
 
 @contextmanager

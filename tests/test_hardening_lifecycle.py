@@ -218,7 +218,7 @@ def test_decoding_stops_at_the_deadline_and_others_are_served_meanwhile(
         slow = pool.submit(
             httpx.post, f"{server.url}/classify", files=heavy, headers={"X-Request-Timeout": "2"}, timeout=60
         )
-        wait_until(lambda: decoded(server) > before, what="the heavy request being decoded")
+        wait_until(lambda: decoded(server) > before, what="the heavy request being decoded", every=0.25)
         small_started = time.monotonic()
         small = httpx.post(f"{server.url}/classify", files=multipart([image_bytes()]), timeout=60)
         small_s = time.monotonic() - small_started
@@ -244,7 +244,7 @@ def test_decoding_stops_when_the_client_leaves(server: ServerProcess, heavy_imag
     with socket.create_connection(address(server)) as sock:
         head = "".join(f"{k}: {v}\r\n" for k, v in request.headers.items())
         sock.sendall(f"POST /classify HTTP/1.1\r\n{head}\r\n".encode() + body)
-        wait_until(lambda: decoded(server) >= before + 2, what="the request half-way through its decoding")
+        wait_until(lambda: decoded(server) >= before + 2, what="the request half-way through its decoding", every=0.25)
     ran = settled_decodes(server) - before
     assert ran < 16, f"{ran:.0f} of 32 images decoded for a client that left"
     dropped = scrape(server).value("deit_dropped_total", model=MODEL, reason="disconnect") - dropped_before

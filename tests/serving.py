@@ -31,6 +31,17 @@ from service.app import create_app
 from service.settings import Settings
 
 stop_process = stop  # the name tests use
+
+# Upload bounds small enough to reach in a test, on the tiny model in float32: the settings of the one server the
+# upload-hardening, Open Inference Protocol and protocol-fuzzing tests share.
+SMALL_UPLOADS = {
+    "DEIT_DEVICE": "cpu",
+    "DEIT_DTYPE": "float32",
+    "DEIT_MAX_FILES": "4",
+    "DEIT_MAX_UPLOAD_BYTES": str(256 * 1024),
+    "DEIT_MAX_IMAGE_PIXELS": str(1_000_000),
+    "DEIT_ACCESS_LOG": "false",
+}
 REPO = Path(__file__).resolve().parent.parent
 DEMO_MODEL = REPO / "service" / "data" / "model_store" / "deit-tiny-digits"
 

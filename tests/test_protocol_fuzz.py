@@ -27,10 +27,10 @@ from schemathesis.specs.openapi.checks import (
 
 from service.app import create_app
 from service.settings import Settings
-from tests.serving import ServerProcess, SharedServers
+from tests.serving import SMALL_UPLOADS, ServerProcess, SharedServers
 
-MAX_FILES = 4
-MAX_UPLOAD_BYTES = 256 * 1024
+MAX_FILES = int(SMALL_UPLOADS["DEIT_MAX_FILES"])
+MAX_UPLOAD_BYTES = int(SMALL_UPLOADS["DEIT_MAX_UPLOAD_BYTES"])
 PROTOCOL_PATHS = r"^/($|v2|models/)"
 
 
@@ -46,14 +46,7 @@ JPEG = _jpeg(0)
 
 @pytest.fixture(scope="module")
 def server(tiny_store: Path, servers: SharedServers) -> ServerProcess:
-    env = {
-        "DEIT_DEVICE": "cpu",
-        "DEIT_DTYPE": "float32",
-        "DEIT_MAX_FILES": str(MAX_FILES),
-        "DEIT_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
-        "DEIT_ACCESS_LOG": "false",
-    }
-    return servers.get(tiny_store, env)
+    return servers.get(tiny_store, SMALL_UPLOADS)
 
 
 def check_answer(status: int, content_type: str, content: bytes, what: object) -> None:

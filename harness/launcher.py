@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,20 +112,28 @@ def _count(pid: int, argv: Sequence[str], env: Mapping[str, str]) -> None:
 
 
 def wait_ready(
-    url: str, process: subprocess.Popen[bytes] | None = None, timeout: float = 120.0, path: str = "/readyz"
+    url: str,
+    process: subprocess.Popen[bytes] | None = None,
+    timeout: float = 120.0,
+    path: str = "/readyz",
+    alive: Callable[[], bool] | None = None,
+    every: float = 0.05,
 ) -> None:
-    """Poll ``url + path`` until it answers 200; an error as soon as ``process`` exits, TimeoutError after
+    """Poll ``url + path`` every ``every`` seconds until it answers 200; an error as soon as ``process`` exits (or
+    ``alive``, for a server that is not our child such as a container, says it is gone), TimeoutError after
     ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"the server exited with {process.returncode} before it was ready")
+        if alive is not None and not alive():
+            raise RuntimeError("the server stopped before it was ready")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url + path, timeout=2).status_code == 200:
                 return
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url}{path} did not answer 200 within {timeout}s")
-        time.sleep(0.05)
+        time.sleep(every)
 
 
 def stop(process: subprocess.Popen[bytes], timeout: float = 30.0, group: bool = False) -> None:

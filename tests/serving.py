@@ -42,6 +42,20 @@ SMALL_UPLOADS = {
     "DEIT_MAX_IMAGE_PIXELS": str(1_000_000),
     "DEIT_ACCESS_LOG": "false",
 }
+
+# HTTP-edge bounds small enough to reach in a test, one API key, and /metrics behind it: the settings of the one
+# server the HTTP-hardening tests and the metrics-protection test share.
+EDGE_KEY = "s3cret-key"
+EDGE_LIMITS = {
+    "DEIT_MAX_HEADER_BYTES": "8192",
+    "DEIT_MAX_HEADERS": "20",
+    "DEIT_HEADER_TIMEOUT_S": "3.0",
+    "DEIT_KEEP_ALIVE_TIMEOUT_S": "1",
+    "DEIT_MAX_CONNECTIONS": "6",
+    "DEIT_BACKLOG": "77",
+    "DEIT_API_KEYS": EDGE_KEY,
+    "DEIT_PROTECT_METRICS": "true",
+}
 REPO = Path(__file__).resolve().parent.parent
 DEMO_MODEL = REPO / "service" / "data" / "model_store" / "deit-tiny-digits"
 

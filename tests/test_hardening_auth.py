@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.serving import ServerProcess, SharedServers, image_bytes, run_server
+from tests.serving import EDGE_KEY, EDGE_LIMITS, ServerProcess, SharedServers, image_bytes
 
 KEYS = ("k1-secret", "k2-secret")
 
@@ -86,13 +86,12 @@ def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(keyed: Ser
     assert pulled < 32 * 2**20
 
 
-def test_metrics_need_a_key_when_protected(tiny_store: Path, tmp_path: Path) -> None:
-    env = {"DEIT_API_KEYS": ",".join(KEYS), "DEIT_PROTECT_METRICS": "true"}
-    with run_server(tiny_store, tmp_path, env=env) as server:
-        refused = httpx.get(f"{server.url}/metrics")
-        wrong = httpx.get(f"{server.url}/metrics", headers={"Authorization": "Bearer nope"})
-        allowed = httpx.get(f"{server.url}/metrics", headers={"X-API-Key": KEYS[0]})
-        probes = [httpx.get(f"{server.url}{path}").status_code for path in ("/healthz", "/readyz")]
+def test_metrics_need_a_key_when_protected(tiny_store: Path, servers: SharedServers) -> None:
+    server = servers.get(tiny_store, EDGE_LIMITS)  # DEIT_PROTECT_METRICS=true, shared with the HTTP-edge tests
+    refused = httpx.get(f"{server.url}/metrics")
+    wrong = httpx.get(f"{server.url}/metrics", headers={"Authorization": "Bearer nope"})
+    allowed = httpx.get(f"{server.url}/metrics", headers={"X-API-Key": EDGE_KEY})
+    probes = [httpx.get(f"{server.url}{path}").status_code for path in ("/healthz", "/readyz")]
     assert refused.status_code == 401
     assert refused.json()["error"]["code"] == "unauthorized"
     assert wrong.status_code == 401

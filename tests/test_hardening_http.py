@@ -22,6 +22,8 @@ import pytest
 
 from harness.launcher import running, service_env
 from tests.serving import (
+    EDGE_KEY,
+    EDGE_LIMITS,
     ServerProcess,
     SharedServers,
     free_port,
@@ -32,29 +34,20 @@ from tests.serving import (
     wait_until,
 )
 
-MAX_HEADER_BYTES = 8192
-MAX_HEADERS = 20
-HEADER_TIMEOUT_S = 3.0
-KEEP_ALIVE_TIMEOUT_S = 1
-MAX_CONNECTIONS = 6
-BACKLOG = 77
-KEY = "s3cret-key"
+MAX_HEADER_BYTES = int(EDGE_LIMITS["DEIT_MAX_HEADER_BYTES"])
+MAX_HEADERS = int(EDGE_LIMITS["DEIT_MAX_HEADERS"])
+HEADER_TIMEOUT_S = float(EDGE_LIMITS["DEIT_HEADER_TIMEOUT_S"])
+KEEP_ALIVE_TIMEOUT_S = int(EDGE_LIMITS["DEIT_KEEP_ALIVE_TIMEOUT_S"])
+MAX_CONNECTIONS = int(EDGE_LIMITS["DEIT_MAX_CONNECTIONS"])
+BACKLOG = int(EDGE_LIMITS["DEIT_BACKLOG"])
+KEY = EDGE_KEY
 # Slack for a loaded machine on top of a timeout; a server without the bound holds the connection far longer.
 MARGIN_S = 4.0
 
 
 @pytest.fixture(scope="module")
 def server(tiny_store: Path, servers: SharedServers) -> ServerProcess:
-    env = {
-        "DEIT_MAX_HEADER_BYTES": str(MAX_HEADER_BYTES),
-        "DEIT_MAX_HEADERS": str(MAX_HEADERS),
-        "DEIT_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
-        "DEIT_KEEP_ALIVE_TIMEOUT_S": str(KEEP_ALIVE_TIMEOUT_S),
-        "DEIT_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
-        "DEIT_BACKLOG": str(BACKLOG),
-        "DEIT_API_KEYS": KEY,
-    }
-    return servers.get(tiny_store, env)
+    return servers.get(tiny_store, EDGE_LIMITS)
 
 
 def connect(server: ServerProcess) -> socket.socket:

@@ -26,14 +26,13 @@ from tests.serving import (
     InProcessServer,
     Scrape,
     ServerProcess,
+    SharedServers,
     free_port,
     image_bytes,
     multipart,
     multipart_body,
-    run_server,
     serve_in_process,
     wait_until,
-    write_slow_model,
 )
 
 SLOW = "slow"
@@ -51,12 +50,8 @@ def post(url: str, images: list[bytes], **headers: str) -> httpx.Response:
 
 
 @pytest.fixture(scope="module")
-def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    store = tmp_path_factory.mktemp("slow-store")
-    write_slow_model(store / SLOW)
-    env = {"DEIT_MAX_BATCH_SIZE": "1", "DEIT_TORCH_THREADS": "1"}
-    with run_server(store, tmp_path_factory.mktemp("slow-server"), env=env) as server:
-        yield server
+def slow_server(slow_store: Path, servers: SharedServers) -> ServerProcess:
+    return servers.get(slow_store, {"DEIT_MAX_BATCH_SIZE": "1", "DEIT_TORCH_THREADS": "1"})
 
 
 def raw_request(url: str, body: bytes, content_type: str, request_id: str, declared_length: int | None = None) -> bytes:

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.app import create_app
-from service.engine.store import ModelStore
+from service.engine.repository import Repository
 from service.metrics import Metrics
 from service.model.architecture import Architecture
 from service.model.checkpoints import load_checkpoint
@@ -174,22 +174,6 @@ def test_raw_image_body(client: TestClient) -> None:
     assert [p["score"] for p in result["predictions"]] == pytest.approx([p["score"] for p in multipart], abs=1e-5)
     named = client.post("/classify", content=data, headers={"Content-Type": "image/png", "X-Filename": "cam-1.png"})
     assert named.json()["results"][0]["filename"] == "cam-1.png"
-
-
-def test_a_request_larger_than_the_batch_is_split_and_fully_answered(client: TestClient) -> None:
-    before = Scrape.parse(client.get("/metrics").text)
-    images = [(f"{i}.png", noise_image_bytes(100 + i)) for i in range(10)]
-    body = _classify(client, *images)
-    after = Scrape.parse(client.get("/metrics").text)
-    assert [r["filename"] for r in body["results"]] == [name for name, _ in images]
-    assert all(len(r["predictions"]) == 5 for r in body["results"])
-
-    def delta(sample: str, **labels: str) -> float:
-        return after.value(sample, model="tiny", **labels) - before.value(sample, model="tiny", **labels)
-
-    assert delta("deit_batch_size_sum") == 10
-    assert delta("deit_batch_size_count") >= 3  # ceil(10 / 4)
-    assert delta("deit_batch_size_bucket", le=f"{float(MAX_BATCH)}") == delta("deit_batch_size_count")
 
 
 # --- errors ---------------------------------------------------------------------------------------------------
@@ -392,16 +376,16 @@ def test_openapi_documents_the_protocol_routes_with_typed_schemas(client: TestCl
 
 @pytest.mark.asyncio
 async def test_readyz_is_503_until_the_models_are_loaded(tiny_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Loading runs on its own thread; a gate in front of the store's real load keeps the service deterministically
-    in the loading phase until it opens."""
+    """Loading runs on its own thread; a gate in front of the repository's real load keeps the service
+    deterministically in the loading phase until it opens."""
     gate = threading.Event()
-    load_all = ModelStore.load_all
+    load_all = Repository.load_all
 
-    def gated(store: ModelStore) -> None:
+    def gated(repository: Repository) -> None:
         gate.wait(timeout=60)
-        load_all(store)
+        load_all(repository)
 
-    monkeypatch.setattr(ModelStore, "load_all", gated)
+    monkeypatch.setattr(Repository, "load_all", gated)
     app = create_app(_settings(tiny_store))
     transport = httpx.ASGITransport(app=app)
     try:

@@ -1,10 +1,14 @@
-"""The edge, second round, against one real ``deit-serve`` process with API keys: a body is read only once the
-request may send it and within its route's bound, every JSON parser is bounded in depth, pixels are checked before
-the queue, echoed client text always encodes, a model's drain never frees it under a request, a stopped request
-leaves no future unobserved, and a config cannot make a load allocate without bound."""
+"""The edge, second round, against real ``deit-serve`` processes with API keys: a body is read only once the request
+may send it and within its route's bound, every JSON parser is bounded in depth, pixels are checked before the
+queue, echoed client text always encodes, a model's drain never frees it under a request, a stopped request leaves
+no future unobserved, and a config cannot make a load allocate without bound.
+
+What changes nothing runs on the HTTP-edge tests' shared server (``EDGE_LIMITS``); what unloads a model or adds
+one to its store runs on a server of this module's own; the load timeout and SIGTERM test starts and stops its own."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -23,8 +27,11 @@ from service.http.json_body import nests_deeper_than
 from service.http.responses import dumps
 from tests.factories import edit_config_json
 from tests.serving import (
+    EDGE_KEY,
+    EDGE_LIMITS,
     Scrape,
     ServerProcess,
+    SharedServers,
     image_bytes,
     multipart_body,
     plain_error,
@@ -35,11 +42,17 @@ from tests.serving import (
     write_tiny_model,
 )
 
-KEY = "edge-secret"
+KEY = EDGE_KEY
 AUTH = {"X-API-Key": KEY}
 SIZE = 32  # the tiny model's input size
 PIXELS = 3 * SIZE * SIZE
 INFER = "/v2/models/tiny/infer"
+
+
+@pytest.fixture(scope="module")
+def edge(tiny_store: Path, servers: SharedServers) -> ServerProcess:
+    """The HTTP-edge tests' server (one key, the suite's ``tiny`` model): for tests that change nothing on it."""
+    return servers.get(tiny_store, EDGE_LIMITS)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +65,8 @@ def edge_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def edge(edge_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def repository(edge_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server of this module's own, for tests that unload its models or add models to its store."""
     env = {"DEIT_API_KEYS": KEY, "DEIT_DRAIN_TIMEOUT_S": "0.5", "DEIT_MAX_BATCH_SIZE": "4"}
     with run_server(edge_store, tmp_path_factory.mktemp("edge"), env=env) as server:
         yield server
@@ -66,18 +80,25 @@ def raw_request(server: ServerProcess, head: str, body: bytes = b"") -> socket.s
     return sock
 
 
-def assert_clean_log(server: ServerProcess) -> None:
-    """No error-level line, traceback or unobserved asyncio future in the server's log so far."""
+@pytest.fixture
+def log_mark(edge: ServerProcess) -> int:
+    """Where the shared server's log stands when the test starts: what other tests logged before is not its own."""
+    return len(edge.log())
+
+
+def assert_clean_log(server: ServerProcess, since: int = 0) -> None:
+    """No error-level line, traceback or unobserved asyncio future in the server's log from ``since`` on."""
     httpx.get(f"{server.url}/healthz")  # a round trip: what the last request logged is written
-    text = server.log()
+    text = server.log()[since:]
     for marker in ("never retrieved", "was never awaited", "Traceback", "Exception in ASGI application"):
         assert marker not in text, text[-3000:]
+    records = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
     # A load refused for its files is the operator's error line, expected where a test asks for one.
-    errors = [
-        r
-        for r in server.log_records()
-        if r.get("level") in ("error", "critical") and r.get("message") != "model load failed"
-    ]
+    errors = [r for r in records if r.get("level") in ("error", "critical") and r.get("message") != "model load failed"]
     assert not errors, errors
 
 
@@ -178,12 +199,12 @@ def test_nesting_is_counted_on_brackets_outside_strings(text: bytes, deeper: boo
         pytest.param("/", '{"inputs": ' + DEEP + "}", id="hf"),
     ],
 )
-def test_deeply_nested_json_is_a_400_naming_the_limit(edge: ServerProcess, path: str, body: str) -> None:
+def test_deeply_nested_json_is_a_400_naming_the_limit(edge: ServerProcess, log_mark: int, path: str, body: str) -> None:
     response = httpx.post(
         f"{edge.url}{path}", content=body.encode(), headers={**AUTH, "Content-Type": "application/json"}
     )
     assert "nests deeper than 32 levels" in plain_error(response, 400)
-    assert_clean_log(edge)
+    assert_clean_log(edge, log_mark)
 
 
 # --- 3. pixels are checked before the queue -------------------------------------------------------------------
@@ -219,12 +240,14 @@ def binary_pixels_with(datatype: str, bad: float) -> tuple[bytes, int]:
 @pytest.mark.parametrize(
     "bad", ["NaN", "Infinity", "-Infinity", "null", "1" + "0" * 400, "1e400", "1e30", "true", '"0.5"']
 )
-def test_json_pixels_that_are_not_finite_numbers_are_a_400_naming_the_element(edge: ServerProcess, bad: str) -> None:
+def test_json_pixels_that_are_not_finite_numbers_are_a_400_naming_the_element(
+    edge: ServerProcess, log_mark: int, bad: str
+) -> None:
     response = httpx.post(
         f"{edge.url}{INFER}", content=json_pixels_with(bad), headers={**AUTH, "Content-Type": "application/json"}
     )
     assert "input 'pixel_values' element 5" in plain_error(response, 400)
-    assert_clean_log(edge)
+    assert_clean_log(edge, log_mark)
 
 
 @pytest.mark.parametrize(
@@ -232,7 +255,9 @@ def test_json_pixels_that_are_not_finite_numbers_are_a_400_naming_the_element(ed
     [("FP16", float("nan")), ("FP32", float("inf")), ("FP32", -1e30)],
     ids=["fp16-nan", "fp32-inf", "fp32-huge"],
 )
-def test_binary_pixels_that_are_not_finite_are_a_400(edge: ServerProcess, datatype: str, bad: float) -> None:
+def test_binary_pixels_that_are_not_finite_are_a_400(
+    edge: ServerProcess, log_mark: int, datatype: str, bad: float
+) -> None:
     body, header_length = binary_pixels_with(datatype, bad)
     response = httpx.post(
         f"{edge.url}{INFER}",
@@ -244,7 +269,7 @@ def test_binary_pixels_that_are_not_finite_are_a_400(edge: ServerProcess, dataty
         },
     )
     assert "input 'pixel_values' element 5" in plain_error(response, 400)
-    assert_clean_log(edge)
+    assert_clean_log(edge, log_mark)
 
 
 def test_finite_pixels_still_classify(edge: ServerProcess) -> None:
@@ -269,51 +294,54 @@ def test_a_lone_surrogate_in_an_echoed_id_is_replaced_not_a_500(edge: ServerProc
     assert response.json()["id"] == "req-\ufffd"
 
 
-def test_a_lone_surrogate_echoed_in_an_error_message_is_replaced(edge: ServerProcess) -> None:
+def test_a_lone_surrogate_echoed_in_an_error_message_is_replaced(edge: ServerProcess, log_mark: int) -> None:
     body = infer_json()
     body["inputs"][0]["datatype"] = "\udc80"
     response = httpx.post(
         f"{edge.url}{INFER}", content=json.dumps(body), headers={**AUTH, "Content-Type": "application/json"}
     )
     assert "\ufffd" in plain_error(response, 400)
-    assert_clean_log(edge)
+    assert_clean_log(edge, log_mark)
 
 
 # --- 5. a request holds its model until it is answered --------------------------------------------------------
 
 
-def test_an_unload_whose_drain_runs_out_cancels_the_request_on_it_with_a_503(edge: ServerProcess) -> None:
+def test_an_unload_whose_drain_runs_out_cancels_the_request_on_it_with_a_503(repository: ServerProcess) -> None:
     body, content_type = multipart_body([b"x" * 4096])
     head = (
         f"POST /classify?model=spare HTTP/1.1\nHost: x\nX-API-Key: {KEY}\nContent-Type: {content_type}\n"
         f"Content-Length: {len(body)}"
     )
-    sock = raw_request(edge, head, body[:100])  # the rest never comes: the request holds "spare" while it waits
+    sock = raw_request(repository, head, body[:100])  # the rest never comes: the request holds "spare" while it waits
 
     def admitted() -> bool:
-        return Scrape.parse(httpx.get(f"{edge.url}/metrics").text).value("deit_upload_bytes_in_flight") >= len(body)
+        scrape = Scrape.parse(httpx.get(f"{repository.url}/metrics").text)
+        return scrape.value("deit_upload_bytes_in_flight") >= len(body)
 
-    wait_until(admitted, what="the upload admitted")
-    assert httpx.post(f"{edge.url}/v2/repository/models/spare/unload", headers=AUTH).status_code == 200
+    wait_until(admitted, what="the upload admitted", every=0.25)
+    assert httpx.post(f"{repository.url}/v2/repository/models/spare/unload", headers=AUTH).status_code == 200
     with sock:
         status, answer = read_answer(sock)  # after the 0.5 s drain timeout, not at the request's 30 s deadline
     assert status == 503, answer
     assert answer["error"]["code"] == "model_unloaded"
     assert "spare" in answer["error"]["message"]
-    assert httpx.post(f"{edge.url}/v2/repository/models/spare/load", headers=AUTH).status_code == 200
+    assert httpx.post(f"{repository.url}/v2/repository/models/spare/load", headers=AUTH).status_code == 200
     files = [("file", ("a.png", image_bytes(), "image/png"))]
-    assert httpx.post(f"{edge.url}/classify?model=spare", files=files, headers=AUTH).status_code == 200
-    assert_clean_log(edge)
+    assert httpx.post(f"{repository.url}/classify?model=spare", files=files, headers=AUTH).status_code == 200
+    assert_clean_log(repository)
 
 
 # --- 6. no stage leaves a future unobserved -------------------------------------------------------------------
 
 
-def test_a_request_past_its_deadline_before_queueing_is_504_with_nothing_unobserved(edge: ServerProcess) -> None:
+def test_a_request_past_its_deadline_before_queueing_is_504_with_nothing_unobserved(
+    edge: ServerProcess, log_mark: int
+) -> None:
     for _ in range(3):
         response = httpx.post(f"{edge.url}{INFER}", json=infer_json(parameters={"timeout": 1}), headers=AUTH)
         assert plain_error(response, 504)
-    assert_clean_log(edge)
+    assert_clean_log(edge, log_mark)
 
 
 # --- choices: what is open, what an empty or refused choice means ------------------------------------------
@@ -338,13 +366,13 @@ def test_octet_stream_given_q_0_is_refused_and_json_answered(edge: ServerProcess
 
 
 def test_a_symlinked_model_directory_is_followed_out_of_the_store(
-    edge: ServerProcess, edge_store: Path, tmp_path: Path
+    repository: ServerProcess, edge_store: Path, tmp_path: Path
 ) -> None:
     outside = shutil.copytree(edge_store / "tiny", tmp_path / "mounted-volume" / "model")
     (edge_store / "linked").symlink_to(outside, target_is_directory=True)
-    assert httpx.post(f"{edge.url}/v2/repository/models/linked/load", headers=AUTH, timeout=60).status_code == 200
+    assert httpx.post(f"{repository.url}/v2/repository/models/linked/load", headers=AUTH, timeout=60).status_code == 200
     files = [("file", ("a.png", image_bytes(), "image/png"))]
-    assert httpx.post(f"{edge.url}/classify?model=linked", files=files, headers=AUTH).status_code == 200
+    assert httpx.post(f"{repository.url}/classify?model=linked", files=files, headers=AUTH).status_code == 200
 
 
 # --- 7. a config cannot allocate without bound ----------------------------------------------------------------
@@ -359,18 +387,18 @@ def test_a_symlinked_model_directory_is_followed_out_of_the_store(
     ids=["million", "one-more"],
 )
 def test_a_config_asking_for_more_layers_than_its_weights_is_refused_before_building(
-    edge: ServerProcess, edge_store: Path, layers: int, message: str
+    repository: ServerProcess, edge_store: Path, layers: int, message: str
 ) -> None:
     name = f"layers-{layers}"
     shutil.copytree(edge_store / "tiny", edge_store / name)
     edit_config_json(edge_store / name, num_hidden_layers=layers)
-    before = rss_bytes(edge.process.pid)
-    response = httpx.post(f"{edge.url}/v2/repository/models/{name}/load", headers=AUTH, timeout=60)
+    before = rss_bytes(repository.process.pid)
+    response = httpx.post(f"{repository.url}/v2/repository/models/{name}/load", headers=AUTH, timeout=60)
     error = plain_error(response, 400)
     assert message in error
     assert str(edge_store / name) in error  # the repository API is the operator's: it names the server's files
-    assert rss_bytes(edge.process.pid) - before < 64 * 2**20
-    assert httpx.get(f"{edge.url}/v2/models/{name}", headers=AUTH).status_code == 404
+    assert rss_bytes(repository.process.pid) - before < 64 * 2**20
+    assert httpx.get(f"{repository.url}/v2/models/{name}", headers=AUTH).status_code == 404
 
 
 # --- 8. a load obeys its timeout, and shutdown whatever a load is doing ---------------------------------------
@@ -416,7 +444,7 @@ def test_a_load_past_its_timeout_fails_and_sigterm_exits_during_a_load(tmp_path:
             rows = httpx.post(f"{server.url}/v2/repository/index").json()
             return any(r["name"] == "endless" and r["state"] == "LOADING" for r in rows)
 
-        wait_until(loading, what="the second load under way")
+        wait_until(loading, what="the second load under way", every=0.25)
         server.terminate()
         assert server.wait(timeout=30) == 0  # drain 1 s, then the answers' grace: never the hours of the warm-up
         pending.join(timeout=30)

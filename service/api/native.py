@@ -16,6 +16,7 @@ from service.engine.served import ServedModel
 from service.errors import InvalidParameter, NotReady
 from service.http.body import FILE_FIELD
 from service.http.responses import json_response
+from service.model.hub import Snapshot
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -155,7 +156,9 @@ def _wants_octet_stream(accept: str) -> bool:
     return False
 
 
-def _model_info(served: ServedModel, default: str | None, ready: bool, versions: list[int] | None = None) -> ModelInfo:
+def _model_info(
+    served: ServedModel, default: str | None, ready: bool, versions: list[int], origin: Snapshot | None
+) -> ModelInfo:
     cp = served.checkpoint
     return ModelInfo(
         name=served.name,
@@ -173,6 +176,8 @@ def _model_info(served: ServedModel, default: str | None, ready: bool, versions:
         default=served.name == default,
         version=served.version,
         versions=versions or [served.version],
+        hub_id=origin.ref.repo_id if origin else None,
+        revision=origin.commit if origin else None,
     )
 
 
@@ -182,7 +187,8 @@ async def list_models(state: State) -> ModelList:
     ready = state.lifecycle.phase is Phase.READY
     return ModelList(
         models=[
-            _model_info(m, store.default_name, ready, sorted(store.versions[m.name])) for m in store.models.values()
+            _model_info(m, store.default_name, ready, sorted(store.versions[m.name]), store.origins.get(m))
+            for m in store.models.values()
         ]
     )
 
@@ -191,7 +197,8 @@ async def list_models(state: State) -> ModelList:
 async def get_model(name: str, state: State) -> ModelInfo:
     served = state.store.get(name)
     ready = state.lifecycle.phase is Phase.READY
-    return _model_info(served, state.store.default_name, ready, sorted(state.store.versions[served.name]))
+    versions = sorted(state.store.versions[served.name])
+    return _model_info(served, state.store.default_name, ready, versions, state.store.origins.get(served))
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness: the process answers")

@@ -27,6 +27,7 @@ from service.api.protocol_schemas import (
     Ready,
     RepositoryIndexEntry,
     RepositoryIndexRequest,
+    RepositoryLoadRequest,
     ServerMetadata,
     TensorMetadata,
     VersionPolicy,
@@ -44,9 +45,10 @@ from service.api.v2_codec import (
 from service.engine.lifecycle import Phase
 from service.engine.repository import scan_store
 from service.engine.served import ServedModel
-from service.errors import BadRequest, ModelNotFound, NotReady, UnsupportedMediaType
+from service.errors import BadRequest, Forbidden, InvalidParameter, ModelNotFound, NotReady, UnsupportedMediaType
 from service.http.access_log import request_arrival
 from service.images import EncodedImage
+from service.model.hub import Snapshot, parse_ref
 from service.model.pooling import LOGITS, pool
 
 PLATFORM = "pytorch_deit"
@@ -146,7 +148,7 @@ def _versions(state: AppState, served: ServedModel) -> list[str]:
     return [str(v) for v in sorted(state.store.versions.get(served.name, {served.version: served}))]
 
 
-def _metadata(served: ServedModel, versions: list[str]) -> ModelMetadata:
+def _metadata(served: ServedModel, versions: list[str], origin: Snapshot | None) -> ModelMetadata:
     h, w = served.preprocessor.cfg.output_size
     return ModelMetadata(
         name=served.name,
@@ -161,6 +163,8 @@ def _metadata(served: ServedModel, versions: list[str]) -> ModelMetadata:
             for name, width in _output_widths(served).items()
         ],
         tasks=served.tasks,
+        hub_id=origin.ref.repo_id if origin else None,
+        revision=origin.commit if origin else None,
     )
 
 
@@ -191,7 +195,7 @@ def _config(served: ServedModel, max_batch_size: int, versions: list[str]) -> Mo
 )
 async def model_metadata(state: State, model_name: str, model_version: Version) -> ModelMetadata:
     served = _model(state, model_name, model_version)
-    return _metadata(served, _versions(state, served))
+    return _metadata(served, _versions(state, served), state.store.origins.get(served))
 
 
 @router.get("/v2/models/{model_name}/ready", summary="Model readiness", **_MODEL)
@@ -306,11 +310,23 @@ async def repository_index(
     "/v2/repository/models/{model_name}/load",
     summary="Load or reload a model",
     dependencies=Authorized,
-    responses={200: {"description": "loaded, or already loaded and unchanged"}, **_errors(400, 401, 404, 503)},
+    responses={200: {"description": "loaded, or already loaded and unchanged"}, **_errors(400, 401, 403, 404, 503)},
 )
-async def repository_load(state: State, model_name: str) -> Response:
+async def repository_load(
+    state: State, model_name: str, body: Annotated[RepositoryLoadRequest | None, Body()] = None
+) -> Response:
     state.lifecycle.check_accepting()
-    await state.store.load(model_name)
+    hub_id = body.parameters.hub_id if body is not None else None
+    if hub_id is None:
+        await state.store.load(model_name)
+        return Response(status_code=200)
+    if not state.settings.allow_hub_ids:
+        raise Forbidden("loading a model by hub id is off; the operator allows it with --allow-hub-ids")
+    try:
+        ref = parse_ref(hub_id)
+    except ValueError as e:
+        raise InvalidParameter(f"parameters.hub_id: {e}") from e
+    await state.store.load_hub(model_name, ref)
     return Response(status_code=200)
 
 

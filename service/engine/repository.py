@@ -2,8 +2,9 @@
 the opt-in poller that loads and unloads models as the store changes.
 
 Layout: ``<store>/<model>/<N>/…`` (numeric version folders), or a model directory or ``.pth`` without version
-folders, which is version 1. A version's fingerprint is its files' paths, sizes and modification times: a new
-version folder or a changed file gives a new fingerprint.
+folders, which is version 1; ``<store>/<model>.hub`` names a model on the Hugging Face hub (version 1). A version's
+fingerprint is its files' paths, sizes and modification times: a new version folder or a changed file gives a new
+fingerprint.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from service.errors import ModelStoreError
 from service.model.checkpoints import PTH_SUFFIXES
+from service.model.hub import HUB_SUFFIX, HubRef
 
 log = logging.getLogger("deit_serve.repository")
 
@@ -28,6 +30,7 @@ class VersionSource:
 
     path: Path
     fingerprint: Fingerprint
+    hub: HubRef | None = None  # a model by hub id given in the settings (a ``.hub`` store entry is read at load)
 
 
 StoreContents = dict[str, dict[int, VersionSource]]
@@ -41,7 +44,7 @@ def model_entries(store: Path) -> list[tuple[str, Path]]:
     for entry in sorted(store.iterdir()):
         if entry.name.startswith("."):
             continue
-        if entry.is_dir() or (entry.is_file() and entry.suffix in PTH_SUFFIXES):
+        if entry.is_dir() or (entry.is_file() and entry.suffix in (*PTH_SUFFIXES, HUB_SUFFIX)):
             found.append((entry.stem if entry.is_file() else entry.name, entry))
     names = [n for n, _ in found]
     if len(set(names)) != len(names):

@@ -38,6 +38,7 @@ from service.errors import (
 from service.metrics import Metrics
 from service.model.checkpoints import LoadedCheckpoint
 from service.model.device_decoding import device_decoding_for
+from service.model.hub import HUB_SUFFIX, HubRef, Snapshot, parse_model_option, read_store_entry, resolve
 from service.model.prepare import load_for_serving
 from service.model.preprocessing import Preprocessor
 from service.settings import Settings
@@ -109,12 +110,16 @@ class ModelStore:
         self._retiring: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
         self._threads = settings.torch_threads or torch.get_num_threads()
+        self.hub_models: dict[str, HubRef] = {}  # by hub id, from the settings or the repository API
+        self._pins: dict[HubRef, str] = {}  # the commit each hub model is served at, for the life of the process
+        self.origins: dict[ServedModel, Snapshot] = {}  # where each version loaded from the hub came from
         # One loading thread on one intra-op thread: a load never holds a second OpenMP team (see Batcher).
         self._loader = ThreadPoolExecutor(1, "model-load", initializer=torch.set_num_threads, initargs=(1,))
 
     @property
     def default_name(self) -> str | None:
-        return self.settings.default_model or min(self.models, default=None)
+        first_hub = next((n for n in self.hub_models if n in self.models), None)
+        return self.settings.default_model or first_hub or min(self.models, default=None)
 
     def all_served(self) -> list[ServedModel]:
         """Every loaded version, including those draining after a reload or unload."""
@@ -127,17 +132,28 @@ class ModelStore:
         start-up, named."""
         s = self.settings
         torch.set_num_threads(1)
-        entries = discover(s.model_store)
-        if s.default_model is not None and s.default_model not in {n for n, _ in entries}:
-            raise ModelStoreError(f"default model {s.default_model!r} is not in the store {s.model_store}")
+        self.hub_models = hub_models(s.model)
+        if not self.hub_models:
+            discover(s.model_store)
         contents = scan_store(s.model_store)
-        for name, _ in entries:
-            for version, source in contents[name].items():
+        clash = sorted(set(contents) & set(self.hub_models))
+        if clash:
+            raise ModelStoreError(f"models {clash} are both in the store {s.model_store} and given by hub id")
+        contents = self.with_hub_models(contents)
+        if s.default_model is not None and s.default_model not in contents:
+            raise ModelStoreError(f"default model {s.default_model!r} is not in the store {s.model_store}")
+        for name, versions in contents.items():
+            for version, source in versions.items():
                 self._install(self._load_named(name, version, source))
+
+    def with_hub_models(self, contents: StoreContents) -> StoreContents:
+        """The store's contents plus the models given by hub id (a store entry of the same name wins)."""
+        hub = {name: {1: hub_source(ref)} for name, ref in self.hub_models.items()}
+        return {**hub, **contents}
 
     def _load_named(self, name: str, version: int, source: VersionSource) -> tuple[ServedModel, Fingerprint]:
         try:
-            return self._load(name, version, source.path), source.fingerprint
+            return self._load(name, version, source), source.fingerprint
         except ServiceError as e:
             raise ModelLoadFailed(_label(name, version), str(source.path), e.message) from e
         except Exception as e:  # any failure is named: never a store that is silently not ready
@@ -156,10 +172,15 @@ class ModelStore:
         self.entries.setdefault(served.name, {})[served.version] = VersionEntry(READY, fingerprint=fp)
         return old
 
-    def _load(self, name: str, version: int, path: Path) -> ServedModel:
+    def _load(self, name: str, version: int, source: VersionSource) -> ServedModel:
         """Load, check and warm up one version; raises on any problem, leaving the store as it was."""
         s = self.settings
         started = time.perf_counter()
+        path, snapshot = source.path, None
+        ref = source.hub or (read_store_entry(path) if path.suffix == HUB_SUFFIX else None)
+        if ref is not None:  # a complete snapshot at the commit this process serves, or an error naming the fix
+            snapshot = resolve(ref, self._pins.get(ref))
+            path = snapshot.path
         checkpoint = load_for_serving(
             path,
             device=s.device,
@@ -211,7 +232,10 @@ class ModelStore:
             served.warm_up(s.max_batch_size)
         else:
             served.probe()
-        self.metrics.model_info.labels(name, str(version), *_info_labels(checkpoint)).set(1)
+        if snapshot is not None:
+            self._pins[snapshot.ref] = snapshot.commit
+            self.origins[served] = snapshot
+        self.metrics.model_info.labels(name, str(version), *_info_labels(checkpoint, snapshot)).set(1)
         log.info(
             "model loaded",
             extra={
@@ -225,6 +249,7 @@ class ModelStore:
                 "load_s": round(served.load_seconds, 3),
                 "total_s": round(time.perf_counter() - started, 3),
                 "source": str(path),
+                **({"hub_id": str(snapshot.ref), "revision": snapshot.commit} if snapshot else {}),
             },
         )
         return served
@@ -264,9 +289,29 @@ class ModelStore:
         RepositoryLoadFailed (after applying the versions that did load) when one failed."""
         async with self._lock:
             found = await asyncio.to_thread(scan_model, self.settings.model_store, name)
+            if found is None and name in self.hub_models:
+                found = {1: hub_source(self.hub_models[name])}
             if found is None:
                 raise ModelNotFound(f"the model store holds no model {name!r}")
             await self._apply(name, found, retry=True)
+
+    async def load_hub(self, name: str, ref: HubRef) -> None:
+        """Load (or reload) ``name`` from the hub at run time (the repository API, when the operator allows ids)."""
+        async with self._lock:
+            if await asyncio.to_thread(scan_model, self.settings.model_store, name) is not None:
+                raise RepositoryLoadFailed(f"{name!r} is a model of the store; a model by hub id needs another name")
+            previous = self.hub_models.get(name)
+            self.hub_models[name] = ref
+            try:
+                await self._apply(name, {1: hub_source(ref)}, retry=True)
+            except RepositoryLoadFailed:
+                if name not in self.models:
+                    if previous is None:
+                        self.hub_models.pop(name)
+                        self.entries.pop(name, None)
+                    else:
+                        self.hub_models[name] = previous
+                raise
 
     async def unload(self, name: str) -> None:
         """Stop serving every version of ``name``: requests that hold one finish, then its memory is freed."""
@@ -282,6 +327,7 @@ class ModelStore:
     async def sync(self, contents: StoreContents) -> None:
         """Bring the store in line with the files (the poller): load what is new or changed, unload what is gone.
         A version that failed, or that was unloaded, is left alone until its files change."""
+        contents = self.with_hub_models(contents)
         async with self._lock:
             for name in sorted(set(self.versions) | set(self.entries)):
                 if name not in contents:
@@ -363,7 +409,9 @@ class ModelStore:
         replaced = any((m.name, m.version) == (served.name, served.version) for m in self._fingerprints)
         if not replaced:  # a reload of the same version keeps its info series
             with contextlib.suppress(KeyError):
-                self.metrics.model_info.remove(served.name, str(served.version), *_info_labels(served.checkpoint))
+                labels = _info_labels(served.checkpoint, self.origins.get(served))
+                self.metrics.model_info.remove(served.name, str(served.version), *labels)
+        self.origins.pop(served, None)
         log.info("model unloaded", extra={"model": served.name, "version": served.version})
         del served
         await asyncio.to_thread(release_memory)
@@ -371,6 +419,7 @@ class ModelStore:
     def index(self, contents: StoreContents, ready_only: bool = False) -> list[dict[str, str]]:
         """The repository index: every version on disk or loaded, with its state and the reason for it."""
         rows = []
+        contents = self.with_hub_models(contents)
         for name in sorted(set(contents) | set(self.versions)):
             versions = sorted(set(contents.get(name, {})) | set(self.versions.get(name, {})))
             for version in versions:
@@ -393,6 +442,26 @@ def _label(name: str, version: int) -> str:
     return name if version == 1 else f"{name}/{version}"
 
 
-def _info_labels(checkpoint: LoadedCheckpoint) -> tuple[str, str, str]:
+def _info_labels(checkpoint: LoadedCheckpoint, snapshot: Snapshot | None) -> tuple[str, str, str, str, str]:
     dtype = str(checkpoint.dtype).removeprefix("torch.")
-    return checkpoint.config.architecture.value, dtype, str(checkpoint.device)
+    hub_id, revision = (snapshot.ref.repo_id, snapshot.commit) if snapshot else ("", "")
+    return checkpoint.config.architecture.value, dtype, str(checkpoint.device), hub_id, revision
+
+
+def hub_models(options: tuple[str, ...]) -> dict[str, HubRef]:
+    """The ``--model`` settings by served name; a malformed one or two of one name stop start-up."""
+    models: dict[str, HubRef] = {}
+    for option in options:
+        try:
+            name, ref = parse_model_option(option)
+        except ValueError as e:
+            raise ModelStoreError(f"--model {option!r}: {e}") from e
+        if name in models:
+            raise ModelStoreError(f"--model: two models named {name!r}; name one NAME=REPO_ID")
+        models[name] = ref
+    return models
+
+
+def hub_source(ref: HubRef) -> VersionSource:
+    """A model by hub id as a version of the store: named by its id, fingerprinted by the ref asked for."""
+    return VersionSource(Path(str(ref)), ((f"hub:{ref}", 0, 0),), ref)

@@ -7,9 +7,8 @@ A browser (``Accept: text/html``) gets the page; any other client gets a short J
 from __future__ import annotations
 
 from importlib import resources
-from typing import Annotated
 
-from fastapi import APIRouter, Header, HTTPException, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 
 from service import __version__
 from service.api.admission import State
@@ -38,9 +37,9 @@ def wants_html(accept: str) -> bool:
 
 
 @router.get("/", summary="This service: the try-it page for browsers, a JSON description otherwise")
-async def index(state: State, accept: Annotated[str, Header()] = "") -> Response:
+async def index(request: Request, state: State) -> Response:
     settings = state.settings
-    if settings.ui and wants_html(accept):
+    if settings.ui and wants_html(request.headers.get("accept", "")):
         return Response(_asset("index.html"), media_type="text/html; charset=utf-8", headers=_NO_STORE)
     body = {
         "service": "deit-serve",

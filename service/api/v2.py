@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import torch
 from fastapi import APIRouter, Body, Depends, Header, Request, Response
+from pydantic import ValidationError
 from torch import Tensor
 
 from service import __version__
@@ -45,7 +46,16 @@ from service.api.v2_codec import (
 from service.engine.lifecycle import Phase
 from service.engine.repository import scan_store
 from service.engine.served import ServedModel
-from service.errors import BadRequest, Forbidden, InvalidParameter, ModelNotFound, NotReady, UnsupportedMediaType
+from service.errors import (
+    BadRequest,
+    Forbidden,
+    InvalidParameter,
+    ModelNotFound,
+    NotReady,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 from service.http.access_log import request_arrival
 from service.images import EncodedImage
 from service.model.hub import Snapshot, parse_ref
@@ -306,17 +316,24 @@ async def repository_index(
     return [RepositoryIndexEntry(**row) for row in rows]
 
 
+# Triton's clients send the load request's JSON without a Content-Type; it is read here, bounded, whatever the type.
+MAX_LOAD_BODY_BYTES = 64 * 1024
+
+
 @router.post(
     "/v2/repository/models/{model_name}/load",
     summary="Load or reload a model",
     dependencies=Authorized,
-    responses={200: {"description": "loaded, or already loaded and unchanged"}, **_errors(400, 401, 403, 404, 503)},
+    responses={
+        200: {"description": "loaded, or already loaded and unchanged"},
+        **_errors(400, 401, 403, 404, 413, 503),
+    },
+    openapi_extra={"requestBody": {"content": {"application/json": {"schema": inline_schema(RepositoryLoadRequest)}}}},
 )
-async def repository_load(
-    state: State, model_name: str, body: Annotated[RepositoryLoadRequest | None, Body()] = None
-) -> Response:
+async def repository_load(request: Request, state: State, model_name: str) -> Response:
     state.lifecycle.check_accepting()
-    hub_id = body.parameters.hub_id if body is not None else None
+    body = await _load_request(request, state.settings.request_timeout_s)
+    hub_id = body.parameters.hub_id
     if hub_id is None:
         await state.store.load(model_name)
         return Response(status_code=200)
@@ -328,6 +345,26 @@ async def repository_load(
         raise InvalidParameter(f"parameters.hub_id: {e}") from e
     await state.store.load_hub(model_name, ref)
     return Response(status_code=200)
+
+
+async def _load_request(request: Request, timeout_s: float) -> RepositoryLoadRequest:
+    """The optional JSON body of a load request, at most MAX_LOAD_BODY_BYTES, within the request timeout."""
+    raw = bytearray()
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > MAX_LOAD_BODY_BYTES:
+                    raise PayloadTooLarge(f"a load request body is at most {MAX_LOAD_BODY_BYTES} bytes")
+    except TimeoutError as e:
+        raise RequestTimeout("the load request's body did not arrive in time") from e
+    if not bytes(raw).strip():
+        return RepositoryLoadRequest()
+    try:
+        return RepositoryLoadRequest.model_validate_json(bytes(raw))
+    except ValidationError as e:
+        where = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']}" for err in e.errors())
+        raise InvalidParameter(f"load request: {where}") from e
 
 
 @router.post(

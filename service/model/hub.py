@@ -127,6 +127,8 @@ def _client() -> ModuleType:
     hub_log = logging.getLogger("huggingface_hub")
     hub_log.handlers[:] = []
     hub_log.propagate = True
+    for http_client in ("httpx", "httpx2"):  # one info line per HTTP request of the client is noise in the service log
+        logging.getLogger(http_client).setLevel(logging.WARNING)
     disable_progress_bars()
     return huggingface_hub
 

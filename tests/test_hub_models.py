@@ -150,6 +150,13 @@ def test_hub_ids_download_pin_and_then_serve_offline(hub: LoopbackHub, hf_home: 
             )
             assert refused.status_code == 403
             assert "--allow-hub-ids" in refused.json()["error"]
+            # The load request's body is bounded and checked like every other.
+            load_url = f"{server.url}/v2/repository/models/other/load"
+            huge = httpx.post(load_url, content=b"{" + b" " * 70_000 + b"}", headers={"X-API-Key": KEY})
+            assert huge.status_code == 413
+            malformed = httpx.post(load_url, content=b'{"parameters": 3}', headers={"X-API-Key": KEY})
+            assert malformed.status_code == 422
+            assert "parameters" in malformed.json()["error"]
 
 
 def _start_fails(args: list[str], env: dict[str, str], store: Path) -> dict[str, Any]:

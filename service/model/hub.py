@@ -76,12 +76,6 @@ class Snapshot:
     commit: str
 
 
-def looks_like_hub_id(text: str) -> bool:
-    """``owner/name`` (optionally ``@revision``) that is not a local path: how ``--model`` tells ids from paths."""
-    repo = text.split("@", 1)[0]
-    return "/" in repo and _REPO_ID.fullmatch(repo) is not None and not Path(repo).exists()
-
-
 def parse_ref(text: str) -> HubRef:
     """``REPO_ID[@REVISION]`` → HubRef; ValueError naming the problem."""
     repo, _, revision = text.strip().partition("@")

@@ -124,6 +124,16 @@ def test_hub_ids_download_pin_and_then_serve_offline(hub: LoopbackHub, hf_home: 
             )
             assert load.status_code == 200, load.text
             assert _models(server.url)["late"]["hub_id"] == "acme/vit-tiny"
+            # A failed load by id is a 400 naming the problem; what served still serves, nothing is added.
+            broken = httpx.post(
+                f"{server.url}/v2/repository/models/late/load",
+                json={"parameters": {"hub_id": "acme/bert"}},
+                headers={"X-API-Key": KEY},
+                timeout=60,
+            )
+            assert broken.status_code == 400
+            assert "not a DeiT/ViT image model" in broken.json()["error"]
+            assert _models(server.url)["late"]["hub_id"] == "acme/vit-tiny"
             refused = httpx.post(
                 f"{server.url}/v2/repository/models/late/load", json={"parameters": {"hub_id": "acme/vit-tiny"}}
             )

@@ -304,13 +304,12 @@ class ModelStore:
             self.hub_models[name] = ref
             try:
                 await self._apply(name, {1: hub_source(ref)}, retry=True)
-            except RepositoryLoadFailed:
-                if name not in self.models:
-                    if previous is None:
-                        self.hub_models.pop(name)
-                        self.entries.pop(name, None)
-                    else:
-                        self.hub_models[name] = previous
+            except RepositoryLoadFailed:  # what served before (if anything) still serves, under its own id
+                if previous is not None:
+                    self.hub_models[name] = previous
+                elif name not in self.models:
+                    self.hub_models.pop(name)
+                    self.entries.pop(name, None)
                 raise
 
     async def unload(self, name: str) -> None:

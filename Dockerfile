@@ -2,7 +2,7 @@
 #
 #   docker build -t deit-serve .                                       # CPU build of PyTorch (default)
 #   docker run --rm -p 8000:8000 deit-serve
-#   docker run --rm -p 8000:8000 -v /srv/models:/models:ro deit-serve  # serve another model store
+#   docker run --rm -p 8000:8000 -v "$PWD/model_store":/models:ro deit-serve  # serve your model store
 #   docker run --rm -p 8000:8000 -v hf-cache:/cache deit-serve --model facebook/deit-base-distilled-patch16-224
 #                                                                      # a model by hub id, cached in the volume
 #

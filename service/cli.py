@@ -61,7 +61,7 @@ def load_settings(argv: Sequence[str] | None = None) -> Settings:
 
 def download_only(settings: Settings) -> int:
     """Resolve each --model into the hub cache; one JSON line per model (its snapshot and commit), 0 when all are."""
-    from service.engine.store import hub_models
+    from service.engine.repository import hub_models
     from service.errors import ServiceError
     from service.model.hub import HubError, resolve
 

@@ -19,7 +19,7 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
-from benchmarks.loadgen import free_port
+from harness.launcher import free_port
 from tests.serving import wait_until
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from harness.launcher import free_port, launch, service_argv
 from service.model.hub import HubRef, parse_model_option
 from tests.factories import edit_config_json, hf_model, save_hf
 from tests.loopback_hub import LoopbackHub, Repo, read_dir, serve_hub
@@ -170,20 +171,26 @@ def test_hub_ids_download_pin_and_then_serve_offline(hub: LoopbackHub, hf_home: 
 
 
 def _start_fails(args: list[str], env: dict[str, str], store: Path) -> dict[str, Any]:
-    """Start ``deit-serve`` expecting it to exit non-zero; returns its one JSON error line."""
-    env = env | {"DEIT_MODEL_STORE": str(store), "DEIT_PORT": "0", "DEIT_WARMUP": "false"}
-    done = subprocess.run(
-        [sys.executable, "-m", "service", *args], env=env, capture_output=True, text=True, timeout=120, check=False
+    """Start ``deit-serve`` expecting it to exit non-zero before it is ready; returns its one JSON error line."""
+    port = free_port()
+    env = env | {"DEIT_MODEL_STORE": str(store), "DEIT_HOST": "127.0.0.1", "DEIT_PORT": str(port)}
+    server = launch(
+        service_argv(*args), port=port, log_path=store.parent / "server.log", env=env | {"DEIT_WARMUP": "false"}
     )
-    assert done.returncode != 0, done.stderr
+    try:
+        code = server.wait(timeout=120)
+    finally:
+        server.stop()
+    log = server.log()
+    assert code != 0, log
     errors = []
-    for line in done.stderr.splitlines():
+    for line in log.splitlines():
         assert line.startswith("{"), f"a line that is not JSON: {line!r}"
         record = json.loads(line)
         if record["level"] == "error":
             errors.append(record)
-    assert len(errors) == 1, done.stderr
-    assert "Traceback" not in done.stderr
+    assert len(errors) == 1, log
+    assert "Traceback" not in log
     return errors[0]
 
 

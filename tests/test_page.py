@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from service.settings import Settings
-from tests.serving import DEMO_MODEL, REPO, ServerProcess, free_port, run_server, serve_in_process
+from tests.serving import DEMO_MODEL, REPO, ServerProcess, SharedServers, free_port, serve_in_process
 
 KEY = "page-test-key"
 SAMPLES = [DEMO_MODEL / "samples" / name for name in ("3_a.png", "7_a.png", "9_a.png")]
@@ -24,10 +24,9 @@ TIMEOUT_S = 60
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    tmp = tmp_path_factory.mktemp("page")
-    with run_server(DEMO_MODEL.parent, tmp, env={"DEIT_API_KEYS": KEY}) as server:
-        yield server
+def server(servers: SharedServers) -> ServerProcess:
+    """The demo model behind one API key; the page only reads, so the server is shared."""
+    return servers.get(DEMO_MODEL.parent, {"DEIT_API_KEYS": KEY})
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from harness.launcher import free_port, launch, service_argv
 from service.model.hub import HubRef, parse_model_option
 from tests.factories import edit_config_json, hf_model, save_hf
 from tests.loopback_hub import LoopbackHub, Repo, read_dir, serve_hub
-from tests.serving import REPO, Scrape, image_bytes, run_server
+from tests.serving import REPO, Scrape, image_bytes, run_server, wait_until
 
 PREPROCESS = {"size": 34, "crop_size": 30, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
 KEY = "hub-test-key"
@@ -64,6 +64,15 @@ def _env(hf_home: Path, endpoint: str | None, **extra: str) -> dict[str, str]:
 def _models(url: str) -> dict[str, dict[str, Any]]:
     body = httpx.get(f"{url}/v1/models", headers={"X-API-Key": KEY}, timeout=10).json()
     return {m["name"]: m for m in body["models"]}
+
+
+def _info_hub_ids(url: str, model: str) -> list[str]:
+    """The hub ids of the ``deit_model_info`` series of ``model``, one per series."""
+    scrape = Scrape.parse(httpx.get(f"{url}/metrics", timeout=10).text)
+    samples = scrape.families.get("deit_model_info", [])
+    return sorted(
+        labels["hub_id"] for name, labels, _ in samples if name == "deit_model_info" and labels["model"] == model
+    )
 
 
 MODELS = ["acme/deit-distilled", "single=acme/deit-single@main", "acme/vit-tiny", "bare=acme/deit-bare"]
@@ -125,6 +134,21 @@ def test_hub_ids_download_pin_and_then_serve_offline(hub: LoopbackHub, hf_home: 
             )
             assert load.status_code == 200, load.text
             assert _models(server.url)["late"]["hub_id"] == "acme/vit-tiny"
+            # Loading another id under the name replaces it, and its info series with it once the old one retired.
+            replace = httpx.post(
+                f"{server.url}/v2/repository/models/late/load",
+                json={"parameters": {"hub_id": "acme/deit-bare"}},
+                headers={"X-API-Key": KEY},
+                timeout=60,
+            )
+            assert replace.status_code == 200, replace.text
+            assert _models(server.url)["late"]["hub_id"] == "acme/deit-bare"
+            wait_until(
+                lambda: _info_hub_ids(server.url, "late") == ["acme/deit-bare"],
+                timeout=30,
+                what="one deit_model_info series for 'late'",
+                every=0.25,
+            )
             # A failed load by id is a 400 naming the problem; what served still serves, nothing is added.
             broken = httpx.post(
                 f"{server.url}/v2/repository/models/late/load",
@@ -134,7 +158,7 @@ def test_hub_ids_download_pin_and_then_serve_offline(hub: LoopbackHub, hf_home: 
             )
             assert broken.status_code == 400
             assert "not a DeiT/ViT image model" in broken.json()["error"]
-            assert _models(server.url)["late"]["hub_id"] == "acme/vit-tiny"
+            assert _models(server.url)["late"]["hub_id"] == "acme/deit-bare"
             refused = httpx.post(
                 f"{server.url}/v2/repository/models/late/load", json={"parameters": {"hub_id": "acme/vit-tiny"}}
             )

@@ -128,12 +128,14 @@ class ModelStore:
         self._holds.pop(served, None)
         self._released.pop(served, None)
         self._live.pop(served, None)
-        replaced = any((m.name, m.version) == (served.name, served.version) for m in self._live)
-        if not replaced:  # a reload of the same version keeps its info series
+        labels = info_labels(served.checkpoint, served.origin)
+        shown = any(
+            (m.name, m.version, info_labels(m.checkpoint, m.origin)) == (served.name, served.version, labels)
+            for m in self._live
+        )
+        if not shown:  # a reload of the same files keeps its info series; one from another hub id or dtype does not
             with contextlib.suppress(KeyError):
-                self.metrics.model_info.remove(
-                    served.name, str(served.version), *info_labels(served.checkpoint, served.origin)
-                )
+                self.metrics.model_info.remove(served.name, str(served.version), *labels)
         log.info("model unloaded", extra={"model": served.name, "version": served.version})
         del served
         await asyncio.to_thread(release_memory)

@@ -3,6 +3,8 @@
 #   docker build -t deit-serve .                                       # CPU build of PyTorch (default)
 #   docker run --rm -p 8000:8000 deit-serve
 #   docker run --rm -p 8000:8000 -v "$PWD/model_store":/models:ro deit-serve  # serve your model store
+#   docker run --rm -p 8000:8000 -v hf-cache:/cache deit-serve --model facebook/deit-base-distilled-patch16-224
+#                                                                      # a model by hub id, cached in the volume
 #
 # PyTorch, CPU or CUDA. The default installs the CPU-only wheel from PyTorch's CPU index (~200 MB download); an
 # unpinned `pip install torch` from PyPI would pull the CUDA build and several GB of nvidia-* packages, which only
@@ -57,7 +59,7 @@ WORKDIR /src
 COPY pyproject.toml ./
 # hadolint ignore=DL3013
 RUN mkdir service && touch README.md service/__init__.py \
- && pip install ".[fast]" \
+ && pip install ".[fast,hub]" \
  && pip uninstall --yes deit-serve \
  && rm -rf service README.md build ./*.egg-info
 
@@ -82,7 +84,9 @@ LABEL org.opencontainers.image.title="deit-serve" \
 
 # A fixed numeric UID/GID so that Kubernetes' runAsNonRoot can verify it and mounted stores can be chowned to it.
 RUN groupadd --system --gid 10001 deit \
- && useradd --system --uid 10001 --gid deit --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin deit
+ && useradd --system --uid 10001 --gid deit --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin deit \
+ && mkdir -p /cache/huggingface \
+ && chown -R 10001:10001 /cache
 
 COPY --from=builder /opt/venv /opt/venv
 # The embedded demo model is the default store. Mount another directory over /models (read-only is enough) or
@@ -95,7 +99,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     DEIT_HOST=0.0.0.0 \
     DEIT_PORT=8000 \
-    DEIT_MODEL_STORE=/models
+    DEIT_MODEL_STORE=/models \
+    HF_HOME=/cache/huggingface
 
 USER 10001:10001
 WORKDIR /tmp

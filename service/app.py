@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
-from service.api import hf, v2
+from service.api import hf, page, v2
 from service.api.admission import AppState
 from service.api.native import router
 from service.engine.daemon_thread import run_in_daemon_thread
@@ -27,6 +27,7 @@ from service.http.front_door import plain_error_body
 from service.http.responses import json_response
 from service.http.upload_budget import UploadBudget, default_budget_bytes
 from service.metrics import Metrics
+from service.model.hub import HubError
 from service.settings import Settings
 
 log = logging.getLogger("deit_serve.app")
@@ -72,6 +73,7 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
     app.include_router(router)
     app.include_router(v2.router)
     app.include_router(hf.router)
+    app.include_router(page.router)
     # The documentation routes (/openapi.json, /docs, /redoc) do not mark the request with their route as the
     # API's own do; their fixed paths name them in the metrics instead.
     fixed_paths = frozenset(path for route in app.routes if "{" not in (path := getattr(route, "path", "{")))
@@ -96,6 +98,9 @@ async def _load_models(
         fields: dict[str, object] = {"code": e.code if isinstance(e, ServiceError) else "internal_error"}
         if isinstance(e, ModelLoadFailed):
             fields |= {"model": e.model, "source": e.source}
+        hub_error = _hub_error(e)
+        if hub_error is not None:  # the id, the cache it looked in and the command that fills it
+            fields |= hub_error.fields()
         log.error("model store failed to load: %s", message, extra=fields, exc_info=_unexpected_cause(e))
         if on_fatal is not None:
             on_fatal()
@@ -108,6 +113,12 @@ async def _load_models(
     settings = repository.settings
     if settings.poll_store_s > 0:  # ends when the lifespan cancels this task
         await poll_store(settings.model_store, settings.poll_store_s, repository.sync)
+
+
+def _hub_error(error: BaseException | None) -> HubError | None:
+    while error is not None and not isinstance(error, HubError):
+        error = error.__cause__
+    return error
 
 
 def _unexpected_cause(error: BaseException) -> BaseException | None:

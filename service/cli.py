@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -34,18 +35,55 @@ def _parser() -> argparse.ArgumentParser:
         help_text = f"{field.description or ''} [env DEIT_{name.upper()}; default: {default}]"
         if field.annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif name == "model":  # repeatable: one model per flag
+            parser.add_argument(flag, dest=name, action="append", default=None, help=help_text, metavar="ID")
         else:
             choices = (
                 typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else None
             )
             parser.add_argument(flag, dest=name, default=None, choices=choices, help=help_text, metavar=name.upper())
+    parser.add_argument(
+        "--download-only",
+        action="store_true",
+        help="fetch the --model hub ids into the hub cache (HF_HOME/HF_HUB_CACHE) and exit: fills the cache of an "
+        "air-gapped deployment",
+    )
     return parser
 
 
 def load_settings(argv: Sequence[str] | None = None) -> Settings:
-    args = _parser().parse_args(argv)
-    overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if v is not None}
+    args = vars(_parser().parse_args(argv))
+    args.pop("download_only")
+    overrides: dict[str, Any] = {k: v for k, v in args.items() if v is not None}
+    if isinstance(overrides.get("model"), list):
+        overrides["model"] = tuple(overrides["model"])
     return Settings(**overrides)
+
+
+def download_only(settings: Settings) -> int:
+    """Resolve each --model into the hub cache; one JSON line per model (its snapshot and commit), 0 when all are."""
+    from service.engine.repository import hub_models
+    from service.errors import ServiceError
+    from service.model.hub import HubError, resolve
+
+    try:
+        models = hub_models(settings.model)
+    except ServiceError as e:
+        print(json.dumps({"error": e.message}), file=sys.stderr)
+        return 2
+    if not models:
+        print(json.dumps({"error": "--download-only needs at least one --model REPO_ID"}), file=sys.stderr)
+        return 2
+    failed = 0
+    for name, ref in models.items():
+        try:
+            snapshot = resolve(ref)
+        except HubError as e:
+            print(json.dumps({"model": name, "error": e.message, **e.fields()}), file=sys.stderr)
+            failed += 1
+            continue
+        print(json.dumps({"model": name, "hub_id": str(ref), "revision": snapshot.commit, "path": str(snapshot.path)}))
+    return 1 if failed else 0
 
 
 def http_options(settings: Settings) -> dict[str, Any]:
@@ -75,6 +113,7 @@ def http_options(settings: Settings) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    fetch_only = "--download-only" in (sys.argv[1:] if argv is None else argv)
     try:
         settings = load_settings(argv)
     except ValidationError as e:
@@ -83,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"deit-serve: invalid setting {where}: {err['msg']}", file=sys.stderr)
         sys.exit(2)
     configure_logging(settings.log_level)
+    if fetch_only:
+        sys.exit(download_only(settings))
     server: DrainingServer | None = None
 
     def on_fatal() -> None:

@@ -68,6 +68,13 @@ class Unauthorized(ServiceError):
     headers = {"WWW-Authenticate": "Bearer"}  # noqa: RUF012
 
 
+class Forbidden(ServiceError):
+    """The operator has not allowed what was asked (e.g. a download by hub id at run time)."""
+
+    status_code = 403
+    code = "forbidden"
+
+
 class ModelNotFound(ServiceError):
     status_code = 404
     code = "model_not_found"

@@ -99,7 +99,7 @@ class Metrics:
         self.model_info = Gauge(
             "deit_model_info",
             "Loaded model versions (value 1)",
-            ["model", "version", "architecture", "dtype", "device"],
+            ["model", "version", "architecture", "dtype", "device", "hub_id", "revision"],
             registry=r,
         )
         self.inflight = Gauge("deit_inflight_requests", "Requests being handled", registry=r)

@@ -18,6 +18,18 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DEIT_", extra="forbid", frozen=True)
 
     model_store: Path = Field(DEFAULT_MODEL_STORE, description="directory with one sub-directory (or .pth) per model")
+    model: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="a model on the Hugging Face hub, [NAME=]REPO_ID[@REVISION] (e.g. "
+        "facebook/deit-base-distilled-patch16-224), served beside the store's; the flag repeats, the variable is "
+        "comma-separated; needs the hub extra",
+    )
+    allow_hub_ids: bool = Field(
+        False,
+        description="let /v2/repository/models/{name}/load download a model by hub id at run time "
+        '(body {"parameters": {"hub_id": "REPO_ID[@REVISION]"}}); needs api_keys',
+    )
+    ui: bool = Field(True, description="serve the try-it page at GET / (browsers); --no-ui leaves GET / to JSON only")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
@@ -115,6 +127,19 @@ class Settings(BaseSettings):
                 raise ValueError(f"{value!r} holds no API key; leave the setting empty to serve without keys")
             return keys
         return value
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(m.strip() for m in value.split(",") if m.strip())
+        return value
+
+    @model_validator(mode="after")
+    def _hub_ids_need_keys(self) -> Settings:
+        if self.allow_hub_ids and not self.api_keys:
+            raise ValueError("allow_hub_ids lets a client make the server download: it needs api_keys")
+        return self
 
     @field_validator("model_store")
     @classmethod

@@ -73,6 +73,9 @@ def test_wheel_holds_the_service_and_the_whole_demo_model_and_no_repository_tool
     assert not missing, f"demo model files left out of the wheel: {missing}"
     assert "service/data/imagenet1k_labels.txt" in names
     assert "service/py.typed" in names
+    page = {f"service/api/static/{p.name}" for p in (REPO / "service" / "api" / "static").iterdir()}
+    assert page, "the page's files are missing"
+    assert page <= set(names), f"the page's files left out of the wheel: {sorted(page - set(names))}"
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from harness.launcher import running, service_env
 from service.api.schemas import ModelInfo
+from service.cli import load_settings
 from tests.serving import DEMO_MODEL, REPO, free_port
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
@@ -31,6 +33,24 @@ def test_first_screen_has_exactly_the_serve_and_test_commands() -> None:
     first_screen = README.split("---", 1)[0]
     blocks = [b.strip() for b in re.findall(r"```bash\n(.*?)```", first_screen, flags=re.S)]
     assert [_command(b) for b in blocks] == [["scripts/serve"], ["scripts/test"]]
+
+
+def test_try_it_starts_with_a_hub_id_the_page_and_the_python_clients() -> None:
+    try_it = README.split("---", 1)[1].split("\n## ", 2)[1]
+    assert "$ scripts/serve --model facebook/deit-base-distilled-patch16-224" in try_it.split("```python")[0]
+    assert "](docs/ui.png)" in try_it
+    assert (REPO / "docs" / "ui.png").is_file()
+    python = try_it.split("```python", 1)[1]
+    assert "tritonclient" in python
+    assert "InferenceClient" in python
+
+
+def test_every_serve_command_of_the_readme_is_a_valid_command_line() -> None:
+    """The ``scripts/serve …`` and ``deit-serve …`` lines of the README's examples parse into settings."""
+    lines = re.findall(r"^\$ (?:[A-Z_]+=\S+ )*(?:scripts/serve|deit-serve)(.*)$", README, flags=re.M)
+    assert len(lines) >= 3, lines
+    for args in lines:
+        load_settings([a for a in shlex.split(args) if a != "--download-only"])
 
 
 def test_ci_runs_the_readme_test_command() -> None:

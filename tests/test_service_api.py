@@ -345,7 +345,16 @@ def test_openapi_documents_the_protocol_routes_with_typed_schemas(client: TestCl
             operation = next(iter(paths[prefix + suffix].values()))
             versions = [p["in"] for p in operation["parameters"] if p["name"] == "model_version"]
             assert versions == (["path"] if "{model_version}" in prefix else []), prefix + suffix
-    assert set(schemas["ModelMetadata"]["properties"]) == {"name", "versions", "platform", "inputs", "outputs", "tasks"}
+    assert set(schemas["ModelMetadata"]["properties"]) == {
+        "name",
+        "versions",
+        "platform",
+        "inputs",
+        "outputs",
+        "tasks",
+        "hub_id",
+        "revision",
+    }
     assert ok("/v2/repository/index", "post") == {
         "type": "array",
         "items": {"$ref": "#/components/schemas/RepositoryIndexEntry"},

@@ -171,6 +171,8 @@ def _model_info(served: ServedModel, default: str | None, ready: bool, versions:
         default=served.name == default,
         version=served.version,
         versions=versions or [served.version],
+        hub_id=served.origin.ref.repo_id if served.origin else None,
+        revision=served.origin.commit if served.origin else None,
     )
 
 

@@ -49,6 +49,8 @@ class ModelMetadata(BaseModel):
     inputs: list[TensorMetadata] = Field(description="send exactly one of them")
     outputs: list[TensorMetadata]
     tasks: list[str] = Field(description="what the model serves: classify, embed")
+    hub_id: str | None = Field(None, description="the Hugging Face hub repository it was loaded from, if any")
+    revision: str | None = Field(None, description="the hub commit served, pinned for the life of the process")
 
 
 class ConfigTensor(BaseModel):
@@ -181,6 +183,16 @@ def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
 
 
 # --- Open Inference Protocol: model repository extension ----------------------------------------------------------
+
+
+class RepositoryLoadParameters(BaseModel):
+    hub_id: str | None = Field(
+        None, description="REPO_ID[@REVISION]: load this Hugging Face hub model under the name (allow_hub_ids)"
+    )
+
+
+class RepositoryLoadRequest(BaseModel):
+    parameters: RepositoryLoadParameters = Field(default_factory=lambda: RepositoryLoadParameters(hub_id=None))
 
 
 class RepositoryIndexRequest(BaseModel):

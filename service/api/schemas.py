@@ -53,6 +53,8 @@ class ModelInfo(BaseModel):
     default: bool
     version: int = Field(1, description="the version requests that name none get: the newest loaded")
     versions: list[int] = Field(default_factory=list, description="loaded versions (?version=N serves one)")
+    hub_id: str | None = Field(None, description="the Hugging Face hub repository it was loaded from, if any")
+    revision: str | None = Field(None, description="the hub commit served, pinned for the life of the process")
 
 
 class ModelList(BaseModel):

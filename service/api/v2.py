@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request, Response
+from pydantic import ValidationError
 from torch import Tensor
 
 from service import __version__
@@ -34,6 +35,7 @@ from service.api.protocol_schemas import (
     Ready,
     RepositoryIndexEntry,
     RepositoryIndexRequest,
+    RepositoryLoadRequest,
     ServerMetadata,
     TensorMetadata,
     VersionPolicy,
@@ -50,9 +52,16 @@ from service.api.v2_codec import (
 )
 from service.engine.lifecycle import Phase
 from service.engine.served import ServedModel
-from service.errors import BadRequest, NotReady, UnsupportedMediaType
+from service.errors import (
+    BadRequest,
+    Forbidden,
+    InvalidParameter,
+    NotReady,
+    UnsupportedMediaType,
+)
 from service.http.access_log import request_arrival
 from service.images import EncodedImage
+from service.model.hub import parse_ref
 
 PLATFORM = "pytorch_deit"
 EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration", "model_repository")
@@ -161,6 +170,8 @@ def _metadata(served: ServedModel, versions: list[str]) -> ModelMetadata:
             for name, width in _output_widths(served).items()
         ],
         tasks=served.tasks,
+        hub_id=served.origin.ref.repo_id if served.origin else None,
+        revision=served.origin.commit if served.origin else None,
     )
 
 
@@ -309,16 +320,46 @@ async def repository_index(request: Request, state: State) -> list[RepositoryInd
     return [RepositoryIndexEntry(**row) for row in rows]
 
 
+# Triton's clients send the load request's JSON without a Content-Type; it is read in the handler, bounded, whatever
+# the type (service/api/control.py).
+
+
 @router.post(
     "/v2/repository/models/{model_name}/load",
     summary="Load or reload a model",
     dependencies=[Authorized],
-    responses={200: {"description": "loaded, or already loaded and unchanged"}, **_errors(400, 401, 404, 503)},
+    responses={
+        200: {"description": "loaded, or already loaded and unchanged"},
+        **_errors(400, 401, 403, 404, 413, 503),
+    },
+    openapi_extra={"requestBody": {"content": {"application/json": {"schema": inline_schema(RepositoryLoadRequest)}}}},
 )
-async def repository_load(state: State, model_name: str) -> Response:
+async def repository_load(request: Request, state: State, model_name: str) -> Response:
     state.lifecycle.check_accepting()
-    await run_control(state, state.repository.load(model_name))
+    body = _load_request(await read_control_json(request, state, "the load request"))
+    hub_id = body.parameters.hub_id
+    if hub_id is None:
+        await run_control(state, state.repository.load(model_name))
+        return Response(status_code=200)
+    if not state.settings.allow_hub_ids:
+        raise Forbidden("loading a model by hub id is off; the operator allows it with --allow-hub-ids")
+    try:
+        ref = parse_ref(hub_id)
+    except ValueError as e:
+        raise InvalidParameter(f"parameters.hub_id: {e}") from e
+    await run_control(state, state.repository.load_hub(model_name, ref))
     return Response(status_code=200)
+
+
+def _load_request(body: Any) -> RepositoryLoadRequest:
+    """A load request's JSON (none: load from the store), checked against its schema."""
+    if body is None:
+        return RepositoryLoadRequest()
+    try:
+        return RepositoryLoadRequest.model_validate(body)
+    except ValidationError as e:
+        where = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']}" for err in e.errors())
+        raise InvalidParameter(f"load request: {where}") from e
 
 
 @router.post(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,6 +19,7 @@ from service.errors import CheckpointError, ModelLoadFailed, ServiceError
 from service.metrics import Metrics
 from service.model.checkpoints import LoadedCheckpoint
 from service.model.device_decoding import device_decoding_for
+from service.model.hub import HUB_SUFFIX, HubRef, Snapshot, read_store_entry, resolve
 from service.model.prepare import load_for_serving
 from service.model.preprocessing import Preprocessor
 from service.settings import Settings
@@ -43,10 +44,12 @@ def check_weights(checkpoint: LoadedCheckpoint) -> None:
             raise CheckpointError(f"{source}: tensor {name!r} holds NaN or infinite values")
 
 
-def info_labels(checkpoint: LoadedCheckpoint) -> tuple[str, str, str]:
-    """The ``deit_model_info`` labels after model and version: architecture, dtype, device."""
+def info_labels(checkpoint: LoadedCheckpoint, origin: Snapshot | None) -> tuple[str, str, str, str, str]:
+    """The ``deit_model_info`` labels after model and version: architecture, dtype, device, and the hub id and
+    commit it was loaded from (empty when not loaded by hub id)."""
     dtype = str(checkpoint.dtype).removeprefix("torch.")
-    return checkpoint.config.architecture.value, dtype, str(checkpoint.device)
+    hub_id, revision = (origin.ref.repo_id, origin.commit) if origin else ("", "")
+    return checkpoint.config.architecture.value, dtype, str(checkpoint.device), hub_id, revision
 
 
 def version_label(name: str, version: int) -> str:
@@ -61,6 +64,7 @@ class Loader:
     metrics: Metrics
     decode_pool: DecodePool
     threads: int  # intra-op threads of a forward pass on the CPU
+    pins: dict[HubRef, str] = field(default_factory=dict)  # the commit each hub model is served at, for the process
 
     def load(self, name: str, version: int, source: VersionSource) -> ServedModel:
         """One version, loaded, checked and warmed up; any failure is a ModelLoadFailed naming the model and its
@@ -77,8 +81,13 @@ class Loader:
     def _build(self, name: str, version: int, source: VersionSource) -> ServedModel:
         s = self.settings
         started = time.perf_counter()
+        path, snapshot = source.path, None
+        ref = source.hub or (read_store_entry(path) if path.suffix == HUB_SUFFIX else None)
+        if ref is not None:  # a complete snapshot at the commit this process serves, or an error naming the fix
+            snapshot = resolve(ref, self.pins.get(ref))
+            path = snapshot.path
         checkpoint = load_for_serving(
-            source.path,
+            path,
             device=s.device,
             dtype=s.dtype,
             quantize=s.quantize,
@@ -123,12 +132,15 @@ class Loader:
             version=version,
             device_decoding=device_decoding,
             fingerprint=source.fingerprint,
+            origin=snapshot,
         )
         if s.warmup:
             served.warm_up(s.max_batch_size)
         else:
             served.probe()
-        self.metrics.model_info.labels(name, str(version), *info_labels(checkpoint)).set(1)
+        if snapshot is not None:
+            self.pins[snapshot.ref] = snapshot.commit
+        self.metrics.model_info.labels(name, str(version), *info_labels(checkpoint, snapshot)).set(1)
         log.info(
             "model loaded",
             extra={
@@ -141,7 +153,8 @@ class Loader:
                 "labels": checkpoint.config.num_labels,
                 "load_s": round(served.load_seconds, 3),
                 "total_s": round(time.perf_counter() - started, 3),
-                "source": str(source.path),
+                "source": str(path),
+                **({"hub_id": str(snapshot.ref), "revision": snapshot.commit} if snapshot else {}),
             },
         )
         return served

@@ -1,6 +1,9 @@
 """The model repository: what each version on disk is to the service (READY, LOADING, UNAVAILABLE and why), the
 index clients read, and bringing the registry in line with the files: load at start-up, load/reload/unload on
 request, and reconcile with the poller's view of the store. A failed load keeps whatever was serving.
+
+Models by Hugging Face hub id (``--model``, or a repository load request naming ``hub_id``) are versions of the
+repository beside those of the store directory: version 1 of their name, resolved to a local snapshot by the loader.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from service.engine.decode_pool import DecodePool
 from service.engine.loader import Loader, version_label
 from service.engine.served import ServedModel
 from service.engine.store import ModelStore
-from service.engine.store_files import Fingerprint, StoreContents, VersionSource, scan_model, scan_store
+from service.engine.store_files import Fingerprint, StoreContents, VersionSource, hub_source, scan_model, scan_store
 from service.errors import ModelLoadFailed, ModelNotFound, ModelStoreError, RepositoryLoadFailed
 from service.metrics import Metrics
+from service.model.hub import HubRef, parse_model_option
 from service.settings import Settings
 
 log = logging.getLogger("deit_serve.store")
@@ -45,6 +49,7 @@ class Repository:
         self.store = store
         self.loader = loader
         self.entries: dict[str, dict[int, VersionEntry]] = {}
+        self.hub_models: dict[str, HubRef] = {}  # by hub id, from the settings or the repository API
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -61,14 +66,28 @@ class Repository:
         start-up, named."""
         s = self.settings
         torch.set_num_threads(1)
+        self._set_hub_models(hub_models(s.model))
         contents = scan_store(s.model_store)
-        if not contents:
+        if not contents and not self.hub_models:
             raise ModelStoreError(f"model store {s.model_store} holds no models (one directory or .pth per model)")
+        clash = sorted(set(contents) & set(self.hub_models))
+        if clash:
+            raise ModelStoreError(f"models {clash} are both in the store {s.model_store} and given by hub id")
+        contents = self.with_hub_models(contents)
         if s.default_model is not None and s.default_model not in contents:
             raise ModelStoreError(f"default model {s.default_model!r} is not in the store {s.model_store}")
         for name, versions in contents.items():
             for version, source in versions.items():
                 self._installed(self.loader.load(name, version, source))
+
+    def with_hub_models(self, contents: StoreContents) -> StoreContents:
+        """The store's contents plus the models given by hub id (a store entry of the same name wins)."""
+        hub = {name: {1: hub_source(ref)} for name, ref in self.hub_models.items()}
+        return {**hub, **contents}
+
+    def _set_hub_models(self, models: dict[str, HubRef]) -> None:
+        self.hub_models = models
+        self.store.preferred = list(models)  # the first one loaded answers requests that name no model
 
     def _installed(self, served: ServedModel) -> None:
         self.store.install(served)
@@ -82,9 +101,28 @@ class Repository:
         RepositoryLoadFailed (after applying the versions that did load) when one failed."""
         async with self._lock:
             found = await asyncio.to_thread(scan_model, self.settings.model_store, name)
+            if found is None and name in self.hub_models:
+                found = {1: hub_source(self.hub_models[name])}
             if found is None:
                 raise ModelNotFound(f"the model store holds no model {name!r}")
             await self._apply(name, found, retry=True)
+
+    async def load_hub(self, name: str, ref: HubRef) -> None:
+        """Load (or reload) ``name`` from the hub at run time (the repository API, when the operator allows ids)."""
+        async with self._lock:
+            if await asyncio.to_thread(scan_model, self.settings.model_store, name) is not None:
+                raise RepositoryLoadFailed(f"{name!r} is a model of the store; a model by hub id needs another name")
+            previous = self.hub_models.get(name)
+            self._set_hub_models({**self.hub_models, name: ref})
+            try:
+                await self._apply(name, {1: hub_source(ref)}, retry=True)
+            except RepositoryLoadFailed:  # what served before (if anything) still serves, under its own id
+                if previous is not None:
+                    self._set_hub_models({**self.hub_models, name: previous})
+                elif name not in self.store.models:
+                    self._set_hub_models({n: r for n, r in self.hub_models.items() if n != name})
+                    self.entries.pop(name, None)
+                raise
 
     async def unload(self, name: str) -> None:
         """Stop serving every version of ``name``: requests that hold one finish, then its memory is freed."""
@@ -100,6 +138,7 @@ class Repository:
     async def sync(self, contents: StoreContents) -> None:
         """Bring the store in line with the files (the poller): load what is new or changed, unload what is gone.
         A version that failed, or that was unloaded, is left alone until its files change."""
+        contents = self.with_hub_models(contents)
         async with self._lock:
             for name in sorted(set(self.store.versions) | set(self.entries)):
                 if name not in contents:
@@ -172,7 +211,7 @@ class Repository:
 
     async def index(self, ready_only: bool = False) -> list[dict[str, str]]:
         """The repository index: every version on disk or loaded, with its state and the reason for it."""
-        contents = await asyncio.to_thread(scan_store, self.settings.model_store)
+        contents = self.with_hub_models(await asyncio.to_thread(scan_store, self.settings.model_store))
         rows = []
         for name in sorted(set(contents) | set(self.store.versions)):
             versions = sorted(set(contents.get(name, {})) | set(self.store.loaded(name)))
@@ -194,3 +233,17 @@ def _load_alone(loader: Loader, name: str, version: int, source: VersionSource) 
     the runner)."""
     torch.set_num_threads(1)
     return loader.load(name, version, source)
+
+
+def hub_models(options: tuple[str, ...]) -> dict[str, HubRef]:
+    """The ``--model`` settings by served name; a malformed one or two of one name stop start-up."""
+    models: dict[str, HubRef] = {}
+    for option in options:
+        try:
+            name, ref = parse_model_option(option)
+        except ValueError as e:
+            raise ModelStoreError(f"--model {option!r}: {e}") from e
+        if name in models:
+            raise ModelStoreError(f"--model: two models named {name!r}; name one NAME=REPO_ID")
+        models[name] = ref
+    return models

@@ -29,6 +29,7 @@ from service.metrics import Metrics
 from service.model.checkpoints import LoadedCheckpoint
 from service.model.decoding import decode_image, load_rgb, open_image
 from service.model.device_decoding import DeviceDecoding
+from service.model.hub import Snapshot
 from service.model.pooling import LOGITS, Pooling, default_pooling, feature_names, poolings
 from service.model.preprocessing import Preprocessor
 
@@ -73,6 +74,7 @@ class ServedModel:
     version: int = 1
     device_decoding: DeviceDecoding | None = None  # --preprocess-device cuda
     fingerprint: Fingerprint = ()  # of the files it was loaded from: a reload of unchanged files is skipped
+    origin: Snapshot | None = None  # the hub model and commit it was loaded from, when loaded by hub id
     labels: list[str] = field(init=False)
 
     def __post_init__(self) -> None:

@@ -37,12 +37,14 @@ def release_memory() -> None:
 
 
 class ModelStore:
-    """The loaded versions by model; the newest loaded version of a model answers requests that name none, and the
-    first model (or ``default_model``) answers requests that name no model."""
+    """The loaded versions by model; the newest loaded version of a model answers requests that name none, and
+    ``default_model`` (else the first loaded of ``preferred``, else the first model by name) answers requests that
+    name no model."""
 
     def __init__(self, metrics: Metrics, *, default_model: str | None, drain_timeout_s: float) -> None:
         self.metrics = metrics
         self.default_model = default_model
+        self.preferred: list[str] = []  # the models given by hub id, in the order given: the first loaded is default
         self.drain_timeout_s = drain_timeout_s
         self.versions: dict[str, dict[int, ServedModel]] = {}
         self.models: dict[str, ServedModel] = {}  # the newest loaded version of each model
@@ -53,7 +55,8 @@ class ModelStore:
 
     @property
     def default_name(self) -> str | None:
-        return self.default_model or min(self.models, default=None)
+        first_preferred = next((n for n in self.preferred if n in self.models), None)
+        return self.default_model or first_preferred or min(self.models, default=None)
 
     def all_served(self) -> list[ServedModel]:
         """Every loaded version, including those draining after a reload or unload."""
@@ -146,10 +149,14 @@ class ModelStore:
         self._holds.pop(served, None)
         self._released.pop(served, None)
         self._live.pop(served, None)
-        replaced = any((m.name, m.version) == (served.name, served.version) for m in self._live)
-        if not replaced:  # a reload of the same version keeps its info series
+        labels = info_labels(served.checkpoint, served.origin)
+        shown = any(
+            (m.name, m.version, info_labels(m.checkpoint, m.origin)) == (served.name, served.version, labels)
+            for m in self._live
+        )
+        if not shown:  # a reload of the same files keeps its info series; one from another hub id or dtype does not
             with contextlib.suppress(KeyError):
-                self.metrics.model_info.remove(served.name, str(served.version), *info_labels(served.checkpoint))
+                self.metrics.model_info.remove(served.name, str(served.version), *labels)
         log.info("model unloaded", extra={"model": served.name, "version": served.version})
         del served
         await asyncio.to_thread(release_memory)

@@ -2,8 +2,9 @@
 and the opt-in poller that hands its changes to the repository (``service.engine.repository``).
 
 Layout: ``<store>/<model>/<N>/…`` (numeric version folders), or a model directory or ``.pth`` without version
-folders, which is version 1. A version's fingerprint is its files' paths, sizes and modification times: a new
-version folder or a changed file gives a new fingerprint.
+folders, which is version 1; ``<store>/<model>.hub`` names a model on the Hugging Face hub (version 1). A version's
+fingerprint is its files' paths, sizes and modification times: a new version folder or a changed file gives a new
+fingerprint.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from service.errors import ModelStoreError
 from service.model.checkpoints import PTH_SUFFIXES
+from service.model.hub import HUB_SUFFIX, HubRef
 
 log = logging.getLogger("deit_serve.repository")
 
@@ -28,20 +30,22 @@ class VersionSource:
 
     path: Path
     fingerprint: Fingerprint
+    hub: HubRef | None = None  # a model by hub id given in the settings (a ``.hub`` store entry is read at load)
 
 
 StoreContents = dict[str, dict[int, VersionSource]]
 
 
 def model_entries(store: Path) -> list[tuple[str, Path]]:
-    """Model directories and ``.pth``-like files of the store, named by directory or file stem, sorted."""
+    """Model directories, ``.pth``-like files and ``.hub`` entries of the store, named by directory or file stem,
+    sorted."""
     if not store.is_dir():
         raise ModelStoreError(f"model store {store} is not a directory")
     found: list[tuple[str, Path]] = []
     for entry in sorted(store.iterdir()):
         if entry.name.startswith("."):
             continue
-        if entry.is_dir() or (entry.is_file() and entry.suffix in PTH_SUFFIXES):
+        if entry.is_dir() or (entry.is_file() and entry.suffix in (*PTH_SUFFIXES, HUB_SUFFIX)):
             found.append((entry.stem if entry.is_file() else entry.name, entry))
     names = [n for n, _ in found]
     if len(set(names)) != len(names):
@@ -71,6 +75,11 @@ def model_versions(path: Path) -> dict[int, VersionSource]:
         if numbered:
             return {n: VersionSource(d, fingerprint(d)) for n, d in sorted(numbered.items())}
     return {1: VersionSource(path, fingerprint(path))}
+
+
+def hub_source(ref: HubRef) -> VersionSource:
+    """A model by hub id as a version of the store: named by its id, fingerprinted by the ref asked for."""
+    return VersionSource(Path(str(ref)), ((f"hub:{ref}", 0, 0),), ref)
 
 
 def scan_store(store: Path) -> StoreContents:

@@ -1,0 +1,308 @@
+"""Models by Hugging Face hub id: the real ``huggingface_hub`` client against a hub on loopback (``HF_ENDPOINT``),
+serving checkpoints written by transformers; then the same start from the cache with the hub gone; and each way a
+start-up by id can fail, on a real process that exits non-zero with one JSON error line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from harness.launcher import free_port, launch, service_argv
+from service.model.hub import HubRef, parse_model_option
+from tests.factories import edit_config_json, hf_model, save_hf
+from tests.loopback_hub import LoopbackHub, Repo, read_dir, serve_hub
+from tests.serving import REPO, Scrape, image_bytes, run_server, wait_until
+
+PREPROCESS = {"size": 34, "crop_size": 30, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+KEY = "hub-test-key"
+
+
+def _repo_files(directory: Path, kind: str, fmt: str = "safetensors", extras: bool = False) -> dict[str, bytes]:
+    save_hf(hf_model(kind, seed=len(kind)), directory, fmt)  # type: ignore[arg-type]
+    (directory / "preprocessor_config.json").write_text(json.dumps(PREPROCESS))
+    files = read_dir(directory)
+    if extras:  # what a snapshot of ours must never fetch: code, and a second copy of the weights
+        files["modeling_custom.py"] = b"raise SystemExit('remote code must never run')\n"
+        files["pytorch_model.bin"] = b"not fetched: safetensors come first"
+        files["README.md"] = b"# a model card\n"
+    return files
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> LoopbackHub:
+    root = tmp_path_factory.mktemp("hub-repos")
+    hub = LoopbackHub()
+    hub.push("acme/deit-distilled", _repo_files(root / "distilled", "distilled", extras=True))
+    hub.push("acme/deit-single", _repo_files(root / "single", "single_head", fmt="bin"))
+    hub.push("acme/vit-tiny", _repo_files(root / "vit", "vit"))
+    hub.push("acme/deit-bare", _repo_files(root / "bare", "bare"))
+    hub.repos["acme/gated"] = Repo(gated=True)
+    hub.push("acme/gated", _repo_files(root / "gated", "distilled"))
+    hub.repos["acme/cut"] = Repo(cut=True)
+    hub.push("acme/cut", _repo_files(root / "cut", "distilled"))
+    bert = _repo_files(root / "bert", "distilled")
+    edit_config_json(root / "bert", model_type="bert", architectures=["BertModel"])
+    hub.push("acme/bert", {**bert, "config.json": (root / "bert" / "config.json").read_bytes()})
+    return hub
+
+
+def _env(hf_home: Path, endpoint: str | None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    env |= {"HF_HOME": str(hf_home), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    if endpoint is not None:
+        env["HF_ENDPOINT"] = endpoint
+    return env | extra
+
+
+def _models(url: str) -> dict[str, dict[str, Any]]:
+    body = httpx.get(f"{url}/v1/models", headers={"X-API-Key": KEY}, timeout=10).json()
+    return {m["name"]: m for m in body["models"]}
+
+
+def _info_hub_ids(url: str, model: str) -> list[str]:
+    """The hub ids of the ``deit_model_info`` series of ``model``, one per series."""
+    scrape = Scrape.parse(httpx.get(f"{url}/metrics", timeout=10).text)
+    samples = scrape.families.get("deit_model_info", [])
+    return sorted(
+        labels["hub_id"] for name, labels, _ in samples if name == "deit_model_info" and labels["model"] == model
+    )
+
+
+MODELS = ["acme/deit-distilled", "single=acme/deit-single@main", "acme/vit-tiny", "bare=acme/deit-bare"]
+
+
+@pytest.fixture(scope="module")
+def hf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("hf-home")
+
+
+def test_hub_ids_download_pin_and_then_serve_offline(hub: LoopbackHub, hf_home: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    args = [a for m in MODELS for a in ("--model", m)]
+    commits = {name: repo.commits[-1][0] for name, repo in hub.repos.items()}
+    with serve_hub(hub) as endpoint:
+        env = _env(hf_home, endpoint) | {"DEIT_API_KEYS": KEY, "DEIT_ALLOW_HUB_IDS": "true", "DEIT_WARMUP": "false"}
+        with run_server(store, tmp_path, env=env, args=args) as server:
+            models = _models(server.url)
+            assert sorted(models) == ["bare", "deit-distilled", "single", "vit-tiny"]
+            assert models["deit-distilled"]["default"]  # the first --model answers requests that name none
+            assert models["deit-distilled"]["hub_id"] == "acme/deit-distilled"
+            assert models["deit-distilled"]["revision"] == commits["acme/deit-distilled"]
+            assert models["single"]["revision"] == commits["acme/deit-single"]
+            assert models["bare"]["tasks"] == ["embed"]
+            assert models["vit-tiny"]["num_labels"] == models["single"]["num_labels"] == 5
+            meta = httpx.get(f"{server.url}/v2/models/single", headers={"X-API-Key": KEY}, timeout=10).json()
+            assert (meta["hub_id"], meta["revision"]) == ("acme/deit-single", commits["acme/deit-single"])
+            scrape = Scrape.parse(httpx.get(f"{server.url}/metrics", timeout=10).text)
+            info = {"model": "vit-tiny", "hub_id": "acme/vit-tiny", "revision": commits["acme/vit-tiny"]}
+            assert scrape.value("deit_model_info", **info) == 1
+            files = {"file": ("red.png", image_bytes(), "image/png")}
+            answer = httpx.post(f"{server.url}/classify", files=files, headers={"X-API-Key": KEY}, timeout=30)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["model"] == "deit-distilled"
+            # Only configs and the first weight format were fetched: never code, never a second copy of the weights.
+            snapshot = hf_home / "hub" / "models--acme--deit-distilled" / "snapshots" / commits["acme/deit-distilled"]
+            assert sorted(p.name for p in snapshot.iterdir()) == [
+                "config.json",
+                "model.safetensors",
+                "preprocessor_config.json",
+            ]
+            assert not any("modeling_custom.py" in r or "README" in r for r in hub.requests)
+
+            # A new commit on the hub does not move a running process: a reload serves the pinned commit.
+            new_commit = hub.push("acme/deit-single", hub.repos["acme/deit-single"].commits[-1][1])
+            reload = httpx.post(
+                f"{server.url}/v2/repository/models/single/load", headers={"X-API-Key": KEY}, timeout=60
+            )
+            assert reload.status_code == 200, reload.text
+            assert _models(server.url)["single"]["revision"] == commits["acme/deit-single"] != new_commit
+
+            # With --allow-hub-ids and a key, the repository API loads a model by id at run time.
+            load = httpx.post(
+                f"{server.url}/v2/repository/models/late/load",
+                json={"parameters": {"hub_id": "acme/vit-tiny"}},
+                headers={"X-API-Key": KEY},
+                timeout=60,
+            )
+            assert load.status_code == 200, load.text
+            assert _models(server.url)["late"]["hub_id"] == "acme/vit-tiny"
+            # Loading another id under the name replaces it, and its info series with it once the old one retired.
+            replace = httpx.post(
+                f"{server.url}/v2/repository/models/late/load",
+                json={"parameters": {"hub_id": "acme/deit-bare"}},
+                headers={"X-API-Key": KEY},
+                timeout=60,
+            )
+            assert replace.status_code == 200, replace.text
+            assert _models(server.url)["late"]["hub_id"] == "acme/deit-bare"
+            wait_until(
+                lambda: _info_hub_ids(server.url, "late") == ["acme/deit-bare"],
+                timeout=30,
+                what="one deit_model_info series for 'late'",
+                every=0.25,
+            )
+            # A failed load by id is a 400 naming the problem; what served still serves, nothing is added.
+            broken = httpx.post(
+                f"{server.url}/v2/repository/models/late/load",
+                json={"parameters": {"hub_id": "acme/bert"}},
+                headers={"X-API-Key": KEY},
+                timeout=60,
+            )
+            assert broken.status_code == 400
+            assert "not a DeiT/ViT image model" in broken.json()["error"]
+            assert _models(server.url)["late"]["hub_id"] == "acme/deit-bare"
+            refused = httpx.post(
+                f"{server.url}/v2/repository/models/late/load", json={"parameters": {"hub_id": "acme/vit-tiny"}}
+            )
+            assert refused.status_code == 401
+    # The hub is gone. Offline, and then merely unreachable, the same start serves the same commits from the cache.
+    for extra in ({"HF_HUB_OFFLINE": "1"}, {}):
+        env = _env(hf_home, endpoint, **extra) | {"DEIT_API_KEYS": KEY, "DEIT_WARMUP": "false"}
+        with run_server(store, tmp_path, env=env, args=args) as server:
+            models = _models(server.url)
+            assert {n: m["revision"] for n, m in models.items()} == {
+                "deit-distilled": commits["acme/deit-distilled"],
+                "single": commits["acme/deit-single"],
+                "vit-tiny": commits["acme/vit-tiny"],
+                "bare": commits["acme/deit-bare"],
+            }
+            files = {"file": ("red.png", image_bytes(), "image/png")}
+            answer = httpx.post(f"{server.url}/classify?model=single", files=files, headers={"X-API-Key": KEY})
+            assert answer.status_code == 200, answer.text
+            # Without --allow-hub-ids no client makes the server download, key or not.
+            refused = httpx.post(
+                f"{server.url}/v2/repository/models/other/load",
+                json={"parameters": {"hub_id": "acme/vit-tiny"}},
+                headers={"X-API-Key": KEY},
+            )
+            assert refused.status_code == 403
+            assert "--allow-hub-ids" in refused.json()["error"]
+            # The load request's body is bounded and checked like every other.
+            load_url = f"{server.url}/v2/repository/models/other/load"
+            huge = httpx.post(load_url, content=b"{" + b" " * 70_000 + b"}", headers={"X-API-Key": KEY})
+            assert huge.status_code == 413
+            malformed = httpx.post(load_url, content=b'{"parameters": 3}', headers={"X-API-Key": KEY})
+            assert malformed.status_code == 422
+            assert "parameters" in malformed.json()["error"]
+
+
+def _start_fails(args: list[str], env: dict[str, str], store: Path) -> dict[str, Any]:
+    """Start ``deit-serve`` expecting it to exit non-zero before it is ready; returns its one JSON error line."""
+    port = free_port()
+    env = env | {"DEIT_MODEL_STORE": str(store), "DEIT_HOST": "127.0.0.1", "DEIT_PORT": str(port)}
+    server = launch(
+        service_argv(*args), port=port, log_path=store.parent / "server.log", env=env | {"DEIT_WARMUP": "false"}
+    )
+    try:
+        code = server.wait(timeout=120)
+    finally:
+        server.stop()
+    log = server.log()
+    assert code != 0, log
+    errors = []
+    for line in log.splitlines():
+        assert line.startswith("{"), f"a line that is not JSON: {line!r}"
+        record = json.loads(line)
+        if record["level"] == "error":
+            errors.append(record)
+    assert len(errors) == 1, log
+    assert "Traceback" not in log
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    ("model", "needle"),
+    [
+        ("acme/nope", "no such model repository"),
+        ("acme/gated", "is gated"),
+        ("acme/bert", "not a DeiT/ViT image model"),
+        ("acme/cut", "nothing of it is served"),
+        ("acme/deit-distilled@v9", "has no revision 'v9'"),
+    ],
+)
+def test_a_start_by_hub_id_that_cannot_serve_fails_with_one_error(
+    hub: LoopbackHub, tmp_path: Path, model: str, needle: str
+) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    with serve_hub(hub) as endpoint:
+        error = _start_fails(["--model", model], _env(tmp_path / "hf", endpoint), store)
+    assert needle in error["message"], error
+    assert error["repo_id"] == model.split("@")[0]
+    assert error["code"] == "model_load_failed"
+    snapshots = tmp_path / "hf" / "hub" / f"models--{model.split('@')[0].replace('/', '--')}" / "snapshots"
+    weights = list(snapshots.rglob("*.safetensors")) if snapshots.exists() else []
+    assert weights == []  # nothing half-downloaded is left where it could be served
+
+
+def test_offline_without_the_model_cached_names_the_cache_and_the_command(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    env = _env(tmp_path / "hf", None, HF_HUB_OFFLINE="1")
+    error = _start_fails(["--model", "facebook/deit-base-distilled-patch16-224"], env, store)
+    assert error["repo_id"] == "facebook/deit-base-distilled-patch16-224"
+    assert error["cache"] == str(tmp_path / "hf" / "hub")
+    assert error["command"] == "deit-serve --download-only --model facebook/deit-base-distilled-patch16-224"
+    assert error["cache"] in error["message"]
+    assert error["command"] in error["message"]
+
+
+def test_download_only_fills_the_cache_for_an_offline_start(hub: LoopbackHub, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    with serve_hub(hub) as endpoint:
+        done = subprocess.run(
+            [sys.executable, "-m", "service", "--download-only", "--model", "acme/vit-tiny"],
+            env=_env(tmp_path / "hf", endpoint) | {"DEIT_MODEL_STORE": str(store)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert done.returncode == 0, done.stderr
+    line = json.loads(done.stdout.strip().splitlines()[-1])
+    assert line["revision"] == hub.repos["acme/vit-tiny"].commits[-1][0]
+    assert (Path(line["path"]) / "model.safetensors").is_file()
+
+
+def test_without_the_hub_extra_a_hub_id_names_the_extra(tmp_path: Path) -> None:
+    """A Python path where ``import huggingface_hub`` fails, as in an install without the extra."""
+    blocker = tmp_path / "blocker" / "huggingface_hub"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('No module named huggingface_hub')\n")
+    store = tmp_path / "store"
+    store.mkdir()
+    env = _env(tmp_path / "hf", None) | {"PYTHONPATH": f"{blocker.parent}{os.pathsep}{REPO}"}
+    error = _start_fails(["--model", "acme/deit-distilled"], env, store)
+    assert "pip install 'deit-serve[hub]'" in error["message"]
+
+
+def test_a_store_entry_names_a_hub_model(hub: LoopbackHub, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "vit.hub").write_text("# served by hub id\nacme/vit-tiny@main\n")
+    with serve_hub(hub) as endpoint, run_server(store, tmp_path, env=_env(tmp_path / "hf", endpoint)) as server:
+        model = httpx.get(f"{server.url}/v1/models/vit", timeout=10).json()
+    assert (model["hub_id"], model["revision"]) == ("acme/vit-tiny", hub.repos["acme/vit-tiny"].commits[-1][0])
+
+
+def test_model_options_parse_names_ids_and_revisions() -> None:
+    assert parse_model_option("facebook/deit-base-distilled-patch16-224") == (
+        "deit-base-distilled-patch16-224",
+        HubRef("facebook/deit-base-distilled-patch16-224"),
+    )
+    assert parse_model_option("base=facebook/deit-base-patch16-224@abc123") == (
+        "base",
+        HubRef("facebook/deit-base-patch16-224", "abc123"),
+    )
+    for bad in ("", "a/b/c", "../x", "x@", "n a=me/x", "-x=me/x"):
+        with pytest.raises(ValueError, match=r"not a|no revision"):
+            parse_model_option(bad)

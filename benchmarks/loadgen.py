@@ -290,7 +290,8 @@ def free_port() -> int:
 
 @dataclass
 class ServerSpec:
-    """How to start one server under test; ``{port}`` in ``argv`` is replaced by a free port."""
+    """How to start one server under test; ``{port}`` in ``argv`` and ``env`` is replaced by a free port, and
+    ``{grpc_port}`` in ``env`` by another (our gRPC port is off unless ``env`` sets ``DEIT_GRPC_PORT``)."""
 
     name: str
     argv: list[str]
@@ -303,16 +304,18 @@ class ServerSpec:
 class RunningServer:
     url: str  # of the classify endpoint
     pgid: int
+    grpc_port: int = 0
 
 
 @contextlib.contextmanager
 def running(spec: ServerSpec, log_path: Path, ready_timeout_s: float = 300.0) -> Iterator[RunningServer]:
     """Start the server in its own process group, wait until ready, yield its classify URL and process group;
     always stop it (and any worker processes it started) afterwards."""
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     argv = [a.replace("{port}", str(port)) for a in spec.argv]
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEIT_")}
-    env.update({k: v.replace("{port}", str(port)) for k, v in spec.env.items()})
+    env["DEIT_GRPC_PORT"] = "0"
+    env.update({k: v.replace("{port}", str(port)).replace("{grpc_port}", str(grpc_port)) for k, v in spec.env.items()})
     base = f"http://127.0.0.1:{port}"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -320,7 +323,7 @@ def running(spec: ServerSpec, log_path: Path, ready_timeout_s: float = 300.0) ->
         )
     try:
         _wait_ready(base + spec.ready_path, process, ready_timeout_s, log_path)
-        yield RunningServer(base + spec.classify_path, process.pid)
+        yield RunningServer(base + spec.classify_path, process.pid, grpc_port)
     finally:
         _stop(process)
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import torch
 from fastapi import FastAPI, Request, Response
@@ -13,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
-from service.api import hf, v2
+from service.api import hf, statistics, v2
 from service.api.admission import AppState
 from service.api.native import router
 from service.engine.decode_pool import DecodePool
@@ -24,6 +25,7 @@ from service.errors import CheckpointError, ModelLoadFailed, ServiceError
 from service.http.access_log import RequestContextMiddleware
 from service.http.front_door import plain_error_body
 from service.http.responses import json_response
+from service.http.server import ANSWER_GRACE_S
 from service.http.upload_budget import UploadBudget, default_budget_bytes
 from service.metrics import Metrics
 from service.settings import Settings
@@ -52,7 +54,8 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
         lifecycle.on_abandon(abandon_queued)
         budget_bytes = settings.max_inflight_upload_bytes or default_budget_bytes(settings.max_upload_bytes)
         budget = UploadBudget(budget_bytes, metrics.upload_bytes)
-        app.state.deit = AppState(settings, metrics, lifecycle, store, pool, budget)
+        app.state.deit = state = AppState(settings, metrics, lifecycle, store, pool, budget)
+        grpc_server = await _start_grpc(state) if settings.grpc_port else None
         loading = asyncio.create_task(_load_models(store, lifecycle, metrics, on_fatal), name="load-models")
         app.state.loading = loading
         try:
@@ -64,6 +67,8 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
             await lifecycle.wait_idle(settings.drain_timeout_s)
+            if grpc_server is not None:  # its calls in flight were waited for above, with the HTTP requests
+                await grpc_server.stop(ANSWER_GRACE_S)
             await store.close()
             pool.shutdown()
 
@@ -74,6 +79,7 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
         lifespan=lifespan,
     )
     app.include_router(router)
+    app.include_router(statistics.router)  # before V2's: /v2/models/stats is not the metadata of a model "stats"
     app.include_router(v2.router)
     app.include_router(hf.router)
     # The documentation routes (/openapi.json, /docs, /redoc) do not mark the request with their route as the
@@ -113,6 +119,19 @@ async def _load_models(
         log.info("ready", extra={"models": sorted(store.models), "default_model": store.default_name})
     if store.settings.poll_store_s > 0:  # ends when the lifespan cancels this task
         await poll_store(store.settings.model_store, store.settings.poll_store_s, store.sync)
+
+
+async def _start_grpc(state: AppState) -> Any:
+    """The gRPC front door on its own port, or None (with a warning) when the grpc extra is not installed."""
+    try:
+        from service.api.grpc.server import start_grpc
+    except ImportError as e:
+        log.warning(
+            "gRPC is off: %s is not installed (pip install 'deit-serve[grpc]'); serving HTTP only", e.name,
+            extra={"grpc_port": state.settings.grpc_port},
+        )  # fmt: skip
+        return None
+    return await start_grpc(state)
 
 
 def _unexpected_cause(error: BaseException) -> BaseException | None:

@@ -126,6 +126,7 @@ def run_server(
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("DEIT_")}
     full_env.update({"DEIT_MODEL_STORE": str(store), "DEIT_PORT": str(port), "DEIT_HOST": "127.0.0.1"})
+    full_env["DEIT_GRPC_PORT"] = "0"  # on only where a test asks for it: parallel servers would share 8001
     full_env.update(env or {})
     log_path = tmp_path / f"server-{port}.log"
     with log_path.open("wb") as log_file:
@@ -152,6 +153,7 @@ def spawn_server(store: Path, tmp_path: Path, port: int, env: Mapping[str, str] 
     the caller stops it (``stop_process``). Each start on a port gets its own log file."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("DEIT_")}
     full_env.update({"DEIT_MODEL_STORE": str(store), "DEIT_PORT": str(port), "DEIT_HOST": "127.0.0.1"})
+    full_env["DEIT_GRPC_PORT"] = "0"
     full_env.update(env or {})
     starts = len(list(tmp_path.glob(f"server-{port}-*.log")))
     log_path = tmp_path / f"server-{port}-{starts}.log"
@@ -226,7 +228,7 @@ def run_default_server(tmp_path: Path, wait: bool = True) -> Iterator[ServerProc
         raise FileNotFoundError(f"{executable} is missing: install the project (scripts/setup) to get the command")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEIT_")}
-    env.update({"DEIT_PORT": str(port), "DEIT_HOST": "127.0.0.1"})
+    env.update({"DEIT_PORT": str(port), "DEIT_HOST": "127.0.0.1", "DEIT_GRPC_PORT": "0"})
     log_path = tmp_path / f"server-{port}.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen([str(executable)], env=env, cwd=tmp_path, stdout=log_file, stderr=subprocess.STDOUT)

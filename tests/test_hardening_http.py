@@ -294,7 +294,14 @@ def test_api_keys_of_only_separators_is_a_start_up_error(tiny_store: Path) -> No
 def test_without_httptools_h11_still_bounds_the_head(tiny_store: Path, tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEIT_")}
-    env.update({"DEIT_MODEL_STORE": str(tiny_store), "DEIT_PORT": str(port), "DEIT_MAX_HEADER_BYTES": "8192"})
+    env.update(
+        {
+            "DEIT_MODEL_STORE": str(tiny_store),
+            "DEIT_PORT": str(port),
+            "DEIT_MAX_HEADER_BYTES": "8192",
+            "DEIT_GRPC_PORT": "0",
+        }
+    )
     launcher = "import sys; sys.modules['httptools'] = None; from service.cli import main; main()"
     log_path = tmp_path / "server.log"
     with log_path.open("wb") as log_file:

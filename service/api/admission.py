@@ -4,7 +4,7 @@ a request (refusals before the body is read, its deadline and cancel signal, its
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -108,20 +108,31 @@ def accepting_model(state: AppState, name: str | None, version: int | None = Non
     return state.store.get(name, version)
 
 
+@contextlib.contextmanager
+def admission(
+    state: AppState, served: ServedModel, arrival: float, timeout_s: float | None
+) -> Iterator[tuple[RequestContext, Reservation]]:
+    """Every front door's admission, whatever its transport: refuse at once (draining, loading, queue full), then
+    count the request as in flight with its deadline (``timeout_s`` or the default, capped by the server) from its
+    ``arrival`` (``time.monotonic()``), holding its model version and its share of the upload budget."""
+    settings = state.settings
+    state.lifecycle.check_accepting()
+    served.batcher.check_room(1)
+    timeout = min(timeout_s or settings.request_timeout_s, settings.max_request_timeout_s)
+    context = RequestContext(arrival + timeout)
+    with state.lifecycle.request(context), state.store.hold(served), state.upload_budget.reservation() as reservation:
+        yield context, reservation
+
+
 @contextlib.asynccontextmanager
 async def admit(
     request: Request, state: AppState, served: ServedModel, timeout_s: float | None
 ) -> AsyncIterator[Admitted]:
-    """Refuse at once (draining, loading, queue full) before the body is read; then count the request as in flight
-    with its deadline (``timeout_s`` or the default, capped by the server) from its arrival."""
-    settings = state.settings
+    """``admission`` of an HTTP request: its model, version and stats also go on the request for its log line."""
     state.lifecycle.check_accepting()
     request.state.model = served.name
     request.state.version = str(served.version)
-    served.batcher.check_room(1)
-    timeout = min(timeout_s or settings.request_timeout_s, settings.max_request_timeout_s)
-    context = RequestContext(request_arrival(request) + timeout)
     stats = RequestStats()
-    request.state.stats = stats
-    with state.lifecycle.request(context), state.store.hold(served), state.upload_budget.reservation() as reservation:
+    with admission(state, served, request_arrival(request), timeout_s) as (context, reservation):
+        request.state.stats = stats
         yield Admitted(request, state, served, context, reservation, stats)

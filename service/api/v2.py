@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any
 
-import torch
 from fastapi import APIRouter, Body, Depends, Header, Request, Response
-from torch import Tensor
 
 from service import __version__
 from service.api.admission import AppState, State, admit
@@ -39,6 +37,8 @@ from service.api.v2_codec import (
     IMAGE_INPUT,
     PIXELS_INPUT,
     build_infer_response,
+    embedding_output,
+    output_tensors,
     parse_infer_request,
 )
 from service.engine.lifecycle import Phase
@@ -47,10 +47,9 @@ from service.engine.served import ServedModel
 from service.errors import BadRequest, ModelNotFound, NotReady, UnsupportedMediaType
 from service.http.access_log import request_arrival
 from service.images import EncodedImage
-from service.model.pooling import LOGITS, pool
 
 PLATFORM = "pytorch_deit"
-EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration", "model_repository")
+EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration", "model_repository", "statistics")
 HEADER_LENGTH = "inference-header-content-length"
 
 
@@ -126,7 +125,7 @@ async def ready(state: State) -> Ready:
     return Ready(ready=True)
 
 
-def _model(state: AppState, name: str, version: str | None) -> ServedModel:
+def resolve_model(state: AppState, name: str, version: str | None) -> ServedModel:
     """The version a path names (``/versions/{v}``), or the model's newest loaded one."""
     if version is not None and not (version.isascii() and version.isdigit()):
         state.store.get(name)  # an unknown model is named as such first
@@ -135,18 +134,18 @@ def _model(state: AppState, name: str, version: str | None) -> ServedModel:
     return served
 
 
-def _output_widths(served: ServedModel) -> dict[str, int]:
+def output_widths(served: ServedModel) -> dict[str, int]:
     """The outputs a model gives and their width: the class scores of a classifier, the embedding of every one."""
     widths = dict.fromkeys(CLASSIFICATION_OUTPUTS, len(served.labels)) if served.classifies else {}
     widths[EMBEDDING_OUTPUT] = served.embedding_dim
     return widths
 
 
-def _versions(state: AppState, served: ServedModel) -> list[str]:
+def loaded_versions(state: AppState, served: ServedModel) -> list[str]:
     return [str(v) for v in sorted(state.store.versions.get(served.name, {served.version: served}))]
 
 
-def _metadata(served: ServedModel, versions: list[str]) -> ModelMetadata:
+def metadata_of(served: ServedModel, versions: list[str]) -> ModelMetadata:
     h, w = served.preprocessor.cfg.output_size
     return ModelMetadata(
         name=served.name,
@@ -158,13 +157,13 @@ def _metadata(served: ServedModel, versions: list[str]) -> ModelMetadata:
         ],
         outputs=[
             TensorMetadata(name=name, datatype="FP32", shape=[-1, width])
-            for name, width in _output_widths(served).items()
+            for name, width in output_widths(served).items()
         ],
         tasks=served.tasks,
     )
 
 
-def _config(served: ServedModel, max_batch_size: int, versions: list[str]) -> ModelConfig:
+def config_of(served: ServedModel, max_batch_size: int, versions: list[str]) -> ModelConfig:
     """Triton's model configuration, as far as clients (perf_analyzer) read it: batch dim left out of ``dims``."""
     h, w = served.preprocessor.cfg.output_size
     return ModelConfig(
@@ -178,7 +177,7 @@ def _config(served: ServedModel, max_batch_size: int, versions: list[str]) -> Mo
         ],
         output=[
             ConfigTensor(name=name, data_type="TYPE_FP32", dims=[width])
-            for name, width in _output_widths(served).items()
+            for name, width in output_widths(served).items()
         ],
         dynamic_batching={},
         version_policy=VersionPolicy(specific={"versions": [int(v) for v in versions]}),
@@ -190,8 +189,8 @@ def _config(served: ServedModel, max_batch_size: int, versions: list[str]) -> Mo
     "/v2/models/{model_name}/versions/{model_version}", summary="Model metadata of one version", **_versioned(_MODEL)
 )
 async def model_metadata(state: State, model_name: str, model_version: Version) -> ModelMetadata:
-    served = _model(state, model_name, model_version)
-    return _metadata(served, _versions(state, served))
+    served = resolve_model(state, model_name, model_version)
+    return metadata_of(served, loaded_versions(state, served))
 
 
 @router.get("/v2/models/{model_name}/ready", summary="Model readiness", **_MODEL)
@@ -201,7 +200,7 @@ async def model_metadata(state: State, model_name: str, model_version: Version) 
     **_versioned(_MODEL),
 )
 async def model_ready(state: State, model_name: str, model_version: Version) -> ModelReady:
-    served = _model(state, model_name, model_version)
+    served = resolve_model(state, model_name, model_version)
     if state.lifecycle.phase is not Phase.READY:
         raise NotReady(f"model {served.name!r} is not ready: {state.lifecycle.phase.value}")
     return ModelReady(name=served.name, ready=True)
@@ -217,8 +216,8 @@ _CONFIG: dict[str, Any] = {**_MODEL, "response_model_exclude_none": True}
     **_versioned(_CONFIG),
 )
 async def model_config(state: State, model_name: str, model_version: Version) -> ModelConfig:
-    served = _model(state, model_name, model_version)
-    return _config(served, state.settings.max_batch_size, _versions(state, served))
+    served = resolve_model(state, model_name, model_version)
+    return config_of(served, state.settings.max_batch_size, loaded_versions(state, served))
 
 
 _INFER: dict[str, Any] = {
@@ -247,7 +246,7 @@ async def infer(
 ) -> Response:
     settings = state.settings
     state.lifecycle.check_accepting()
-    served = _model(state, model_name, model_version)
+    served = resolve_model(state, model_name, model_version)
     header_length = _header_length(inference_header_content_length)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
@@ -258,23 +257,19 @@ async def infer(
             admitted.context,
             lambda: parse_infer_request(
                 body, header_length, input_size=served.input_size, max_elements=settings.max_files,
-                offered=list(_output_widths(served)),
+                offered=list(output_widths(served)),
             ),
         )  # fmt: skip
         if parsed.timeout_s is not None:
             admitted.context.shorten(request_arrival(request) + parsed.timeout_s)
-        embedding = next((o for o in parsed.outputs if o.name == EMBEDDING_OUTPUT), None)
+        embedding = embedding_output(parsed.outputs)
         pooling = served.pooling(embedding.pooling if embedding is not None else None)
         if parsed.images is not None:
             outputs = await admitted.outputs([EncodedImage(f"image {i}", data) for i, data in enumerate(parsed.images)])
         else:
             assert parsed.pixels is not None
             outputs = await admitted.outputs(parsed.pixels)
-    tensors: dict[str, Tensor] = {}
-    if LOGITS in outputs:  # one forward pass gave the class scores and the embedding's features
-        tensors = {"logits": outputs[LOGITS], "probabilities": torch.softmax(outputs[LOGITS], dim=-1)}
-    if embedding is not None:
-        tensors[EMBEDDING_OUTPUT] = pool(outputs, pooling, embedding.normalize)
+    tensors = output_tensors(outputs, parsed.outputs, pooling)
     content, json_length = build_infer_response(
         served.name, str(served.version), parsed.id, parsed.outputs, tensors, served.labels
     )

@@ -6,6 +6,7 @@ import logging
 import re
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
@@ -87,31 +88,64 @@ class RequestContextMiddleware:
     def _record(self, scope: Scope, state: dict[str, Any], status: int, elapsed: float, request_id: str) -> None:
         route = scope.get("route")
         endpoint = getattr(route, "path", None) or (scope["path"] if scope["path"] in self.fixed_paths else "unmatched")
-        model = state.get("model", "")
-        version = state.get("version", "")
-        protocol = protocol_of(scope["path"])
-        self.metrics.requests.labels(model, version, endpoint, str(status), protocol).inc()
-        self.metrics.request_duration.labels(model, version, endpoint, protocol).observe(elapsed)
-        if not self.access_log or endpoint in ("/healthz", "/readyz", "/metrics"):
-            return
-        stats = state.get("stats")
-        extra: dict[str, Any] = {
-            "request_id": request_id,
-            "method": scope["method"],
-            "path": scope["path"],
-            "status": status,
-            "duration_ms": round(elapsed * 1000, 2),
-            "model": model or None,
-            "version": version or None,
-            "protocol": protocol,
-        }
-        if stats is not None:
-            extra.update(
-                images=stats.images,
-                batch_size=list(stats.batch_sizes),
-                queue_ms=round(stats.queue_ms, 2),
-                inference_ms=round(stats.inference_ms, 2),
-            )
-        if "error_code" in state:
-            extra["error"] = state["error_code"]
-        log.info("request", extra=extra)
+        record_request(
+            self.metrics, self.access_log, RequestRecord(
+                request_id, scope["method"], scope["path"], endpoint, protocol_of(scope["path"]), status, elapsed,
+                state.get("model", ""), state.get("version", ""), state.get("stats"), state.get("error_code"),
+                state.get("trace_id"),
+            ),
+        )  # fmt: skip
+
+
+@dataclass
+class RequestRecord:
+    """What one request's metrics and log line say, whichever transport carried it (HTTP, gRPC)."""
+
+    request_id: str
+    method: str
+    path: str
+    endpoint: str
+    protocol: str
+    status: int
+    elapsed: float
+    model: str = ""
+    version: str = ""
+    stats: Any = None  # the engine's RequestStats, once the request was admitted
+    error_code: str | None = None
+    trace_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def record_request(metrics: Metrics, access_log: bool, r: RequestRecord) -> None:
+    """The request counters and duration, and one JSON access-log line (health and metrics probes excepted)."""
+    metrics.requests.labels(r.model, r.version, r.endpoint, str(r.status), r.protocol).inc()
+    metrics.request_duration.labels(r.model, r.version, r.endpoint, r.protocol).observe(r.elapsed)
+    if r.stats is not None and r.model:  # an inference request: Triton's statistics count it
+        outcome = "success" if r.status < 400 else "fail"
+        metrics.inference_requests.labels(r.model, r.version, outcome).inc()
+        metrics.inference_request_seconds.labels(r.model, r.version, outcome).inc(r.elapsed)
+    if not access_log or r.endpoint in ("/healthz", "/readyz", "/metrics"):
+        return
+    extra: dict[str, Any] = {
+        "request_id": r.request_id,
+        "method": r.method,
+        "path": r.path,
+        "status": r.status,
+        "duration_ms": round(r.elapsed * 1000, 2),
+        "model": r.model or None,
+        "version": r.version or None,
+        "protocol": r.protocol,
+    }
+    if r.trace_id is not None:
+        extra["trace_id"] = r.trace_id
+    if r.stats is not None:
+        extra.update(
+            images=r.stats.images,
+            batch_size=list(r.stats.batch_sizes),
+            queue_ms=round(r.stats.queue_ms, 2),
+            inference_ms=round(r.stats.inference_ms, 2),
+        )
+    if r.error_code is not None:
+        extra["error"] = r.error_code
+    extra.update(r.extra)
+    log.info("request", extra=extra)

@@ -24,7 +24,8 @@ def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
 # The series one model version's queue, forward passes and decoding record (see ``Metrics.for_version``).
 PER_VERSION = (
     "queue_wait", "batch_size", "forward_duration", "preprocess_duration", "decoded", "queue_depth", "images",
-    "rejected", "dropped", "batch_failures", "nonfinite_outputs",
+    "rejected", "dropped", "batch_failures", "nonfinite_outputs", "batch_executions", "batch_seconds",
+    "last_inference",
 )  # fmt: skip
 
 
@@ -92,6 +93,28 @@ class Metrics:
         self.nonfinite_outputs = Counter(
             "deit_nonfinite_outputs", "Images whose scores came out NaN or infinite (answered 500)",
             ["model", "version"], registry=r,
+        )  # fmt: skip
+        # Triton's statistics extension (GET /v2/models/stats, gRPC ModelStatistics) reads these series, the
+        # histograms above (queue wait, preprocessing) and the request counters below, so /metrics tells the same.
+        self.batch_executions = Counter(
+            "deit_batch_executions", "Forward passes by batch size (the statistics' batch_stats)",
+            ["model", "version", "batch_size"], registry=r,
+        )  # fmt: skip
+        self.batch_seconds = Counter(
+            "deit_batch_seconds", "Seconds of forward passes (phase infer) and of splitting their outputs per image "
+            "(phase output), by batch size", ["model", "version", "batch_size", "phase"], registry=r,
+        )  # fmt: skip
+        self.last_inference = Gauge(
+            "deit_last_inference_timestamp_seconds", "When the model version's last forward pass ended (Unix time)",
+            ["model", "version"], registry=r,
+        )  # fmt: skip
+        self.inference_requests = Counter(
+            "deit_inference_requests", "Inference requests (every front door) by model, version and outcome "
+            "(success, fail)", ["model", "version", "outcome"], registry=r,
+        )  # fmt: skip
+        self.inference_request_seconds = Counter(
+            "deit_inference_request_seconds", "Seconds inference requests took, arrival to answer, by outcome",
+            ["model", "version", "outcome"], registry=r,
         )  # fmt: skip
         self.model_info = Gauge(
             "deit_model_info",

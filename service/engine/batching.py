@@ -242,10 +242,22 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_exception(error)
             return
-        elapsed = time.perf_counter() - started
+        ended = time.perf_counter()
+        elapsed = ended - started
+        size = str(len(batch))
         self._metrics.forward_duration.labels(self.model_name).observe(elapsed)
         self._metrics.batch_size.labels(self.model_name).observe(len(batch))
         self._metrics.images.labels(self.model_name).inc(len(batch))
+        self._metrics.batch_executions.labels(self.model_name, size).inc()
+        self._metrics.batch_seconds.labels(self.model_name, size, "infer").inc(elapsed)
+        self._metrics.last_inference.labels(self.model_name).set(time.time())
+        try:
+            self._split(batch, results, elapsed)
+        finally:
+            self._metrics.batch_seconds.labels(self.model_name, size, "output").inc(time.perf_counter() - ended)
+
+    def _split(self, batch: list[WorkItem], results: Outputs, elapsed: float) -> None:
+        """Each image its row of each output, or a 500 when its outputs are not finite."""
         finite = _finite_rows(results, len(batch))
         if not all(finite):
             self._metrics.nonfinite_outputs.labels(self.model_name).inc(finite.count(False))

@@ -21,7 +21,7 @@ from service.engine.decode_pool import DecodePool
 from service.engine.lifecycle import Lifecycle, Phase
 from service.engine.repository import poll_store
 from service.engine.store import ModelStore
-from service.errors import CheckpointError, ModelLoadFailed, ServiceError
+from service.errors import CheckpointError, MissingExtra, ModelLoadFailed, ServiceError
 from service.http.access_log import RequestContextMiddleware
 from service.http.front_door import plain_error_body
 from service.http.responses import json_response
@@ -29,6 +29,7 @@ from service.http.server import ANSWER_GRACE_S
 from service.http.upload_budget import UploadBudget, default_budget_bytes
 from service.metrics import Metrics
 from service.settings import Settings
+from service.tracing import Tracing
 
 log = logging.getLogger("deit_serve.app")
 
@@ -39,6 +40,7 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
     """Build the app. ``on_fatal`` is called if the models cannot be loaded (the CLI then exits non-zero)."""
     metrics = Metrics(settings.max_batch_size)
     lifecycle = Lifecycle()
+    tracing = _tracing(settings.otlp_endpoint) if settings.otlp_endpoint else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -54,7 +56,7 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
         lifecycle.on_abandon(abandon_queued)
         budget_bytes = settings.max_inflight_upload_bytes or default_budget_bytes(settings.max_upload_bytes)
         budget = UploadBudget(budget_bytes, metrics.upload_bytes)
-        app.state.deit = state = AppState(settings, metrics, lifecycle, store, pool, budget)
+        app.state.deit = state = AppState(settings, metrics, lifecycle, store, pool, budget, tracing)
         grpc_server = await _start_grpc(state) if settings.grpc_port else None
         loading = asyncio.create_task(_load_models(store, lifecycle, metrics, on_fatal), name="load-models")
         app.state.loading = loading
@@ -71,6 +73,8 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
                 await grpc_server.stop(ANSWER_GRACE_S)
             await store.close()
             pool.shutdown()
+            if tracing is not None:
+                await asyncio.to_thread(tracing.shutdown)  # the spans still buffered go out
 
     app = FastAPI(
         title="deit-serve",
@@ -86,8 +90,9 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
     # API's own do; their fixed paths name them in the metrics instead.
     fixed_paths = frozenset(path for route in app.routes if "{" not in (path := getattr(route, "path", "{")))
     app.add_middleware(
-        RequestContextMiddleware, metrics=metrics, access_log=settings.access_log, fixed_paths=fixed_paths
-    )
+        RequestContextMiddleware, metrics=metrics, access_log=settings.access_log, fixed_paths=fixed_paths,
+        tracing=tracing,
+    )  # fmt: skip
     _install_error_handlers(app)
     app.state.lifecycle = lifecycle
     app.state.settings = settings
@@ -119,6 +124,16 @@ async def _load_models(
         log.info("ready", extra={"models": sorted(store.models), "default_model": store.default_name})
     if store.settings.poll_store_s > 0:  # ends when the lifespan cancels this task
         await poll_store(store.settings.model_store, store.settings.poll_store_s, store.sync)
+
+
+def _tracing(endpoint: str) -> Tracing:
+    """Traces to ``endpoint``; asked for without the tracing extra, start-up stops saying what to install."""
+    try:
+        return Tracing(endpoint)
+    except ImportError as e:
+        raise MissingExtra(
+            f"--otlp-endpoint needs OpenTelemetry ({e.name} is missing): pip install 'deit-serve[tracing]'"
+        ) from e
 
 
 async def _start_grpc(state: AppState) -> Any:

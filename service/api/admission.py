@@ -23,6 +23,7 @@ from service.http.upload_budget import Reservation, UploadBudget
 from service.images import EncodedImage
 from service.metrics import Metrics
 from service.settings import Settings
+from service.tracing import RequestTrace, Tracing, span
 
 
 @dataclass
@@ -35,6 +36,7 @@ class AppState:
     store: ModelStore
     decode_pool: DecodePool
     upload_budget: UploadBudget
+    tracing: Tracing | None = None  # --otlp-endpoint
 
 
 def app_state(request: Request) -> AppState:
@@ -74,11 +76,13 @@ class Admitted:
     stats: RequestStats
 
     async def body(self) -> bytes:
-        return await read_body(self.request, self.state.settings.max_upload_bytes, self.context, self.reservation)
+        with span(self.context.trace, "read body"):
+            return await read_body(self.request, self.state.settings.max_upload_bytes, self.context, self.reservation)
 
     async def uploads(self) -> list[EncodedImage]:
         s = self.state.settings
-        return await read_uploads(self.request, s.max_upload_bytes, s.max_files, self.context, self.reservation)
+        with span(self.context.trace, "read body"):
+            return await read_uploads(self.request, s.max_upload_bytes, s.max_files, self.context, self.reservation)
 
     async def logits(self, inputs: Inputs) -> Tensor:
         async with watch_disconnect(self.request, self.context):
@@ -110,7 +114,7 @@ def accepting_model(state: AppState, name: str | None, version: int | None = Non
 
 @contextlib.contextmanager
 def admission(
-    state: AppState, served: ServedModel, arrival: float, timeout_s: float | None
+    state: AppState, served: ServedModel, arrival: float, timeout_s: float | None, trace: RequestTrace | None = None
 ) -> Iterator[tuple[RequestContext, Reservation]]:
     """Every front door's admission, whatever its transport: refuse at once (draining, loading, queue full), then
     count the request as in flight with its deadline (``timeout_s`` or the default, capped by the server) from its
@@ -120,6 +124,7 @@ def admission(
     served.batcher.check_room(1)
     timeout = min(timeout_s or settings.request_timeout_s, settings.max_request_timeout_s)
     context = RequestContext(arrival + timeout)
+    context.trace = trace
     with state.lifecycle.request(context), state.store.hold(served), state.upload_budget.reservation() as reservation:
         yield context, reservation
 
@@ -133,6 +138,7 @@ async def admit(
     request.state.model = served.name
     request.state.version = str(served.version)
     stats = RequestStats()
-    with admission(state, served, request_arrival(request), timeout_s) as (context, reservation):
+    trace = getattr(request.state, "trace", None)
+    with admission(state, served, request_arrival(request), timeout_s, trace) as (context, reservation):
         request.state.stats = stats
         yield Admitted(request, state, served, context, reservation, stats)

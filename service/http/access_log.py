@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.http.front_door import protocol_of
 from service.metrics import Metrics
+from service.tracing import PROPAGATED, Tracing
 
 log = logging.getLogger("deit_serve.access")
 
@@ -39,12 +40,14 @@ def request_arrival(request: Request) -> float:
 
 class RequestContextMiddleware:
     def __init__(
-        self, app: ASGIApp, metrics: Metrics, access_log: bool, fixed_paths: frozenset[str] = frozenset()
-    ) -> None:
+        self, app: ASGIApp, metrics: Metrics, access_log: bool, fixed_paths: frozenset[str] = frozenset(),
+        tracing: Tracing | None = None,
+    ) -> None:  # fmt: skip
         self.app = app
         self.metrics = metrics
         self.access_log = access_log
         self.fixed_paths = fixed_paths  # routes without path parameters, labelled by their path when unmarked
+        self.tracing = tracing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -59,6 +62,12 @@ class RequestContextMiddleware:
         state["arrived"] = time.monotonic()
         status = 500
         unread_large_body = _large_or_unknown_body(headers)
+        if self.tracing is not None:
+            carrier = {
+                name: headers[name.encode()].decode("latin-1") for name in PROPAGATED if name.encode() in headers
+            }
+            trace = self.tracing.start_request(f"{scope['method']} {scope['path']}", carrier, {})
+            state["trace"], state["trace_id"] = trace, trace.trace_id
 
         async def receive_body() -> Message:
             nonlocal unread_large_body
@@ -95,6 +104,14 @@ class RequestContextMiddleware:
                 state.get("trace_id"),
             ),
         )  # fmt: skip
+        trace = state.get("trace")
+        if trace is not None:
+            attributes = {
+                "http.route": endpoint,
+                "deit.model": state.get("model", ""),
+                "deit.version": state.get("version", ""),
+            }
+            trace.end(f"{scope['method']} {endpoint}", status, attributes)
 
 
 @dataclass

@@ -38,6 +38,7 @@ from service.errors import ClientGone, ServiceError
 from service.http.access_log import RequestRecord, record_request
 from service.http.auth import check_key, key_of
 from service.images import EncodedImage
+from service.tracing import RequestTrace
 
 log = logging.getLogger("deit_serve.grpc")
 
@@ -57,7 +58,7 @@ class Call:
     model: str = ""
     version: str = ""
     stats: RequestStats | None = None
-    trace_id: str | None = None
+    trace: RequestTrace | None = None
 
     @property
     def request_id(self) -> str:
@@ -144,7 +145,8 @@ class InferenceServicer:
         state.lifecycle.check_accepting()
         served = self._model(request.model_name, request.model_version, call)
         remaining = context.time_remaining()  # the call's deadline; None: the server's default
-        with admission(state, served, call.arrival, None if remaining is None else max(remaining, 1e-6)) as (
+        timeout = None if remaining is None else max(remaining, 1e-6)
+        with admission(state, served, call.arrival, timeout, call.trace) as (
             request_context,
             reservation,
         ):
@@ -210,6 +212,9 @@ class InferenceServicer:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Message:
             metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
             call = Call(name, metadata, time.monotonic(), time.perf_counter())
+            if state.tracing is not None:
+                attributes = {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": name}
+                call.trace = state.tracing.start_request(f"{SERVICE}/{name}", metadata, attributes)
             try:
                 if name not in OPEN_METHODS:
                     check_key(key_of(metadata.get("authorization"), metadata.get("x-api-key")), state.settings.api_keys)
@@ -237,8 +242,11 @@ class InferenceServicer:
 
     def _record(self, call: Call, status: int, error_code: str | None) -> None:
         path = f"/{SERVICE}/{call.method}"
+        trace_id = call.trace.trace_id if call.trace is not None else None
         record = RequestRecord(
             call.request_id, "POST", path, path, "grpc", status, time.perf_counter() - call.started, call.model,
-            call.version, call.stats, error_code, call.trace_id,
+            call.version, call.stats, error_code, trace_id,
         )  # fmt: skip
         record_request(self.state.metrics, self.state.settings.access_log and call.method not in OPEN_METHODS, record)
+        if call.trace is not None:
+            call.trace.end(path, status, {"deit.model": call.model, "deit.version": call.version})

@@ -108,13 +108,12 @@ class Metrics:
             "deit_last_inference_timestamp_seconds", "When the model version's last forward pass ended (Unix time)",
             ["model", "version"], registry=r,
         )  # fmt: skip
-        self.inference_requests = Counter(
-            "deit_inference_requests", "Inference requests (every front door) by model, version and outcome "
-            "(success, fail)", ["model", "version", "outcome"], registry=r,
-        )  # fmt: skip
-        self.inference_request_seconds = Counter(
-            "deit_inference_request_seconds", "Seconds inference requests took, arrival to answer, by outcome",
-            ["model", "version", "outcome"], registry=r,
+        # Every front door's inference requests in one series (/classify, /embed, V2 infer over REST and gRPC,
+        # Hugging Face), admitted or refused at admission: what dashboards and autoscaling count.
+        self.inference_duration = Histogram(
+            "deit_inference_request_duration_seconds", "Time from arrival to answer of inference requests, every "
+            "front door, by model, version, protocol and status", ["model", "version", "protocol", "status"],
+            buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.model_info = Gauge(
             "deit_model_info",

@@ -42,6 +42,7 @@ CRD_GROUPS = ("monitoring.coreos.com",)
 # The metrics the service documents; dashboards and autoscaling rules should use only these.
 DOCUMENTED_HISTOGRAMS = {
     "deit_request_duration_seconds",
+    "deit_inference_request_duration_seconds",
     "deit_queue_wait_seconds",
     "deit_batch_size",
     "deit_forward_duration_seconds",
@@ -270,9 +271,12 @@ def test_dashboard_has_the_operational_panels() -> None:
     def has(pattern: str) -> bool:
         return any(re.search(pattern, expr) for expr in exprs)
 
-    assert has(r"rate\(deit_requests_total\{"), "requests/s"
+    assert has(r"rate\(deit_inference_request_duration_seconds_count\{"), "requests/s"
+    assert has(r"sum by \(protocol, status\) \(rate\(deit_inference_request_duration_seconds_count"), "by protocol"
     for phi in ("0.5", "0.99"):
-        assert has(rf"histogram_quantile\({phi}, .*deit_request_duration_seconds_bucket"), f"p{phi} latency"
+        assert has(rf"histogram_quantile\({phi}, .*deit_inference_request_duration_seconds_bucket"), f"p{phi} latency"
+    # Every front door counts: no request panel is narrowed to one endpoint or protocol.
+    assert not [expr for expr in exprs if re.search(r"\b(endpoint|protocol)=", expr)]
     assert has(r"\bdeit_queue_depth\b"), "queue depth"
     assert has(r"deit_batch_size_bucket"), "batch size distribution"
     assert has(r"sum by \(reason\) \(rate\(deit_rejected_total"), "rejections by reason"
@@ -438,6 +442,8 @@ def test_hpa_scales_on_a_metric_the_prometheus_adapter_serves() -> None:
         assert series, rule
         assert series <= exported, sorted(series - exported)
         assert re.fullmatch(rule["name"]["matches"], next(iter(_metric_names(rule["seriesQuery"]))))
+        # Request rules count every front door: none narrowed to one endpoint or protocol.
+        assert not re.search(r"\b(endpoint|protocol)=", rule["metricsQuery"]), rule["metricsQuery"]
 
     (_, pdb) = _docs("PodDisruptionBudget")[0]
     # The PDB leaves at least one pod serving at the HPA's minimum.

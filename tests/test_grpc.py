@@ -236,6 +236,13 @@ def test_metrics_and_access_log_name_the_grpc_front_door(
     metrics = scrape(server)
     assert metrics.value("deit_requests_total", protocol="grpc", endpoint=endpoint, status="200", model="tiny") >= 1
     assert metrics.value("deit_requests_total", protocol="grpc", endpoint=endpoint, status="401") >= 1
+    # The series dashboards and autoscaling count: every front door's inference requests, gRPC among them.
+    inference = "deit_inference_request_duration_seconds_count"
+    assert metrics.value(inference, protocol="grpc", model="tiny", status="200") >= 1
+    _post(server, "/embed")
+    after = scrape(server)
+    assert after.value(inference, protocol="native", model="tiny", status="200") >= 1
+    assert not after.has_sample(inference, protocol="grpc", status="401")  # refused before naming a model to run
 
     def logged() -> bool:
         return any(r.get("request_id") == "grpc-log-1" for r in server.log_records())

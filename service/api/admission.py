@@ -134,6 +134,7 @@ async def admit(
     request: Request, state: AppState, served: ServedModel, timeout_s: float | None
 ) -> AsyncIterator[Admitted]:
     """``admission`` of an HTTP request: its model, version and stats also go on the request for its log line."""
+    request.state.inference = True
     state.lifecycle.check_accepting()
     request.state.model = served.name
     request.state.version = str(served.version)

@@ -19,7 +19,8 @@ from service.metrics import Metrics
 router = APIRouter(tags=["Open Inference Protocol"])
 _SAMPLES = (
     "deit_images_total", "deit_batch_executions_total", "deit_batch_seconds_total",
-    "deit_last_inference_timestamp_seconds", "deit_inference_requests_total", "deit_inference_request_seconds_total",
+    "deit_last_inference_timestamp_seconds", "deit_inference_request_duration_seconds_count",
+    "deit_inference_request_duration_seconds_sum",
     "deit_queue_wait_seconds_count", "deit_queue_wait_seconds_sum", "deit_preprocess_duration_seconds_count",
     "deit_preprocess_duration_seconds_sum",
 )  # fmt: skip
@@ -48,6 +49,16 @@ def _duration(count: float, seconds: float) -> dict[str, int]:
     return {"count": int(count), "ns": int(seconds * 1e9)}
 
 
+def _requests(samples: Samples, at: dict[str, str]) -> dict[bool, tuple[float, float]]:
+    """Count and seconds of the version's inference requests, every protocol, by success (status below 400)."""
+    totals = {True: [0.0, 0.0], False: [0.0, 0.0]}
+    for field, index in (("count", 0), ("sum", 1)):
+        for labels, value in samples.get(f"deit_inference_request_duration_seconds_{field}", ()):
+            if labels.items() >= at.items():
+                totals[int(labels["status"]) < 400][index] += value
+    return {ok: (count, seconds) for ok, (count, seconds) in totals.items()}
+
+
 def version_statistics(samples: Samples, model: str, version: str) -> dict[str, Any]:
     """One model version's statistics, in the extension's JSON shape (the gRPC message's fields, same names)."""
     at = {"model": model, "version": version}
@@ -69,7 +80,7 @@ def version_statistics(samples: Samples, model: str, version: str) -> dict[str, 
             "compute_infer": _duration(count, _sum(samples, "deit_batch_seconds_total", **by_size, phase="infer")),
             "compute_output": _duration(count, _sum(samples, "deit_batch_seconds_total", **by_size, phase="output")),
         })  # fmt: skip
-    outcome = "deit_inference_request_seconds_total"
+    requests = _requests(samples, at)
     return {
         "name": model,
         "version": version,
@@ -77,14 +88,8 @@ def version_statistics(samples: Samples, model: str, version: str) -> dict[str, 
         "inference_count": int(_sum(samples, "deit_images_total", **at)),
         "execution_count": int(executions),
         "inference_stats": {
-            "success": _duration(
-                _sum(samples, "deit_inference_requests_total", **at, outcome="success"),
-                _sum(samples, outcome, **at, outcome="success"),
-            ),
-            "fail": _duration(
-                _sum(samples, "deit_inference_requests_total", **at, outcome="fail"),
-                _sum(samples, outcome, **at, outcome="fail"),
-            ),
+            "success": _duration(*requests[True]),
+            "fail": _duration(*requests[False]),
             "queue": _duration(
                 _sum(samples, "deit_queue_wait_seconds_count", **at), _sum(samples, "deit_queue_wait_seconds_sum", **at)
             ),

@@ -101,7 +101,7 @@ class RequestContextMiddleware:
             self.metrics, self.access_log, RequestRecord(
                 request_id, scope["method"], scope["path"], endpoint, protocol_of(scope["path"]), status, elapsed,
                 state.get("model", ""), state.get("version", ""), state.get("stats"), state.get("error_code"),
-                state.get("trace_id"),
+                state.get("trace_id"), inference=state.get("inference", False),
             ),
         )  # fmt: skip
         trace = state.get("trace")
@@ -130,6 +130,7 @@ class RequestRecord:
     stats: Any = None  # the engine's RequestStats, once the request was admitted
     error_code: str | None = None
     trace_id: str | None = None
+    inference: bool = False  # a request to run the model (counted in the inference series), once it named one
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -137,10 +138,8 @@ def record_request(metrics: Metrics, access_log: bool, r: RequestRecord) -> None
     """The request counters and duration, and one JSON access-log line (health and metrics probes excepted)."""
     metrics.requests.labels(r.model, r.version, r.endpoint, str(r.status), r.protocol).inc()
     metrics.request_duration.labels(r.model, r.version, r.endpoint, r.protocol).observe(r.elapsed)
-    if r.stats is not None and r.model:  # an inference request: Triton's statistics count it
-        outcome = "success" if r.status < 400 else "fail"
-        metrics.inference_requests.labels(r.model, r.version, outcome).inc()
-        metrics.inference_request_seconds.labels(r.model, r.version, outcome).inc(r.elapsed)
+    if r.inference:
+        metrics.inference_duration.labels(r.model, r.version, r.protocol, str(r.status)).observe(r.elapsed)
     if not access_log or r.endpoint in ("/healthz", "/readyz", "/metrics"):
         return
     extra: dict[str, Any] = {

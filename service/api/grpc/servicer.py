@@ -59,6 +59,7 @@ class Call:
     version: str = ""
     stats: RequestStats | None = None
     trace: RequestTrace | None = None
+    inference: bool = False
 
     @property
     def request_id(self) -> str:
@@ -142,7 +143,8 @@ class InferenceServicer:
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any, call: Call) -> pb.ModelInferResponse:
         state = self.state
-        state.lifecycle.check_accepting()
+        call.inference = True
+        state.lifecycle.check_accepting()  # 503 while loading or draining comes before a 404 for a model not loaded
         served = self._model(request.model_name, request.model_version, call)
         remaining = context.time_remaining()  # the call's deadline; None: the server's default
         timeout = None if remaining is None else max(remaining, 1e-6)
@@ -245,7 +247,7 @@ class InferenceServicer:
         trace_id = call.trace.trace_id if call.trace is not None else None
         record = RequestRecord(
             call.request_id, "POST", path, path, "grpc", status, time.perf_counter() - call.started, call.model,
-            call.version, call.stats, error_code, trace_id,
+            call.version, call.stats, error_code, trace_id, call.inference,
         )  # fmt: skip
         record_request(self.state.metrics, self.state.settings.access_log and call.method not in OPEN_METHODS, record)
         if call.trace is not None:

@@ -34,6 +34,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "deit-serve.json"
 SERVICE = "deit-serve"
 PORT = 8000
+GRPC_PORT = 8001
 # Kubernetes versions the manifests must be valid for: an older one still widely run, and the newest known.
 K8S_VERSIONS = ("1.30.0", "1.37.0")
 # API groups whose kinds are custom resources: no core schema to validate them against.
@@ -421,6 +422,15 @@ def test_service_pdb_and_servicemonitor_select_the_pods() -> None:
     assert all(e.get("path", "/metrics") == "/metrics" for e in monitor["spec"]["endpoints"])
 
 
+def test_kubernetes_serves_grpc_beside_http() -> None:
+    for variant, deployment in _deployments().items():
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": PORT, "grpc": GRPC_PORT}, variant
+    (_, service) = _docs("Service")[0]
+    (grpc_port,) = [p for p in service["spec"]["ports"] if p["name"] == "grpc"]
+    assert (grpc_port["targetPort"], grpc_port["appProtocol"]) == ("grpc", "kubernetes.io/h2c")
+
+
 def test_hpa_scales_on_a_metric_the_prometheus_adapter_serves() -> None:
     (_, hpa) = _docs("HorizontalPodAutoscaler")[0]
     assert hpa["apiVersion"] == "autoscaling/v2"
@@ -492,7 +502,10 @@ def test_dockerfile_builds_in_stages_and_runs_unprivileged() -> None:
     users = [line.split()[1] for line in runtime if line.startswith("USER")]
     assert users, "the runtime stage switches user"
     assert users[-1].split(":")[0] not in ("0", "root")
-    assert f"EXPOSE {PORT}" in runtime
+    assert f"EXPOSE {PORT} {GRPC_PORT}" in runtime
+    assert f"DEIT_GRPC_PORT={GRPC_PORT}" in env
+    (dependencies,) = [line for line in builder if 'pip install ".[' in line]
+    assert "grpc" in dependencies, "the image serves the Open Inference Protocol over gRPC"
     (healthcheck,) = [line for line in runtime if line.startswith("HEALTHCHECK")]
     assert "/healthz" in healthcheck
     (entrypoint,) = [line for line in runtime if line.startswith("ENTRYPOINT")]

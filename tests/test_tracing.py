@@ -158,6 +158,43 @@ def test_grpc_call_spans_are_children_of_the_clients(traced: ServerProcess, rece
     assert spans["decode"].parent_span_id == spans["queue"].parent_span_id == spans[name].span_id
 
 
+def test_otlp_over_grpc_when_the_otel_protocol_says_so(tiny_store: Path, tmp_path: Path) -> None:
+    """``OTEL_EXPORTER_OTLP_PROTOCOL=grpc``: the same spans reach a collector's gRPC TraceService."""
+    from concurrent import futures
+
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+    received: list[Span] = []
+
+    class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request: ExportTraceServiceRequest, context: Any) -> ExportTraceServiceResponse:
+            received.extend(span for r in request.resource_spans for scope in r.scope_spans for span in scope.spans)
+            return ExportTraceServiceResponse()
+
+    collector = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Collector(), collector)  # type: ignore[no-untyped-call]
+    port = collector.add_insecure_port("127.0.0.1:0")
+    collector.start()
+    env = {
+        "DEIT_DEVICE": "cpu", "DEIT_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+    }  # fmt: skip
+    try:
+        with run_server(tiny_store, tmp_path, env=env) as server:
+            trace_id, client_span, traceparent = client_context()
+            files = [("file", ("a.png", image_bytes(), "image/png"))]
+            headers = {"traceparent": traceparent}
+            assert httpx.post(f"{server.url}/embed", files=files, headers=headers, timeout=30).status_code == 200
+            wait_until(
+                lambda: {"POST /embed", "forward"} <= {s.name for s in received if s.trace_id.hex() == trace_id},
+                timeout=30, what="spans over OTLP/gRPC",
+            )  # fmt: skip
+    finally:
+        collector.stop(grace=None)
+    (request,) = [s for s in received if s.name == "POST /embed"]
+    assert request.parent_span_id.hex() == client_span
+
+
 def test_the_service_loads_no_opentelemetry_sdk_when_tracing_is_off(tiny_store: Path) -> None:
     """A request served end to end (load, decode, batch, forward) in a fresh process with tracing off: neither the
     SDK nor an exporter is loaded (FastAPI itself imports the OpenTelemetry API where it is installed)."""

@@ -225,6 +225,9 @@ def test_bad_input_and_bounds_are_clear_errors(client: triton.InferenceServerCli
     assert f"at most {MAX_FILES}" in (too_many.message() or "")
     too_large = grpc_error(lambda: client.infer("tiny", [bytes_input([b"\xff" * (MAX_UPLOAD + 1)])], headers=AUTH))
     assert too_large.status() == "StatusCode.RESOURCE_EXHAUSTED"  # refused by gRPC before it reaches us
+    big_metadata = {**AUTH, "x-padding": "a" * 70_000}  # over --max-header-bytes (64 KiB)
+    refused = grpc_error(lambda: client.infer("tiny", [bytes_input(IMAGES[:1])], headers=big_metadata))
+    assert refused.status() == "StatusCode.RESOURCE_EXHAUSTED", refused
     assert client.is_server_live()
 
 

@@ -12,6 +12,10 @@ from service.api.grpc.servicer import InferenceServicer
 
 log = logging.getLogger("deit_serve.grpc")
 
+# A connection without a call for this long is closed (GOAWAY; a client's channel reconnects on its next call), so
+# that idle connections do not pile up: gRPC servers have no cap on their number.
+IDLE_CONNECTION_S = 60
+
 
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -23,6 +27,8 @@ async def start_grpc(state: AppState) -> grpc.aio.Server:
     options = [
         ("grpc.max_receive_message_length", settings.max_upload_bytes),
         ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
+        ("grpc.max_metadata_size", settings.max_header_bytes),  # the HTTP head's bound, for the call's metadata
+        ("grpc.max_connection_idle_ms", IDLE_CONNECTION_S * 1000),
         ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
     ]
     server = grpc.aio.server(options=options, maximum_concurrent_rpcs=settings.max_connections)

@@ -23,11 +23,11 @@ import tritonclient.grpc as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from benchmarks.loadgen import free_port
+from harness.launcher import free_port
 from service.model.checkpoints import load_checkpoint
 from service.model.decoding import decode_image
 from service.model.preprocessing import Preprocessor
-from tests.serving import Scrape, ServerProcess, run_server, wait_until
+from tests.serving import Scrape, ServerProcess, SharedServers, run_server, wait_until
 
 KEY = "grpc-test-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -56,13 +56,13 @@ def scrape(server: ServerProcess) -> Scrape:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(tiny_store: Path, servers: SharedServers) -> ServerProcess:
+    """A shared server with gRPC on (its port chosen once, here); the tests below leave its store as it was."""
     env = {
         "DEIT_DEVICE": "cpu", "DEIT_DTYPE": "float32", "DEIT_MAX_FILES": str(MAX_FILES), "DEIT_API_KEYS": KEY,
         "DEIT_GRPC_PORT": str(free_port()), "DEIT_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
     }  # fmt: skip
-    with run_server(tiny_store, tmp_path_factory.mktemp("grpc"), env=env) as process:
-        yield process
+    return servers.get(tiny_store, env)
 
 
 @pytest.fixture(scope="module")

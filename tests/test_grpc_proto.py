@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -12,9 +11,8 @@ from pathlib import Path
 import httpx
 from google.protobuf import descriptor_pb2
 
-from benchmarks.loadgen import free_port
+from harness.launcher import ServerProcess, free_port, launch, running, service_env
 from service.api.grpc import inference_pb2
-from tests.serving import wait_ready
 
 PROTO = Path(inference_pb2.__file__).with_name("inference.proto")
 
@@ -51,40 +49,33 @@ def test_the_protocols_names_and_numbers() -> None:
     assert "GRPCInferenceService" in inference_pb2.DESCRIPTOR.services_by_name
 
 
-def _start(
-    tiny_store: Path, tmp_path: Path, grpc_port: int, launcher: str
-) -> tuple[subprocess.Popen[bytes], str, Path]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEIT_")}
-    env.update({"DEIT_MODEL_STORE": str(tiny_store), "DEIT_PORT": str(port), "DEIT_GRPC_PORT": str(grpc_port)})
-    log_path = tmp_path / f"server-{port}.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-c", launcher], env=env, stdout=log, stderr=subprocess.STDOUT)
-    return process, f"http://127.0.0.1:{port}", log_path
+def _launcher_env(tiny_store: Path, port: int, grpc_port: int) -> dict[str, str]:
+    return service_env(port, tiny_store, {"DEIT_GRPC_PORT": str(grpc_port)})
 
 
 def test_without_the_grpc_extra_the_service_serves_http_only(tiny_store: Path, tmp_path: Path) -> None:
     launcher = "import sys; sys.modules['grpc'] = None; from service.cli import main; main()"
-    process, url, log_path = _start(tiny_store, tmp_path, free_port(), launcher)
-    try:
-        wait_ready(url, process)
-        assert httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200
-        assert "gRPC is off: grpc is not installed" in log_path.read_text()
-    finally:
-        process.terminate()
-        assert process.wait(timeout=30) == 0
+    port = free_port()
+    env = _launcher_env(tiny_store, port, free_port())
+    with running([sys.executable, "-c", launcher], port=port, log_path=tmp_path / "server.log", env=env) as server:
+        assert httpx.get(f"{server.url}/v2/health/ready", timeout=5).status_code == 200
+        assert "gRPC is off: grpc is not installed" in server.log()
+        server.terminate()
+        assert server.wait(timeout=30) == 0
 
 
 def test_a_grpc_port_in_use_fails_start_up_naming_it(tiny_store: Path, tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port = taken.getsockname()[1]
-        process, _, log_path = _start(tiny_store, tmp_path, port, "from service.cli import main; main()")
+        grpc_port = taken.getsockname()[1]
+        port = free_port()
+        argv = [sys.executable, "-m", "service"]
+        server: ServerProcess = launch(
+            argv, port=port, log_path=tmp_path / "server.log", env=_launcher_env(tiny_store, port, grpc_port)
+        )
         try:
-            assert process.wait(timeout=60) != 0
+            assert server.wait(timeout=60) != 0
         finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    assert f"cannot listen for gRPC on 127.0.0.1:{port}" in log_path.read_text()
+            server.stop()
+    assert f"cannot listen for gRPC on 127.0.0.1:{grpc_port}" in server.log()

@@ -22,8 +22,8 @@ from torch import Tensor
 
 from service.engine.batching import Batcher
 from service.engine.decode_pool import DecodePool
+from service.engine.repository import Repository
 from service.engine.runner import ModelRunner, Outputs
-from service.engine.store import ModelStore
 from service.errors import CheckpointError, InferenceFailed, ModelLoadFailed
 from service.metrics import Metrics
 from service.model.architecture import DeiTConfig
@@ -156,7 +156,7 @@ def test_nan_weights_are_refused_at_load_naming_the_tensor_and_file(tiny_model_d
     values: dict[str, Any] = {"model_store": store, "device": "cpu", "dtype": "float32", "warmup": False}
     settings = Settings(**values)
     with pytest.raises(ModelLoadFailed, match=r"'deit\.layernorm\.weight' holds NaN") as caught:
-        ModelStore(settings, Metrics(settings.max_batch_size), DecodePool(1)).load_all()
+        Repository.open(settings, Metrics(settings.max_batch_size), DecodePool(1)).load_all()
     assert caught.value.model == BROKEN
     assert f"{BROKEN}/model.safetensors" in caught.value.message
 

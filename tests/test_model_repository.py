@@ -332,31 +332,29 @@ def test_unloading_gives_the_memory_back(tmp_path: Path) -> None:
 # --- the poller -----------------------------------------------------------------------------------------------
 
 
-def test_poll_store_picks_up_new_and_removed_versions(tmp_path: Path) -> None:
+def test_poll_store_picks_up_new_and_removed_versions_and_is_off_by_default(tmp_path: Path) -> None:
+    """Two servers on one store, one polling it: what the poller picks up, the other (polling is off by default)
+    has still not loaded by then."""
     store = tmp_path / "store"
     write_version(store / "polled", 1, seed=20)
-    with run_server(store, tmp_path, env=ENV, args=["--poll-store-s", "0.2"]) as server:
+    with (
+        run_server(store, tmp_path, env=ENV, args=["--poll-store-s", "0.2"]) as server,
+        run_server(store, tmp_path, env=ENV) as unpolled,
+    ):
         first = scores(server.url, "polled", headers={})
         write_version(store / "polled", 2, seed=21)
         wait_until(lambda: not close(scores(server.url, "polled", headers={}), first), timeout=30,
                    what="version 2 served")  # fmt: skip
         assert close(scores(server.url, "polled", 1, headers={}), first)
+        assert close(scores(unpolled.url, "polled", headers={}), first), "version 2 loaded without polling"
         write_tiny_model(store / ".new", seed=22).rename(store / "added")
         wait_until(lambda: ("added", "1") in index(server.url, {"ready": True}), timeout=30, what="new model loaded")
+        r = httpx.post(f"{unpolled.url}/classify", params={"model": "added"}, content=IMAGE)
+        assert r.status_code == 404, r.text
+        assert index(unpolled.url)[("added", "1")]["state"] == "UNAVAILABLE"  # listed, not loaded
         shutil.rmtree(store / "polled" / "2")
         wait_until(lambda: close(scores(server.url, "polled", headers={}), first), timeout=30, what="back to v1")
         shutil.rmtree(store / "added")
         wait_until(lambda: ("added", "1") not in index(server.url), timeout=30, what="removed model unloaded")
         models = httpx.get(f"{server.url}/v1/models").json()["models"]
         assert [(m["name"], m["versions"]) for m in models] == [("polled", [1])]
-
-
-def test_poll_store_is_off_by_default(tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    write_tiny_model(store / "m", seed=30)
-    with run_server(store, tmp_path, env=ENV) as server:
-        write_tiny_model(store / ".new", seed=31).rename(store / "late")
-        time.sleep(1.5)
-        r = httpx.post(f"{server.url}/classify", params={"model": "late"}, content=IMAGE)
-        assert r.status_code == 404, r.text
-        assert index(server.url)[("late", "1")]["state"] == "UNAVAILABLE"  # listed, not loaded

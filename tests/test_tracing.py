@@ -24,8 +24,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from benchmarks.loadgen import free_port
-from tests.serving import ServerProcess, image_bytes, run_server, wait_until
+from harness.launcher import free_port
+from tests.serving import ServerProcess, SharedServers, image_bytes, wait_until
 
 SERVER_SPAN = Span.SpanKind.SPAN_KIND_SERVER
 
@@ -78,13 +78,12 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture(scope="module")
-def traced(tiny_store: Path, receiver: Receiver, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def traced(tiny_store: Path, receiver: Receiver, servers: SharedServers) -> ServerProcess:
     env = {
         "DEIT_DEVICE": "cpu", "DEIT_OTLP_ENDPOINT": receiver.url, "DEIT_GRPC_PORT": str(free_port()),
         "OTEL_BSP_SCHEDULE_DELAY": "50",  # export every 50 ms, not 5 s
     }  # fmt: skip
-    with run_server(tiny_store, tmp_path_factory.mktemp("traced"), env=env) as process:
-        yield process
+    return servers.get(tiny_store, env)
 
 
 def client_context() -> tuple[str, str, str]:
@@ -158,7 +157,7 @@ def test_grpc_call_spans_are_children_of_the_clients(traced: ServerProcess, rece
     assert spans["decode"].parent_span_id == spans["queue"].parent_span_id == spans[name].span_id
 
 
-def test_otlp_over_grpc_when_the_otel_protocol_says_so(tiny_store: Path, tmp_path: Path) -> None:
+def test_otlp_over_grpc_when_the_otel_protocol_says_so(tiny_store: Path, servers: SharedServers) -> None:
     """``OTEL_EXPORTER_OTLP_PROTOCOL=grpc``: the same spans reach a collector's gRPC TraceService."""
     from concurrent import futures
 
@@ -180,15 +179,15 @@ def test_otlp_over_grpc_when_the_otel_protocol_says_so(tiny_store: Path, tmp_pat
         "OTEL_BSP_SCHEDULE_DELAY": "50",
     }  # fmt: skip
     try:
-        with run_server(tiny_store, tmp_path, env=env) as server:
-            trace_id, client_span, traceparent = client_context()
-            files = [("file", ("a.png", image_bytes(), "image/png"))]
-            headers = {"traceparent": traceparent}
-            assert httpx.post(f"{server.url}/embed", files=files, headers=headers, timeout=30).status_code == 200
-            wait_until(
-                lambda: {"POST /embed", "forward"} <= {s.name for s in received if s.trace_id.hex() == trace_id},
-                timeout=30, what="spans over OTLP/gRPC",
-            )  # fmt: skip
+        server = servers.get(tiny_store, env)
+        trace_id, client_span, traceparent = client_context()
+        files = [("file", ("a.png", image_bytes(), "image/png"))]
+        headers = {"traceparent": traceparent}
+        assert httpx.post(f"{server.url}/embed", files=files, headers=headers, timeout=30).status_code == 200
+        wait_until(
+            lambda: {"POST /embed", "forward"} <= {s.name for s in received if s.trace_id.hex() == trace_id},
+            timeout=30, what="spans over OTLP/gRPC",
+        )  # fmt: skip
     finally:
         collector.stop(grace=None)
     (request,) = [s for s in received if s.name == "POST /embed"]
@@ -199,16 +198,14 @@ def test_the_service_loads_no_opentelemetry_sdk_when_tracing_is_off(tiny_store: 
     """A request served end to end (load, decode, batch, forward) in a fresh process with tracing off: neither the
     SDK nor an exporter is loaded (FastAPI itself imports the OpenTelemetry API where it is installed)."""
     script = f"""
-import sys, time
+import sys
 from fastapi.testclient import TestClient
 from service.app import create_app
 from service.settings import Settings
-from tests.serving import image_bytes
+from tests.serving import image_bytes, wait_until
 settings = Settings(model_store={str(tiny_store)!r}, device="cpu", grpc_port=0, access_log=False)
 with TestClient(create_app(settings)) as client:
-    deadline = time.monotonic() + 60
-    while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: client.get("/readyz").status_code == 200, timeout=60, what="ready")
     answer = client.post("/classify", files=[("file", ("a.png", image_bytes(), "image/png"))])
     assert answer.status_code == 200, answer.text
 print(sorted(m for m in sys.modules if m.startswith(("opentelemetry.sdk", "opentelemetry.exporter"))))

@@ -109,7 +109,7 @@ def model_statistics(state: AppState, name: str | None, version: str | None) -> 
     versions; 404 for a model or version not loaded (as every V2 route resolves them)."""
     if name:
         served = resolve_model(state, name, version or None)
-        targets = [(served.name, str(v)) for v in sorted(state.store.versions.get(served.name, {}))]
+        targets = [(served.name, str(v)) for v in sorted(state.store.loaded(served.name))]
         if version:
             targets = [(served.name, str(served.version))]
     else:

@@ -22,7 +22,6 @@ from torch import Tensor
 
 from service.errors import BadRequest, TaskNotSupported, TooManyFiles
 from service.http.responses import dumps
-from service.model.pooling import LOGITS, Pooling, pool
 
 IMAGE_INPUT = "image"  # BYTES [N] or [N, 1]: encoded images (JPEG, PNG, ...)
 PIXELS_INPUT = "pixel_values"  # FP32 or FP16 [N, 3, H, W]: preprocessed pixels
@@ -43,7 +42,7 @@ class RequestedOutput:
 
 
 @dataclass
-class InferRequest:
+class ParsedInferRequest:
     """A parsed infer request: exactly one of ``images`` and ``pixels`` is set."""
 
     id: str | None
@@ -69,7 +68,7 @@ class InputTensor:
 def parse_infer_request(
     body: bytes, header_length: int | None, *, input_size: tuple[int, int], max_elements: int,
     offered: Sequence[str] = OUTPUTS,
-) -> InferRequest:  # fmt: skip
+) -> ParsedInferRequest:  # fmt: skip
     """Parse a whole infer request body; 400 naming the problem, 413 over ``max_elements`` images. ``offered``: the
     outputs the model gives (a model without a classification head gives only the embedding)."""
     header_bytes, binary = _split(body, header_length)
@@ -102,12 +101,12 @@ def parse_infer_request(
 def infer_request(
     request_id: str | None, params: dict[str, Any], inputs: list[InputTensor], raw_outputs: Any, *,
     input_size: tuple[int, int], max_elements: int, offered: Sequence[str] = OUTPUTS,
-) -> InferRequest:  # fmt: skip
+) -> ParsedInferRequest:  # fmt: skip
     """The request from its parts, whichever transport carried them (REST's JSON and binary data, gRPC's
     messages): one input, ``image`` or ``pixel_values``; ``raw_outputs`` as JSON's ``outputs`` list."""
     if len(inputs) != 1:
         raise BadRequest(f"send exactly one input, {IMAGE_INPUT!r} or {PIXELS_INPUT!r}; got {len(inputs)}")
-    request = InferRequest(
+    request = ParsedInferRequest(
         request_id, _outputs(raw_outputs, _flag(params, "binary_data_output"), offered), _timeout(params)
     )
     tensor = inputs[0]
@@ -325,20 +324,6 @@ def _outputs(raw: Any, binary_default: bool, offered: Sequence[str]) -> list[Req
                 raise BadRequest(f"output {name!r}: 'normalize' must be true or false")
         requested.append(RequestedOutput(name, binary, k, pooling, normalize))
     return requested
-
-
-def output_tensors(
-    outputs: dict[str, Tensor], requested: Sequence[RequestedOutput], pooling: Pooling
-) -> dict[str, Tensor]:
-    """The protocol's output tensors from one forward pass's outputs: class scores (logits and their softmax) of a
-    classifier, and the requested embedding (``pooling`` of the token features)."""
-    tensors: dict[str, Tensor] = {}
-    if LOGITS in outputs:  # one forward pass gave the class scores and the embedding's features
-        tensors = {"logits": outputs[LOGITS], "probabilities": torch.softmax(outputs[LOGITS], dim=-1)}
-    embedding = embedding_output(requested)
-    if embedding is not None:
-        tensors[EMBEDDING_OUTPUT] = pool(outputs, pooling, embedding.normalize)
-    return tensors
 
 
 def embedding_output(requested: Sequence[RequestedOutput]) -> RequestedOutput | None:

@@ -1,4 +1,6 @@
-"""Per-request bookkeeping as plain ASGI: request id, latency and status metrics, one JSON access-log line."""
+"""The access log as plain ASGI: request id, latency and status metrics, one JSON line per request; the front door
+that admits a request fills in its typed ``RequestRecord`` (model, version, batching, error code). The gRPC front
+door records its calls through the same ``record_request``."""
 
 from __future__ import annotations
 
@@ -6,15 +8,15 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.http.front_door import protocol_of
 from service.metrics import Metrics
-from service.tracing import PROPAGATED, Tracing
+from service.tracing import PROPAGATED, RequestTrace, Tracing
 
 log = logging.getLogger("deit_serve.access")
 
@@ -32,13 +34,50 @@ def _large_or_unknown_body(headers: dict[bytes, bytes]) -> bool:
     return not declared.isdigit() or int(declared) > DISCARD_LIMIT_BYTES
 
 
+class Batching(Protocol):
+    """What a request saw of batching (the engine's ``RequestStats``), for its log line."""
+
+    images: int
+    batch_sizes: tuple[int, ...]
+    queue_ms: float
+    inference_ms: float
+
+
+@dataclass
+class RequestRecord:
+    """One request as the access log and the request metrics tell it, whichever transport carried it (HTTP, gRPC):
+    made on arrival, filled in by the front door that admits it (model, version, batching, whether it runs the
+    model) and by the error handlers (error code)."""
+
+    request_id: str
+    arrived: float  # time.monotonic() on arrival: the origin of the request's deadline
+    model: str = ""
+    version: str = ""
+    batching: Batching | None = None
+    error_code: str | None = None
+    inference: bool = False  # a request to run the model (the inference series counts it), once it named one
+    trace: RequestTrace | None = None  # its server span, when tracing is on
+
+
+def request_id_of(incoming: str) -> str:
+    """The client's request id (``X-Request-Id``, or the call's ``x-request-id`` metadata) when it is a sane one,
+    else a new one."""
+    return incoming if _VALID_ID.match(incoming) else uuid.uuid4().hex
+
+
+def request_record(request: Request) -> RequestRecord:
+    record: RequestRecord = request.state.record
+    return record
+
+
 def request_arrival(request: Request) -> float:
     """When the request reached the app (``time.monotonic()``): the origin of its deadline."""
-    arrived: float = request.state.arrived
-    return arrived
+    return request_record(request).arrived
 
 
-class RequestContextMiddleware:
+class AccessLogMiddleware:
+    """Request id (echoed, or made), request metrics by route, and the access log line of every request."""
+
     def __init__(
         self, app: ASGIApp, metrics: Metrics, access_log: bool, fixed_paths: frozenset[str] = frozenset(),
         tracing: Tracing | None = None,
@@ -56,18 +95,16 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         headers = dict(scope["headers"])
         incoming = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if _VALID_ID.match(incoming) else uuid.uuid4().hex
-        state: dict[str, Any] = scope.setdefault("state", {})
-        state["request_id"] = request_id
-        state["arrived"] = time.monotonic()
+        request_id = request_id_of(incoming)
+        record = RequestRecord(request_id, time.monotonic())
+        scope.setdefault("state", {})["record"] = record
         status = 500
         unread_large_body = _large_or_unknown_body(headers)
         if self.tracing is not None:
             carrier = {
                 name: headers[name.encode()].decode("latin-1") for name in PROPAGATED if name.encode() in headers
             }
-            trace = self.tracing.start_request(f"{scope['method']} {scope['path']}", carrier, {})
-            state["trace"], state["trace_id"] = trace, trace.trace_id
+            record.trace = self.tracing.start_request(f"{scope['method']} {scope['path']}", carrier, {})
 
         async def receive_body() -> Message:
             nonlocal unread_large_body
@@ -92,76 +129,53 @@ class RequestContextMiddleware:
             await self.app(scope, receive_body, send_with_id)
         finally:
             self.metrics.inflight.dec()
-            self._record(scope, state, status, time.perf_counter() - started, request_id)
+            self._record(scope, record, status, time.perf_counter() - started)
 
-    def _record(self, scope: Scope, state: dict[str, Any], status: int, elapsed: float, request_id: str) -> None:
+    def _record(self, scope: Scope, record: RequestRecord, status: int, elapsed: float) -> None:
         route = scope.get("route")
         endpoint = getattr(route, "path", None) or (scope["path"] if scope["path"] in self.fixed_paths else "unmatched")
         record_request(
-            self.metrics, self.access_log, RequestRecord(
-                request_id, scope["method"], scope["path"], endpoint, protocol_of(scope["path"]), status, elapsed,
-                state.get("model", ""), state.get("version", ""), state.get("stats"), state.get("error_code"),
-                state.get("trace_id"), inference=state.get("inference", False),
-            ),
+            self.metrics, self.access_log, record, method=scope["method"], path=scope["path"], endpoint=endpoint,
+            protocol=protocol_of(scope["path"]), status=status, elapsed=elapsed,
         )  # fmt: skip
-        trace = state.get("trace")
-        if trace is not None:
-            attributes = {
-                "http.route": endpoint,
-                "deit.model": state.get("model", ""),
-                "deit.version": state.get("version", ""),
-            }
-            trace.end(f"{scope['method']} {endpoint}", status, attributes)
+        if record.trace is not None:
+            attributes = {"http.route": endpoint, "deit.model": record.model, "deit.version": record.version}
+            record.trace.end(f"{scope['method']} {endpoint}", status, attributes)
 
 
-@dataclass
-class RequestRecord:
-    """What one request's metrics and log line say, whichever transport carried it (HTTP, gRPC)."""
-
-    request_id: str
-    method: str
-    path: str
-    endpoint: str
-    protocol: str
-    status: int
-    elapsed: float
-    model: str = ""
-    version: str = ""
-    stats: Any = None  # the engine's RequestStats, once the request was admitted
-    error_code: str | None = None
-    trace_id: str | None = None
-    inference: bool = False  # a request to run the model (counted in the inference series), once it named one
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def record_request(metrics: Metrics, access_log: bool, r: RequestRecord) -> None:
-    """The request counters and duration, and one JSON access-log line (health and metrics probes excepted)."""
-    metrics.requests.labels(r.model, r.version, r.endpoint, str(r.status), r.protocol).inc()
-    metrics.request_duration.labels(r.model, r.version, r.endpoint, r.protocol).observe(r.elapsed)
-    if r.inference:
-        metrics.inference_duration.labels(r.model, r.version, r.protocol, str(r.status)).observe(r.elapsed)
-    if not access_log or r.endpoint in ("/healthz", "/readyz", "/metrics"):
+def record_request(
+    metrics: Metrics, access_log: bool, record: RequestRecord, *, method: str, path: str, endpoint: str,
+    protocol: str, status: int, elapsed: float,
+) -> None:  # fmt: skip
+    """The request counters and duration (and the inference series for a request that runs the model), and one
+    JSON access-log line (health and metrics probes excepted), whichever transport carried the request."""
+    model, version = record.model, record.version
+    metrics.requests.labels(model, version, endpoint, str(status), protocol).inc()
+    metrics.request_duration.labels(model, version, endpoint, protocol).observe(elapsed)
+    if record.inference:
+        metrics.inference_duration.labels(model, version, protocol, str(status)).observe(elapsed)
+    if not access_log or endpoint in ("/healthz", "/readyz", "/metrics"):
         return
+    stats = record.batching
     extra: dict[str, Any] = {
-        "request_id": r.request_id,
-        "method": r.method,
-        "path": r.path,
-        "status": r.status,
-        "duration_ms": round(r.elapsed * 1000, 2),
-        "model": r.model or None,
-        "version": r.version or None,
-        "protocol": r.protocol,
+        "request_id": record.request_id,
+        "method": method,
+        "path": path,
+        "status": status,
+        "duration_ms": round(elapsed * 1000, 2),
+        "model": model or None,
+        "version": version or None,
+        "protocol": protocol,
     }
-    if r.trace_id is not None:
-        extra["trace_id"] = r.trace_id
-    if r.stats is not None:
+    if record.trace is not None:
+        extra["trace_id"] = record.trace.trace_id
+    if stats is not None:
         extra.update(
-            images=r.stats.images,
-            batch_size=list(r.stats.batch_sizes),
-            queue_ms=round(r.stats.queue_ms, 2),
-            inference_ms=round(r.stats.inference_ms, 2),
+            images=stats.images,
+            batch_size=list(stats.batch_sizes),
+            queue_ms=round(stats.queue_ms, 2),
+            inference_ms=round(stats.inference_ms, 2),
         )
-    if r.error_code is not None:
-        extra["error"] = r.error_code
-    extra.update(r.extra)
+    if record.error_code is not None:
+        extra["error"] = record.error_code
     log.info("request", extra=extra)

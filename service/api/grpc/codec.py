@@ -11,8 +11,8 @@ from torch import Tensor
 
 from service.api.grpc import inference_pb2 as pb
 from service.api.v2_codec import (
-    InferRequest,
     InputTensor,
+    ParsedInferRequest,
     RequestedOutput,
     classification_strings,
     infer_request,
@@ -33,7 +33,7 @@ def parameters(params: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
 
 def parse_request(
     request: pb.ModelInferRequest, *, input_size: tuple[int, int], max_elements: int, offered: Sequence[str]
-) -> InferRequest:
+) -> ParsedInferRequest:
     """The same request the REST route parses: images from ``raw_input_contents`` (4-byte length-prefixed BYTES
     elements) or ``contents.bytes_contents``, pixels (FP32/FP16) raw or in ``contents.fp32_contents``."""
     raw = list(request.raw_input_contents)

@@ -1,5 +1,6 @@
-"""``inference.GRPCInferenceService``: a thin transport over the calls the REST V2 routes make (resolve the model,
-admit, parse with the V2 codec, run on the engine, encode), with errors mapped in ``status.py``.
+"""``inference.GRPCInferenceService``: a thin transport over the steps the REST V2 routes take (``accepting_model``,
+``admission``, the V2 codec, ``Admission.infer``, the shared post-processing of ``service.api.results``), with errors
+mapped in ``status.py``.
 
 Each call is counted in the request metrics (``protocol="grpc"``, the HTTP status its error has, 200 when OK) and
 logged in the access log like an HTTP request. The call's deadline is the request's deadline, and a call the client
@@ -11,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,48 +22,42 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from service import __version__
-from service.api.admission import AppState, admission
+from service.api.admission import Admission, AppState, accepting_model, admission
 from service.api.grpc import inference_pb2 as pb
 from service.api.grpc.codec import build_response, parse_request
 from service.api.grpc.status import HTTP_STATUS, status_of
 from service.api.statistics import model_statistics
-from service.api.v2 import EXTENSIONS, config_of, loaded_versions, metadata_of, output_widths, resolve_model
-from service.api.v2_codec import embedding_output, output_tensors
-from service.engine.context import RequestContext
+from service.api.v2 import (
+    EXTENSIONS,
+    config_of,
+    loaded_versions,
+    metadata_of,
+    output_tensors,
+    output_widths,
+    resolve_model,
+)
+from service.api.v2_codec import embedding_output
 from service.engine.lifecycle import Phase
-from service.engine.repository import scan_store
-from service.engine.served import RequestStats, ServedModel
+from service.engine.served import Inputs, ServedModel
 from service.errors import ClientGone, ServiceError
-from service.http.access_log import RequestRecord, record_request
+from service.http.access_log import RequestRecord, record_request, request_id_of
 from service.http.auth import check_key, key_of
 from service.images import EncodedImage
-from service.tracing import RequestTrace
 
 log = logging.getLogger("deit_serve.grpc")
 
 SERVICE = "inference.GRPCInferenceService"
 OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ServerMetadata"})  # no API key, as their REST routes
-_VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
 @dataclass
 class Call:
-    """One RPC's bookkeeping for its metrics and log line."""
+    """One RPC: its method, metadata, and the record its metrics and log line are made from (as an HTTP request's)."""
 
     method: str
     metadata: dict[str, str]
-    arrival: float  # time.monotonic(): the origin of its deadline
+    record: RequestRecord  # its arrival (time.monotonic()) is the origin of the call's deadline
     started: float  # time.perf_counter()
-    model: str = ""
-    version: str = ""
-    stats: RequestStats | None = None
-    trace: RequestTrace | None = None
-    inference: bool = False
-
-    @property
-    def request_id(self) -> str:
-        incoming = self.metadata.get("x-request-id", "")
-        return incoming if _VALID_ID.match(incoming) else uuid.uuid4().hex
 
 
 Method = Callable[[Any, grpc.aio.ServicerContext, Call], Awaitable[Message]]
@@ -119,55 +112,52 @@ class InferenceServicer:
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: Any, call: Call
     ) -> pb.RepositoryIndexResponse:
-        contents = await asyncio.to_thread(scan_store, self.state.settings.model_store)
-        rows = self.state.store.index(contents, request.ready)
+        rows = await self.state.repository.index(ready_only=request.ready)
         return json_format.ParseDict({"models": rows}, pb.RepositoryIndexResponse(), ignore_unknown_fields=True)
 
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Any, call: Call
     ) -> pb.RepositoryModelLoadResponse:
         self.state.lifecycle.check_accepting()
-        call.model = request.model_name
-        await self.state.store.load(request.model_name)
+        call.record.model = request.model_name
+        await self.state.repository.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any, call: Call
     ) -> pb.RepositoryModelUnloadResponse:
         self.state.lifecycle.check_accepting()
-        call.model = request.model_name
-        await self.state.store.unload(request.model_name)
+        call.record.model = request.model_name
+        await self.state.repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
     # --- inference ----------------------------------------------------------------------------------------------
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any, call: Call) -> pb.ModelInferResponse:
-        state = self.state
-        call.inference = True
-        state.lifecycle.check_accepting()  # 503 while loading or draining comes before a 404 for a model not loaded
-        served = self._model(request.model_name, request.model_version, call)
+        """The REST V2 infer route's steps: refusals before anything is read, admission with the call's deadline
+        (the server's default when it has none), then the request under it; a call that ends first cancels it."""
+        state, record = self.state, call.record
+        record.inference = True
+        served = accepting_model(state, request.model_name, request.model_version or None)
+        record.model, record.version = served.name, str(served.version)
         remaining = context.time_remaining()  # the call's deadline; None: the server's default
         timeout = None if remaining is None else max(remaining, 1e-6)
-        with admission(state, served, call.arrival, timeout, call.trace) as (
-            request_context,
-            reservation,
-        ):
-            call.stats = RequestStats()
-            reservation.grow(request.ByteSize())  # the message is held until the answer
-            context.add_done_callback(lambda _: request_context.cancel(ClientGone("the client cancelled the call")))
-            work = asyncio.ensure_future(self._infer(request, served, request_context, call))
+        with admission(state, served, arrived=record.arrived, timeout_s=timeout, trace=record.trace) as admitted:
+            record.batching = admitted.stats
+            admitted.reservation.grow(request.ByteSize())  # the message is held until the answer
+            gone = ClientGone("the client cancelled the call")
+            context.add_done_callback(lambda _: admitted.context.cancel(gone))
+            work = asyncio.ensure_future(self._infer(request, admitted, record.arrived))
             try:
                 return await asyncio.shield(work)
             except asyncio.CancelledError:  # the call ended first: stop the request, then let its images go
-                request_context.cancel(ClientGone("the client cancelled the call"))
+                admitted.context.cancel(gone)
                 with contextlib.suppress(Exception):
                     await work
                 raise
 
-    async def _infer(
-        self, request: pb.ModelInferRequest, served: ServedModel, context: RequestContext, call: Call
-    ) -> pb.ModelInferResponse:
-        settings = self.state.settings
+    async def _infer(self, request: pb.ModelInferRequest, admitted: Admission, arrived: float) -> pb.ModelInferResponse:
+        served, context, settings = admitted.served, admitted.context, self.state.settings
         parsed = await self.state.decode_pool.run(
             context,
             lambda: parse_request(
@@ -176,20 +166,22 @@ class InferenceServicer:
             ),
         )  # fmt: skip
         if parsed.timeout_s is not None:
-            context.shorten(call.arrival + parsed.timeout_s)
+            context.shorten(arrived + parsed.timeout_s)
         embedding = embedding_output(parsed.outputs)
         pooling = served.pooling(embedding.pooling if embedding is not None else None)
+        inputs: Inputs
         if parsed.images is not None:
-            inputs: Any = [EncodedImage(f"image {i}", data) for i, data in enumerate(parsed.images)]
+            inputs = [EncodedImage(f"image {i}", data) for i, data in enumerate(parsed.images)]
         else:
+            assert parsed.pixels is not None
             inputs = parsed.pixels
-        outputs = await served.outputs(inputs, context, call.stats)
-        tensors = output_tensors(outputs, parsed.outputs, pooling)
+        inference = await admitted.infer(inputs)
+        tensors = output_tensors(inference, parsed.outputs, pooling)
         return build_response(served.name, str(served.version), parsed.id, parsed.outputs, tensors, served.labels)
 
     def _model(self, name: str, version: str, call: Call) -> ServedModel:
         served = resolve_model(self.state, name, version or None)
-        call.model, call.version = served.name, str(served.version)
+        call.record.model, call.record.version = served.name, str(served.version)
         return served
 
     # --- the transport ------------------------------------------------------------------------------------------
@@ -213,10 +205,11 @@ class InferenceServicer:
 
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Message:
             metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-            call = Call(name, metadata, time.monotonic(), time.perf_counter())
+            record = RequestRecord(request_id_of(metadata.get("x-request-id", "")), time.monotonic())
+            call = Call(name, metadata, record, time.perf_counter())
             if state.tracing is not None:
                 attributes = {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": name}
-                call.trace = state.tracing.start_request(f"{SERVICE}/{name}", metadata, attributes)
+                record.trace = state.tracing.start_request(f"{SERVICE}/{name}", metadata, attributes)
             try:
                 if name not in OPEN_METHODS:
                     check_key(key_of(metadata.get("authorization"), metadata.get("x-api-key")), state.settings.api_keys)
@@ -243,12 +236,14 @@ class InferenceServicer:
         return handle
 
     def _record(self, call: Call, status: int, error_code: str | None) -> None:
-        path = f"/{SERVICE}/{call.method}"
-        trace_id = call.trace.trace_id if call.trace is not None else None
-        record = RequestRecord(
-            call.request_id, "POST", path, path, "grpc", status, time.perf_counter() - call.started, call.model,
-            call.version, call.stats, error_code, trace_id, call.inference,
+        """The call's request metrics and access-log line (as an HTTP request's, ``protocol="grpc"``), and the end
+        of its span."""
+        path, record = f"/{SERVICE}/{call.method}", call.record
+        record.error_code = error_code
+        record_request(
+            self.state.metrics, self.state.settings.access_log and call.method not in OPEN_METHODS, record,
+            method="POST", path=path, endpoint=path, protocol="grpc", status=status,
+            elapsed=time.perf_counter() - call.started,
         )  # fmt: skip
-        record_request(self.state.metrics, self.state.settings.access_log and call.method not in OPEN_METHODS, record)
-        if call.trace is not None:
-            call.trace.end(path, status, {"deit.model": call.model, "deit.version": call.version})
+        if record.trace is not None:
+            record.trace.end(path, status, {"deit.model": record.model, "deit.version": record.version})

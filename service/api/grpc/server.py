@@ -27,7 +27,10 @@ async def start_grpc(state: AppState) -> grpc.aio.Server:
     options = [
         ("grpc.max_receive_message_length", settings.max_upload_bytes),
         ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
-        ("grpc.max_metadata_size", settings.max_header_bytes),  # the HTTP head's bound, for the call's metadata
+        # The HTTP head's bound, for the call's metadata. max_metadata_size alone is a soft limit (metadata up to 1.25×
+        # it is refused only at random); the absolute limit makes the bound firm.
+        ("grpc.max_metadata_size", settings.max_header_bytes),
+        ("grpc.absolute_max_metadata_size", settings.max_header_bytes),
         ("grpc.max_connection_idle_ms", IDLE_CONNECTION_S * 1000),
         ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
     ]

@@ -59,7 +59,7 @@ WORKDIR /src
 COPY pyproject.toml ./
 # hadolint ignore=DL3013
 RUN mkdir service && touch README.md service/__init__.py \
- && pip install ".[fast,hub]" \
+ && pip install ".[fast,hub,grpc,tracing]" \
  && pip uninstall --yes deit-serve \
  && rm -rf service README.md build ./*.egg-info
 
@@ -99,12 +99,14 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     DEIT_HOST=0.0.0.0 \
     DEIT_PORT=8000 \
+    DEIT_GRPC_PORT=8001 \
     DEIT_MODEL_STORE=/models \
     HF_HOME=/cache/huggingface
 
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 8000
+# HTTP (REST, metrics, health) and the Open Inference Protocol over gRPC.
+EXPOSE 8000 8001
 
 # Liveness only (/healthz); orchestrators route traffic on /readyz. The Python one-liner works on images without curl.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \

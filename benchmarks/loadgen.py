@@ -15,7 +15,7 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +88,32 @@ class LoadResult:
         }
 
 
+Send = Callable[[int], Awaitable[str]]  # sends request number i (of any client); "" when answered OK, else the error
+Connect = Callable[[], contextlib.AbstractAsyncContextManager[Send]]  # one client's connection
+
+
+def _http(url: str, bodies: Sequence[Body], timeout_s: float) -> Connect:
+    """A client's own HTTP connection, POSTing the bodies in turn to ``url``."""
+    prepared = [(body.content, {"content-type": body.content_type, **body.headers}) for body in bodies]
+
+    @contextlib.asynccontextmanager
+    async def connect() -> AsyncIterator[Send]:
+        transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+        async with httpx.AsyncClient(transport=transport, timeout=timeout_s) as http:
+
+            async def send(index: int) -> str:
+                content, headers = prepared[index % len(prepared)]
+                try:
+                    response = await http.post(url, content=content, headers=headers)
+                except httpx.HTTPError as e:
+                    return type(e).__name__
+                return "" if response.status_code == 200 else f"HTTP {response.status_code}"
+
+            yield send
+
+    return connect
+
+
 async def closed_loop(
     url: str,
     bodies: Sequence[Body],
@@ -98,6 +124,7 @@ async def closed_loop(
     server_pgid: int | None = None,
     timeout_s: float = 120,
     drain: bool = True,
+    connect: Connect | None = None,
 ) -> LoadResult:
     """Requests (one image each) that finish inside the measured window count. The window opens once ``warmup_s``
     has passed and every client has had an answer (at high concurrency the first answers take several seconds:
@@ -119,21 +146,16 @@ async def closed_loop(
         await asyncio.sleep(duration_s)
         result.cpu = cpu.shares()
 
-    prepared = [(body.content, {"content-type": body.content_type, **body.headers}) for body in bodies]
+    connect = connect or _http(url, bodies, timeout_s)
 
     async def client(worker: int) -> None:
-        transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
-        async with httpx.AsyncClient(transport=transport, timeout=timeout_s) as http:
+        async with connect() as send:
             sent = 0
             while not window or time.perf_counter() < window[1]:
-                content, headers = prepared[(worker + sent * concurrency) % len(prepared)]
+                index = worker + sent * concurrency
                 sent += 1
                 t0 = time.perf_counter()
-                try:
-                    response = await http.post(url, content=content, headers=headers)
-                    error = "" if response.status_code == 200 else f"HTTP {response.status_code}"
-                except httpx.HTTPError as e:
-                    error = type(e).__name__
+                error = await send(index)
                 t1 = time.perf_counter()
                 records.append((t1, t1 - t0, error))
                 answered.add(worker)
@@ -166,6 +188,7 @@ def run_closed_loop(
     duration_s: float,
     server_pgid: int | None = None,
     drain: bool = True,
+    connect: Connect | None = None,
 ) -> LoadResult:
     """``closed_loop`` on a fresh event loop (uvloop when installed: less client CPU per request)."""
     coro = closed_loop(
@@ -176,6 +199,7 @@ def run_closed_loop(
         duration_s=duration_s,
         server_pgid=server_pgid,
         drain=drain,
+        connect=connect,
     )
     try:
         import uvloop
@@ -273,7 +297,8 @@ def wait_until_quiet(max_busy: float = 0.1, settle_s: float = 2.0, timeout_s: fl
 
 @dataclass
 class ServerSpec:
-    """How to start one server under test; ``{port}`` in ``argv`` is replaced by a free port."""
+    """How to start one server under test; ``{port}`` in ``argv`` and ``env`` is replaced by a free port, and
+    ``{grpc_port}`` in ``env`` by another (our gRPC port is off unless ``env`` sets ``DEIT_GRPC_PORT``)."""
 
     name: str
     argv: list[str]
@@ -286,20 +311,22 @@ class ServerSpec:
 class RunningServer:
     url: str  # of the classify endpoint
     pgid: int
+    grpc_port: int = 0
 
 
 @contextlib.contextmanager
 def running(spec: ServerSpec, log_path: Path, ready_timeout_s: float = 300.0) -> Iterator[RunningServer]:
     """Start the server in its own process group, wait until ready, yield its classify URL and process group;
     always stop it (and any worker processes it started) afterwards."""
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     argv = [a.replace("{port}", str(port)) for a in spec.argv]
-    env = service_env(port, env={k: v.replace("{port}", str(port)) for k, v in spec.env.items()})
+    spec_env = {k: v.replace("{port}", str(port)).replace("{grpc_port}", str(grpc_port)) for k, v in spec.env.items()}
+    env = service_env(port, env=spec_env)
     with running_process(
         argv, port=port, log_path=log_path, env=env, cwd=REPO, group=True, ready_path=spec.ready_path,
         ready_timeout=ready_timeout_s, stop_timeout=10,
     ) as server:  # fmt: skip
-        yield RunningServer(server.url + spec.classify_path, server.pid)
+        yield RunningServer(server.url + spec.classify_path, server.pid, grpc_port)
 
 
 def python_module(module: str, *args: str) -> list[str]:

@@ -1,9 +1,11 @@
-"""The same load through each front door of one server: POST /classify, Open Inference Protocol binary infer, and
-the Hugging Face route; img/s, p50/p99, and each protocol's img/s over /classify's in the same round.
+"""The same load through each front door of one server: POST /classify, Open Inference Protocol binary infer over
+REST and over gRPC, and the Hugging Face route; img/s, p50/p99, and each protocol's img/s over /classify's in the
+same round.
 
-One server process, one model; rounds interleave the three (the order turns each round), each a closed loop of
-``--concurrency`` clients sending one 640×480 JPEG per request. Every door answers the top 5 classes as JSON:
-/classify its predictions, V2 the classification extension's strings, Hugging Face its ``[{label, score}]``.
+One server process, one model; rounds interleave the four (the order turns each round), each a closed loop of
+``--concurrency`` clients (one connection each) sending one 640×480 JPEG per request. Every door answers the top 5
+classes: /classify its predictions, V2 (REST and gRPC) the classification extension's strings, Hugging Face its
+``[{label, score}]``.
 
     python -m benchmarks.protocols --model tiny --rounds 3
 """
@@ -11,19 +13,30 @@ One server process, one model; rounds interleave the three (the order turns each
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import struct
 import tempfile
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from benchmarks import assets
-from benchmarks.loadgen import Body, LoadResult, ServerSpec, multipart, python_module, run_closed_loop, running
+from benchmarks.loadgen import (
+    Body,
+    Connect,
+    LoadResult,
+    Send,
+    ServerSpec,
+    multipart,
+    python_module,
+    run_closed_loop,
+    running,
+)
 
-PROTOCOLS = ("classify", "v2", "hf")
-TITLES = {"classify": "POST /classify", "v2": "V2 binary infer", "hf": "Hugging Face"}
+PROTOCOLS = ("classify", "v2", "grpc", "hf")
+TITLES = {"classify": "POST /classify", "v2": "V2 binary infer", "grpc": "V2 gRPC infer", "hf": "Hugging Face"}
 TOP_K = 5
 
 
@@ -39,10 +52,46 @@ def v2_binary_body(image: bytes) -> Body:
     return Body(encoded + element, "application/octet-stream", {"Inference-Header-Content-Length": str(len(encoded))})
 
 
+def grpc_requests(photos: Sequence[bytes], model: str) -> list[bytes]:
+    """ModelInferRequest messages, serialized once: each image a BYTES element in raw_input_contents (as
+    tritonclient.grpc sends it), the top 5 classes asked for."""
+    from service.api.grpc import inference_pb2 as pb
+
+    messages = []
+    for photo in photos:
+        request = pb.ModelInferRequest(model_name=model, raw_input_contents=[struct.pack("<I", len(photo)) + photo])
+        request.inputs.add(name="image", datatype="BYTES", shape=[1, 1])
+        request.outputs.add(name="probabilities").parameters["classification"].int64_param = TOP_K
+        messages.append(request.SerializeToString())
+    return messages
+
+
+def grpc_connect(address: str, requests: Sequence[bytes], timeout_s: float = 120) -> Connect:
+    """A client's own gRPC channel (one HTTP/2 connection), sending the serialized requests in turn."""
+    import grpc
+
+    @contextlib.asynccontextmanager
+    async def connect() -> AsyncIterator[Send]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes in, bytes out
+
+            async def send(index: int) -> str:
+                try:
+                    await infer(requests[index % len(requests)], timeout=timeout_s)
+                except grpc.aio.AioRpcError as e:
+                    return f"gRPC {e.code().name}"
+                return ""
+
+            yield send
+
+    return connect
+
+
 def bodies_and_paths(photos: Sequence[bytes], model: str) -> dict[str, tuple[str, list[Body]]]:
     return {
         "classify": (f"/classify?top_k={TOP_K}", [multipart(p, f"photo{i}.jpg") for i, p in enumerate(photos)]),
         "v2": (f"/v2/models/{model}/infer", [v2_binary_body(p) for p in photos]),
+        "grpc": ("", []),  # over its own port: grpc_connect
         "hf": (f"/models/{model}", [Body(p, "image/jpeg") for p in photos]),
     }
 
@@ -104,16 +153,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     photos = assets.photos(args.image_size)
     doors = bodies_and_paths(photos, model_dir.name)
     env = {"DEIT_MODEL_STORE": str(model_dir.parent), "DEIT_DTYPE": args.dtype, "DEIT_HOST": "127.0.0.1",
-           "DEIT_PORT": "{port}", "DEIT_ACCESS_LOG": "false"}  # fmt: skip
+           "DEIT_PORT": "{port}", "DEIT_GRPC_PORT": "{grpc_port}", "DEIT_ACCESS_LOG": "false"}  # fmt: skip
     spec = ServerSpec("ours", python_module("service"), "/readyz", "", env)
     rounds: dict[str, list[LoadResult]] = {p: [] for p in PROTOCOLS}
     log_path = Path(tempfile.gettempdir()) / f"deit-protocols-{args.model}.log"
     with running(spec, log_path) as server:
+        connects = {"grpc": grpc_connect(f"127.0.0.1:{server.grpc_port}", grpc_requests(photos, model_dir.name))}
         for protocol in PROTOCOLS:  # first requests pay for lazy initialisation: not measured
             path, bodies = doors[protocol]
-            run_closed_loop(server.url + path, bodies, concurrency=4, warmup_s=0, duration_s=1.0)
+            connect = connects.get(protocol)
+            run_closed_loop(server.url + path, bodies, concurrency=4, warmup_s=0, duration_s=1.0, connect=connect)
         for r in range(args.rounds):
-            order = PROTOCOLS[r % 3 :] + PROTOCOLS[: r % 3]
+            turn = r % len(PROTOCOLS)
+            order = PROTOCOLS[turn:] + PROTOCOLS[:turn]
             for protocol in order:
                 path, bodies = doors[protocol]
                 result = run_closed_loop(
@@ -123,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     warmup_s=args.warmup,
                     duration_s=args.duration,
                     server_pgid=server.pgid,
+                    connect=connects.get(protocol),
                 )
                 rounds[protocol].append(result)
                 cpu = result.cpu

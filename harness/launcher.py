@@ -38,9 +38,10 @@ def service_argv(*args: str) -> list[str]:
 
 
 def service_env(port: int, store: Path | None = None, env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This process's environment without its ``DEIT_*`` settings, listening on ``127.0.0.1:port``, plus ``env``."""
+    """This process's environment without its ``DEIT_*`` settings, listening on ``127.0.0.1:port`` with gRPC off
+    (``DEIT_GRPC_PORT=0``: no server under test takes the default 8001; ``env`` turns it on), plus ``env``."""
     full = {k: v for k, v in os.environ.items() if not k.startswith("DEIT_")}
-    full.update({"DEIT_HOST": "127.0.0.1", "DEIT_PORT": str(port)})
+    full.update({"DEIT_HOST": "127.0.0.1", "DEIT_PORT": str(port), "DEIT_GRPC_PORT": "0"})
     if store is not None:
         full["DEIT_MODEL_STORE"] = str(store)
     full.update(env or {})

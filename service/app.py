@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import torch
 from fastapi import FastAPI, Request, Response
@@ -13,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
-from service.api import hf, page, v2
+from service.api import hf, page, statistics, v2
 from service.api.admission import AppState
 from service.api.native import router
 from service.engine.daemon_thread import run_in_daemon_thread
@@ -21,14 +22,16 @@ from service.engine.decode_pool import DecodePool
 from service.engine.lifecycle import Lifecycle, Phase
 from service.engine.repository import Repository
 from service.engine.store_files import poll_store
-from service.errors import CheckpointError, ModelLoadFailed, ServiceError
+from service.errors import CheckpointError, MissingExtra, ModelLoadFailed, ServiceError
 from service.http.access_log import AccessLogMiddleware, request_record
 from service.http.front_door import plain_error_body
 from service.http.responses import json_response
+from service.http.server import ANSWER_GRACE_S
 from service.http.upload_budget import UploadBudget, default_budget_bytes
 from service.metrics import Metrics
 from service.model.hub import HubError
 from service.settings import Settings
+from service.tracing import Tracing
 
 log = logging.getLogger("deit_serve.app")
 
@@ -39,6 +42,7 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
     """Build the app. ``on_fatal`` is called if the models cannot be loaded (the CLI then exits non-zero)."""
     metrics = Metrics(settings.max_batch_size)
     lifecycle = Lifecycle()
+    tracing = _tracing(settings.otlp_endpoint) if settings.otlp_endpoint else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -49,7 +53,8 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
         lifecycle.on_abandon(repository.store.abandon)
         budget_bytes = settings.max_inflight_upload_bytes or default_budget_bytes(settings.max_upload_bytes)
         budget = UploadBudget(budget_bytes, metrics.upload_bytes)
-        app.state.deit = AppState(settings, metrics, lifecycle, repository, pool, budget)
+        app.state.deit = state = AppState(settings, metrics, lifecycle, repository, pool, budget, tracing)
+        grpc_server = await _start_grpc(state) if settings.grpc_port else None
         loading = asyncio.create_task(_load_models(repository, lifecycle, metrics, on_fatal), name="load-models")
         app.state.loading = loading
         try:
@@ -61,8 +66,12 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
             await lifecycle.wait_idle(settings.drain_timeout_s)
+            if grpc_server is not None:  # its calls in flight were waited for above, with the HTTP requests
+                await grpc_server.stop(ANSWER_GRACE_S)
             await repository.close()
             pool.shutdown()
+            if tracing is not None:
+                await asyncio.to_thread(tracing.shutdown)  # the spans still buffered go out
 
     app = FastAPI(
         title="deit-serve",
@@ -71,13 +80,16 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
         lifespan=lifespan,
     )
     app.include_router(router)
+    app.include_router(statistics.router)  # before V2's: /v2/models/stats is not the metadata of a model "stats"
     app.include_router(v2.router)
     app.include_router(hf.router)
     app.include_router(page.router)
     # The documentation routes (/openapi.json, /docs, /redoc) do not mark the request with their route as the
     # API's own do; their fixed paths name them in the metrics instead.
     fixed_paths = frozenset(path for route in app.routes if "{" not in (path := getattr(route, "path", "{")))
-    app.add_middleware(AccessLogMiddleware, metrics=metrics, access_log=settings.access_log, fixed_paths=fixed_paths)
+    app.add_middleware(
+        AccessLogMiddleware, metrics=metrics, access_log=settings.access_log, fixed_paths=fixed_paths, tracing=tracing
+    )
     _install_error_handlers(app)
     app.state.lifecycle = lifecycle
     return app
@@ -119,6 +131,29 @@ def _hub_error(error: BaseException | None) -> HubError | None:
     while error is not None and not isinstance(error, HubError):
         error = error.__cause__
     return error
+
+
+def _tracing(endpoint: str) -> Tracing:
+    """Traces to ``endpoint``; asked for without the tracing extra, start-up stops saying what to install."""
+    try:
+        return Tracing(endpoint)
+    except ImportError as e:
+        raise MissingExtra(
+            f"--otlp-endpoint needs OpenTelemetry ({e.name} is missing): pip install 'deit-serve[tracing]'"
+        ) from e
+
+
+async def _start_grpc(state: AppState) -> Any:
+    """The gRPC front door on its own port, or None (with a warning) when the grpc extra is not installed."""
+    try:
+        from service.api.grpc.server import start_grpc
+    except ImportError as e:
+        log.warning(
+            "gRPC is off: %s is not installed (pip install 'deit-serve[grpc]'); serving HTTP only", e.name,
+            extra={"grpc_port": state.settings.grpc_port},
+        )  # fmt: skip
+        return None
+    return await start_grpc(state)
 
 
 def _unexpected_cause(error: BaseException) -> BaseException | None:

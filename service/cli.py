@@ -15,6 +15,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.app import create_app
+from service.errors import MissingExtra
 from service.http.limits import HttpLimits
 from service.http.server import ANSWER_GRACE_S, DrainingServer
 from service.logs import configure_logging
@@ -130,7 +131,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         if server is not None:
             server.fail()
 
-    app = create_app(settings, on_fatal=on_fatal)
+    try:
+        app = create_app(settings, on_fatal=on_fatal)
+    except MissingExtra as e:
+        print(f"deit-serve: {e.message}", file=sys.stderr)
+        sys.exit(2)
     config = uvicorn.Config(
         app,
         host=settings.host,

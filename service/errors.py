@@ -41,6 +41,12 @@ class ModelLoadFailed(ModelStoreError):
         self.source = source
 
 
+class MissingExtra(ServiceError):
+    """A setting asks for an optional feature whose packages are not installed; start-up stops naming them."""
+
+    code = "missing_extra"
+
+
 class RepositoryLoadFailed(ServiceError):
     """A load asked for at run time failed; whatever was serving before still serves."""
 

@@ -24,7 +24,8 @@ def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
 # The series one model version's queue, forward passes and decoding record (see ``Metrics.for_version``).
 PER_VERSION = (
     "queue_wait", "batch_size", "forward_duration", "preprocess_duration", "decoded", "queue_depth", "images",
-    "rejected", "dropped", "batch_failures", "nonfinite_outputs",
+    "rejected", "dropped", "batch_failures", "nonfinite_outputs", "batch_executions", "batch_seconds",
+    "last_inference",
 )  # fmt: skip
 
 
@@ -95,6 +96,27 @@ class Metrics:
         self.nonfinite_outputs = Counter(
             "deit_nonfinite_outputs", "Images whose scores came out NaN or infinite (answered 500)",
             ["model", "version"], registry=r,
+        )  # fmt: skip
+        # Triton's statistics extension (GET /v2/models/stats, gRPC ModelStatistics) reads these series, the
+        # histograms above (queue wait, preprocessing) and the request counters below, so /metrics tells the same.
+        self.batch_executions = Counter(
+            "deit_batch_executions", "Forward passes by batch size (the statistics' batch_stats)",
+            ["model", "version", "batch_size"], registry=r,
+        )  # fmt: skip
+        self.batch_seconds = Counter(
+            "deit_batch_seconds", "Seconds of forward passes (phase infer) and of splitting their outputs per image "
+            "(phase output), by batch size", ["model", "version", "batch_size", "phase"], registry=r,
+        )  # fmt: skip
+        self.last_inference = Gauge(
+            "deit_last_inference_timestamp_seconds", "When the model version's last forward pass ended (Unix time)",
+            ["model", "version"], registry=r,
+        )  # fmt: skip
+        # Every front door's inference requests in one series (/classify, /embed, V2 infer over REST and gRPC,
+        # Hugging Face), admitted or refused at admission: what dashboards and autoscaling count.
+        self.inference_duration = Histogram(
+            "deit_inference_request_duration_seconds", "Time from arrival to answer of inference requests, every "
+            "front door, by model, version, protocol and status", ["model", "version", "protocol", "status"],
+            buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.model_info = Gauge(
             "deit_model_info",

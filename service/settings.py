@@ -32,6 +32,21 @@ class Settings(BaseSettings):
     ui: bool = Field(True, description="serve the try-it page at GET / (browsers); --no-ui leaves GET / to JSON only")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="port of the Open Inference Protocol over gRPC, on the same host (0: off; needs the grpc extra)",
+    )
+    grpc_max_concurrent_streams: int = Field(
+        100, ge=1, le=100_000, description="gRPC calls one client connection may have open at once"
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        description="export OpenTelemetry traces over OTLP to this collector (http://host:4318/v1/traces for "
+        "OTLP/HTTP, host:4317 with OTEL_EXPORTER_OTLP_PROTOCOL=grpc); the OTEL_* variables apply (needs the "
+        "tracing extra; off when empty)",
+    )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: float16 on CUDA, bfloat16 on CPUs with native bf16, else float32"

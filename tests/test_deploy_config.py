@@ -34,6 +34,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "deit-serve.json"
 SERVICE = "deit-serve"
 PORT = 8000
+GRPC_PORT = 8001
 # Kubernetes versions the manifests must be valid for: an older one still widely run, and the newest known.
 K8S_VERSIONS = ("1.30.0", "1.37.0")
 # API groups whose kinds are custom resources: no core schema to validate them against.
@@ -42,6 +43,7 @@ CRD_GROUPS = ("monitoring.coreos.com",)
 # The metrics the service documents; dashboards and autoscaling rules should use only these.
 DOCUMENTED_HISTOGRAMS = {
     "deit_request_duration_seconds",
+    "deit_inference_request_duration_seconds",
     "deit_queue_wait_seconds",
     "deit_batch_size",
     "deit_forward_duration_seconds",
@@ -270,9 +272,12 @@ def test_dashboard_has_the_operational_panels() -> None:
     def has(pattern: str) -> bool:
         return any(re.search(pattern, expr) for expr in exprs)
 
-    assert has(r"rate\(deit_requests_total\{"), "requests/s"
+    assert has(r"rate\(deit_inference_request_duration_seconds_count\{"), "requests/s"
+    assert has(r"sum by \(protocol, status\) \(rate\(deit_inference_request_duration_seconds_count"), "by protocol"
     for phi in ("0.5", "0.99"):
-        assert has(rf"histogram_quantile\({phi}, .*deit_request_duration_seconds_bucket"), f"p{phi} latency"
+        assert has(rf"histogram_quantile\({phi}, .*deit_inference_request_duration_seconds_bucket"), f"p{phi} latency"
+    # Every front door counts: no request panel is narrowed to one endpoint or protocol.
+    assert not [expr for expr in exprs if re.search(r"\b(endpoint|protocol)=", expr)]
     assert has(r"\bdeit_queue_depth\b"), "queue depth"
     assert has(r"deit_batch_size_bucket"), "batch size distribution"
     assert has(r"sum by \(reason\) \(rate\(deit_rejected_total"), "rejections by reason"
@@ -417,6 +422,15 @@ def test_service_pdb_and_servicemonitor_select_the_pods() -> None:
     assert all(e.get("path", "/metrics") == "/metrics" for e in monitor["spec"]["endpoints"])
 
 
+def test_kubernetes_serves_grpc_beside_http() -> None:
+    for variant, deployment in _deployments().items():
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": PORT, "grpc": GRPC_PORT}, variant
+    (_, service) = _docs("Service")[0]
+    (grpc_port,) = [p for p in service["spec"]["ports"] if p["name"] == "grpc"]
+    assert (grpc_port["targetPort"], grpc_port["appProtocol"]) == ("grpc", "kubernetes.io/h2c")
+
+
 def test_hpa_scales_on_a_metric_the_prometheus_adapter_serves() -> None:
     (_, hpa) = _docs("HorizontalPodAutoscaler")[0]
     assert hpa["apiVersion"] == "autoscaling/v2"
@@ -438,6 +452,8 @@ def test_hpa_scales_on_a_metric_the_prometheus_adapter_serves() -> None:
         assert series, rule
         assert series <= exported, sorted(series - exported)
         assert re.fullmatch(rule["name"]["matches"], next(iter(_metric_names(rule["seriesQuery"]))))
+        # Request rules count every front door: none narrowed to one endpoint or protocol.
+        assert not re.search(r"\b(endpoint|protocol)=", rule["metricsQuery"]), rule["metricsQuery"]
 
     (_, pdb) = _docs("PodDisruptionBudget")[0]
     # The PDB leaves at least one pod serving at the HPA's minimum.
@@ -486,7 +502,10 @@ def test_dockerfile_builds_in_stages_and_runs_unprivileged() -> None:
     users = [line.split()[1] for line in runtime if line.startswith("USER")]
     assert users, "the runtime stage switches user"
     assert users[-1].split(":")[0] not in ("0", "root")
-    assert f"EXPOSE {PORT}" in runtime
+    assert f"EXPOSE {PORT} {GRPC_PORT}" in runtime
+    assert f"DEIT_GRPC_PORT={GRPC_PORT}" in env
+    (dependencies,) = [line for line in builder if 'pip install ".[' in line]
+    assert "grpc" in dependencies, "the image serves the Open Inference Protocol over gRPC"
     (healthcheck,) = [line for line in runtime if line.startswith("HEALTHCHECK")]
     assert "/healthz" in healthcheck
     (entrypoint,) = [line for line in runtime if line.startswith("ENTRYPOINT")]

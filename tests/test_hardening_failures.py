@@ -153,7 +153,7 @@ class FaultyRunner:
 @pytest.fixture
 def in_process(tiny_store: Path) -> Iterator[InProcessServer]:
     settings = Settings.model_validate(
-        {"model_store": tiny_store, "port": free_port(), "max_batch_size": 4, "max_batch_delay_ms": 0}
+        {"model_store": tiny_store, "port": free_port(), "grpc_port": 0, "max_batch_size": 4, "max_batch_delay_ms": 0}
     )
     with serve_in_process(settings) as server:
         yield server

@@ -42,4 +42,4 @@ def test_every_start_is_counted_in_the_spawn_log(tmp_path: Path, monkeypatch: py
     assert started_by == "tests/test_harness.py::test_every_start_is_counted_in_the_spawn_log"
     assert int(pid) == server.pid
     assert command == " ".join(argv)
-    assert settings == f"DEIT_HOST=127.0.0.1 DEIT_MAX_FILES=3 DEIT_PORT={port}"
+    assert settings == f"DEIT_GRPC_PORT=0 DEIT_HOST=127.0.0.1 DEIT_MAX_FILES=3 DEIT_PORT={port}"

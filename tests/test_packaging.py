@@ -110,7 +110,7 @@ def test_installed_wheel_serves_the_demo_model_from_the_filesystem_root(wheel: P
     (Path(site) / "deit-serve-test-dependencies.pth").write_text("".join(f"{p}\n" for p in lent))
 
     port = free_port()
-    env.update({"DEIT_HOST": "127.0.0.1", "DEIT_PORT": str(port)})
+    env.update({"DEIT_HOST": "127.0.0.1", "DEIT_PORT": str(port), "DEIT_GRPC_PORT": "0"})
     where = subprocess.run(
         [str(python), "-c", "import service.settings as s; print(s.__file__); print(s.DEFAULT_MODEL_STORE)"],
         cwd="/",

@@ -40,6 +40,7 @@ def _settings(store: Path, **overrides: Any) -> Settings:
         "max_batch_size": MAX_BATCH,
         "max_upload_bytes": UPLOAD_LIMIT,
         "access_log": False,
+        "grpc_port": 0,
     }
     return Settings(**(values | overrides))
 

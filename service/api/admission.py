@@ -26,6 +26,7 @@ from service.http.upload_budget import Reservation, UploadBudget
 from service.images import EncodedImage
 from service.metrics import Metrics
 from service.settings import Settings
+from service.tracing import RequestTrace, Tracing, span
 
 
 @dataclass
@@ -38,6 +39,7 @@ class AppState:
     repository: Repository
     decode_pool: DecodePool
     upload_budget: UploadBudget
+    tracing: Tracing | None = None  # --otlp-endpoint
 
     @property
     def store(self) -> ModelStore:
@@ -99,11 +101,13 @@ class Admitted(Admission):
     request: Request
 
     async def body(self) -> bytes:
-        return await read_body(self.request, self.state.settings.max_upload_bytes, self.context, self.reservation)
+        with span(self.context.trace, "read body"):
+            return await read_body(self.request, self.state.settings.max_upload_bytes, self.context, self.reservation)
 
     async def uploads(self) -> list[EncodedImage]:
         s = self.state.settings
-        return await read_uploads(self.request, s.max_upload_bytes, s.max_files, self.context, self.reservation)
+        with span(self.context.trace, "read body"):
+            return await read_uploads(self.request, s.max_upload_bytes, s.max_files, self.context, self.reservation)
 
     async def infer(self, inputs: Inputs) -> Inference:
         async with watch_disconnect(self.request, self.context):
@@ -133,15 +137,24 @@ def accepting_model(
 
 
 @contextlib.contextmanager
-def admission(state: AppState, served: ServedModel, *, arrived: float, timeout_s: float | None) -> Iterator[Admission]:
+def admission(
+    state: AppState,
+    served: ServedModel,
+    *,
+    arrived: float,
+    timeout_s: float | None,
+    trace: RequestTrace | None = None,
+) -> Iterator[Admission]:
     """Refuse at once when the model's queue is full, before the body is read (the room for all of the request's
     images is reserved when they are queued); then count the request as in flight, holding its model version (a
     drain of that version that runs out of time cancels it, 503), with its deadline (``timeout_s`` or the default,
-    capped by the server) from its arrival (``time.monotonic()``)."""
+    capped by the server) from its arrival (``time.monotonic()``). A
+    traced request's stages (body, decoding, queue, forward pass) add their spans under ``trace``."""
     settings = state.settings
     served.check_room(1)
     timeout = min(timeout_s or settings.request_timeout_s, settings.max_request_timeout_s)
     context = RequestContext(arrived + timeout)
+    context.trace = trace
     with (
         state.lifecycle.request(context),
         state.store.hold(served, context),
@@ -154,9 +167,10 @@ def admission(state: AppState, served: ServedModel, *, arrived: float, timeout_s
 async def admit(
     request: Request, state: AppState, served: ServedModel, timeout_s: float | None
 ) -> AsyncIterator[Admitted]:
-    """``admission`` for an HTTP request: its access-log record names the model and gets what it saw of batching."""
+    """``admission`` for an HTTP request: its access-log record names the model, counts it as an inference request
+    and gets what it saw of batching."""
     record = request_record(request)
-    record.model, record.version = served.name, str(served.version)
-    with admission(state, served, arrived=record.arrived, timeout_s=timeout_s) as admitted:
+    record.model, record.version, record.inference = served.name, str(served.version), True
+    with admission(state, served, arrived=record.arrived, timeout_s=timeout_s, trace=record.trace) as admitted:
         record.batching = admitted.stats
         yield Admitted(state, served, admitted.context, admitted.reservation, admitted.stats, request)

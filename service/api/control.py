@@ -11,9 +11,11 @@ from fastapi import Request
 
 from service.api.admission import AppState
 from service.engine.context import RequestContext
+from service.errors import Forbidden, InvalidParameter
 from service.http.access_log import request_arrival
 from service.http.body import read_body
 from service.http.json_body import loads_bounded
+from service.model.hub import parse_ref
 
 # A control request is a few flags; anything longer is not one.
 MAX_CONTROL_BODY_BYTES = 64 * 1024
@@ -41,3 +43,25 @@ async def run_control(state: AppState, work: Coroutine[Any, Any, T]) -> T:
     context = RequestContext.with_timeout(_CONTROL_DEADLINE_S)
     with state.lifecycle.request(context):
         return await context.run(work)
+
+
+async def load_model(state: AppState, name: str, hub_id: str | None) -> None:
+    """A repository load over any transport: ``name`` from the store, or the model ``hub_id`` names (when the
+    operator allows downloads), run in flight."""
+    state.lifecycle.check_accepting()
+    if hub_id is None:
+        await run_control(state, state.repository.load(name))
+        return
+    if not state.settings.allow_hub_ids:
+        raise Forbidden("loading a model by hub id is off; the operator allows it with --allow-hub-ids")
+    try:
+        ref = parse_ref(hub_id)
+    except ValueError as e:
+        raise InvalidParameter(f"parameters.hub_id: {e}") from e
+    await run_control(state, state.repository.load_hub(name, ref))
+
+
+async def unload_model(state: AppState, name: str) -> None:
+    """A repository unload over any transport, run in flight."""
+    state.lifecycle.check_accepting()
+    await run_control(state, state.repository.unload(name))

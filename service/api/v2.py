@@ -6,6 +6,7 @@ codes of the native API.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request, Response
@@ -23,7 +24,7 @@ from service.api.admission import (
     admit,
     version_number,
 )
-from service.api.control import read_control_json, run_control
+from service.api.control import load_model, read_control_json, unload_model
 from service.api.protocol_schemas import (
     ConfigTensor,
     InferRequest,
@@ -47,24 +48,25 @@ from service.api.v2_codec import (
     EMBEDDING_OUTPUT,
     IMAGE_INPUT,
     PIXELS_INPUT,
+    RequestedOutput,
     build_infer_response,
+    embedding_output,
     parse_infer_request,
 )
 from service.engine.lifecycle import Phase
-from service.engine.served import ServedModel
+from service.engine.served import Inference, ServedModel
 from service.errors import (
     BadRequest,
-    Forbidden,
     InvalidParameter,
     NotReady,
     UnsupportedMediaType,
 )
 from service.http.access_log import request_arrival
 from service.images import EncodedImage
-from service.model.hub import parse_ref
+from service.model.pooling import Pooling
 
 PLATFORM = "pytorch_deit"
-EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration", "model_repository")
+EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration", "model_repository", "statistics")
 HEADER_LENGTH = "inference-header-content-length"
 
 
@@ -139,23 +141,35 @@ async def ready(state: State) -> Ready:
     return Ready(ready=True)
 
 
-def _model(state: AppState, name: str, version: str | None) -> ServedModel:
+def resolve_model(state: AppState, name: str, version: str | None) -> ServedModel:
     """The version a path names (``/versions/{v}``), or the model's newest loaded one."""
     return state.store.get(name, version_number(state, name, version))
 
 
-def _output_widths(served: ServedModel) -> dict[str, int]:
+def output_widths(served: ServedModel) -> dict[str, int]:
     """The outputs a model gives and their width: the class scores of a classifier, the embedding of every one."""
     widths = dict.fromkeys(CLASSIFICATION_OUTPUTS, len(served.labels)) if served.classifies else {}
     widths[EMBEDDING_OUTPUT] = served.embedding_dim
     return widths
 
 
-def _versions(state: AppState, served: ServedModel) -> list[str]:
+def output_tensors(inference: Inference, requested: Sequence[RequestedOutput], pooling: Pooling) -> dict[str, Tensor]:
+    """The protocol's output tensors from one forward pass (REST and gRPC alike): the class scores of a classifier
+    (logits and their softmax), and the requested embedding (``pooling`` of the token features)."""
+    tensors: dict[str, Tensor] = {}
+    if inference.logits is not None:  # one forward pass gave the class scores and the embedding's features
+        tensors = {"logits": inference.logits, "probabilities": results.scores(inference.logits)}
+    embedding = embedding_output(requested)
+    if embedding is not None:
+        tensors[EMBEDDING_OUTPUT] = results.embeddings(inference, pooling, embedding.normalize)
+    return tensors
+
+
+def loaded_versions(state: AppState, served: ServedModel) -> list[str]:
     return [str(v) for v in sorted(state.store.versions.get(served.name, {served.version: served}))]
 
 
-def _metadata(served: ServedModel, versions: list[str]) -> ModelMetadata:
+def metadata_of(served: ServedModel, versions: list[str]) -> ModelMetadata:
     h, w = served.preprocessor.cfg.output_size
     return ModelMetadata(
         name=served.name,
@@ -167,7 +181,7 @@ def _metadata(served: ServedModel, versions: list[str]) -> ModelMetadata:
         ],
         outputs=[
             TensorMetadata(name=name, datatype="FP32", shape=[-1, width])
-            for name, width in _output_widths(served).items()
+            for name, width in output_widths(served).items()
         ],
         tasks=served.tasks,
         hub_id=served.origin.ref.repo_id if served.origin else None,
@@ -175,7 +189,7 @@ def _metadata(served: ServedModel, versions: list[str]) -> ModelMetadata:
     )
 
 
-def _config(served: ServedModel, max_batch_size: int, versions: list[str]) -> ModelConfig:
+def config_of(served: ServedModel, max_batch_size: int, versions: list[str]) -> ModelConfig:
     """Triton's model configuration, as far as clients (perf_analyzer) read it: batch dim left out of ``dims``."""
     h, w = served.preprocessor.cfg.output_size
     return ModelConfig(
@@ -189,7 +203,7 @@ def _config(served: ServedModel, max_batch_size: int, versions: list[str]) -> Mo
         ],
         output=[
             ConfigTensor(name=name, data_type="TYPE_FP32", dims=[width])
-            for name, width in _output_widths(served).items()
+            for name, width in output_widths(served).items()
         ],
         dynamic_batching={},
         version_policy=VersionPolicy(specific={"versions": [int(v) for v in versions]}),
@@ -201,8 +215,8 @@ def _config(served: ServedModel, max_batch_size: int, versions: list[str]) -> Mo
     "/v2/models/{model_name}/versions/{model_version}", summary="Model metadata of one version", **_versioned(_MODEL)
 )
 async def model_metadata(state: State, model_name: str, model_version: Version) -> ModelMetadata:
-    served = _model(state, model_name, model_version)
-    return _metadata(served, _versions(state, served))
+    served = resolve_model(state, model_name, model_version)
+    return metadata_of(served, loaded_versions(state, served))
 
 
 @router.get("/v2/models/{model_name}/ready", summary="Model readiness", **_MODEL)
@@ -212,7 +226,7 @@ async def model_metadata(state: State, model_name: str, model_version: Version) 
     **_versioned(_MODEL),
 )
 async def model_ready(state: State, model_name: str, model_version: Version) -> ModelReady:
-    served = _model(state, model_name, model_version)
+    served = resolve_model(state, model_name, model_version)
     if state.lifecycle.phase is not Phase.READY:
         raise NotReady(f"model {served.name!r} is not ready: {state.lifecycle.phase.value}")
     return ModelReady(name=served.name, ready=True)
@@ -228,8 +242,8 @@ _CONFIG: dict[str, Any] = {**_MODEL, "response_model_exclude_none": True}
     **_versioned(_CONFIG),
 )
 async def model_config(state: State, model_name: str, model_version: Version) -> ModelConfig:
-    served = _model(state, model_name, model_version)
-    return _config(served, state.settings.max_batch_size, _versions(state, served))
+    served = resolve_model(state, model_name, model_version)
+    return config_of(served, state.settings.max_batch_size, loaded_versions(state, served))
 
 
 _INFER: dict[str, Any] = {
@@ -266,23 +280,19 @@ async def infer(
             admitted.context,
             lambda: parse_infer_request(
                 body, header_length, input_size=served.input_size, max_elements=settings.max_files,
-                offered=list(_output_widths(served)),
+                offered=list(output_widths(served)),
             ),
         )  # fmt: skip
         if parsed.timeout_s is not None:
             admitted.context.shorten(request_arrival(request) + parsed.timeout_s)
-        embedding = next((o for o in parsed.outputs if o.name == EMBEDDING_OUTPUT), None)
+        embedding = embedding_output(parsed.outputs)
         pooling = served.pooling(embedding.pooling if embedding is not None else None)
         if parsed.images is not None:
             inference = await admitted.infer([EncodedImage(f"image {i}", d) for i, d in enumerate(parsed.images)])
         else:
             assert parsed.pixels is not None
             inference = await admitted.infer(parsed.pixels)
-    tensors: dict[str, Tensor] = {}
-    if inference.logits is not None:  # one forward pass gave the class scores and the embedding's features
-        tensors = {"logits": inference.logits, "probabilities": results.scores(inference.logits)}
-    if embedding is not None:
-        tensors[EMBEDDING_OUTPUT] = results.embeddings(inference, pooling, embedding.normalize)
+    tensors = output_tensors(inference, parsed.outputs, pooling)
     content, json_length = build_infer_response(
         served.name, str(served.version), parsed.id, parsed.outputs, tensors, served.labels
     )
@@ -335,19 +345,8 @@ async def repository_index(request: Request, state: State) -> list[RepositoryInd
     openapi_extra={"requestBody": {"content": {"application/json": {"schema": inline_schema(RepositoryLoadRequest)}}}},
 )
 async def repository_load(request: Request, state: State, model_name: str) -> Response:
-    state.lifecycle.check_accepting()
     body = _load_request(await read_control_json(request, state, "the load request"))
-    hub_id = body.parameters.hub_id
-    if hub_id is None:
-        await run_control(state, state.repository.load(model_name))
-        return Response(status_code=200)
-    if not state.settings.allow_hub_ids:
-        raise Forbidden("loading a model by hub id is off; the operator allows it with --allow-hub-ids")
-    try:
-        ref = parse_ref(hub_id)
-    except ValueError as e:
-        raise InvalidParameter(f"parameters.hub_id: {e}") from e
-    await run_control(state, state.repository.load_hub(model_name, ref))
+    await load_model(state, model_name, body.parameters.hub_id)
     return Response(status_code=200)
 
 
@@ -369,8 +368,7 @@ def _load_request(body: Any) -> RepositoryLoadRequest:
     responses={200: {"description": "unloaded"}, **_errors(401, 404, 503)},
 )
 async def repository_unload(state: State, model_name: str) -> Response:
-    state.lifecycle.check_accepting()
-    await run_control(state, state.repository.unload(model_name))
+    await unload_model(state, model_name)
     return Response(status_code=200)
 
 

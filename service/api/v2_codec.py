@@ -54,13 +54,16 @@ class ParsedInferRequest:
 
 
 @dataclass
-class _Input:
+class InputTensor:
+    """One input as any transport carries it: JSON ``data``, ``raw`` bytes, or BYTES ``elements`` already split."""
+
     name: str
     datatype: str
     shape: list[int]
     data: Any = None
     raw: bytes | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
+    elements: list[bytes] | None = None
 
 
 def parse_infer_request(
@@ -82,10 +85,27 @@ def parse_infer_request(
         raise BadRequest(f"'inputs' must be a non-empty list; send one of {IMAGE_INPUT!r} or {PIXELS_INPUT!r}")
     inputs = [_input(x, i) for i, x in enumerate(raw_inputs)]
     _attach_binary(inputs, binary)
+    return infer_request(
+        request_id,
+        params,
+        inputs,
+        header.get("outputs"),
+        input_size=input_size,
+        max_elements=max_elements,
+        offered=offered,
+    )
+
+
+def infer_request(
+    request_id: str | None, params: dict[str, Any], inputs: list[InputTensor], raw_outputs: Any, *,
+    input_size: tuple[int, int], max_elements: int, offered: Sequence[str] = OUTPUTS,
+) -> ParsedInferRequest:  # fmt: skip
+    """The request from its parts, whichever transport carried them (REST's JSON and binary data, gRPC's
+    messages): one input, ``image`` or ``pixel_values``; ``raw_outputs`` as JSON's ``outputs`` list."""
     if len(inputs) != 1:
         raise BadRequest(f"send exactly one input, {IMAGE_INPUT!r} or {PIXELS_INPUT!r}; got {len(inputs)}")
     request = ParsedInferRequest(
-        request_id, _outputs(header.get("outputs"), _flag(params, "binary_data_output"), offered), _timeout(params)
+        request_id, _outputs(raw_outputs, _flag(params, "binary_data_output"), offered), _timeout(params)
     )
     tensor = inputs[0]
     if tensor.name == IMAGE_INPUT:
@@ -130,7 +150,7 @@ def _timeout(params: dict[str, Any]) -> float | None:
     return float(value) / 1e6 if value else None
 
 
-def _input(raw: Any, index: int) -> _Input:
+def _input(raw: Any, index: int) -> InputTensor:
     if not isinstance(raw, dict):
         raise BadRequest(f"inputs[{index}] must be a JSON object")
     name, datatype, shape = raw.get("name"), raw.get("datatype"), raw.get("shape")
@@ -139,10 +159,10 @@ def _input(raw: Any, index: int) -> _Input:
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise BadRequest(f"input {name!r}: 'shape' must be a list of non-negative integers")
     params = _object(raw.get("parameters"), f"inputs[{index}].parameters")
-    return _Input(name, datatype.upper(), shape, raw.get("data"), parameters=params)
+    return InputTensor(name, datatype.upper(), shape, raw.get("data"), parameters=params)
 
 
-def _attach_binary(inputs: list[_Input], binary: bytes) -> None:
+def _attach_binary(inputs: list[InputTensor], binary: bytes) -> None:
     """Give each input with ``binary_data_size`` its slice of the bytes after the header, in input order."""
     offset = 0
     for tensor in inputs:
@@ -164,7 +184,7 @@ def _attach_binary(inputs: list[_Input], binary: bytes) -> None:
         raise BadRequest(f"{len(binary) - offset} bytes after the inference header belong to no input")
 
 
-def _batch_of(tensor: _Input, max_elements: int) -> int:
+def _batch_of(tensor: InputTensor, max_elements: int) -> int:
     n = tensor.shape[0] if tensor.shape else 0
     if n > max_elements:
         raise TooManyFiles(f"input {tensor.name!r} holds {n} images; at most {max_elements} per request")
@@ -173,13 +193,15 @@ def _batch_of(tensor: _Input, max_elements: int) -> int:
     return n
 
 
-def _images(tensor: _Input, max_elements: int) -> list[bytes]:
+def _images(tensor: InputTensor, max_elements: int) -> list[bytes]:
     if tensor.datatype != "BYTES":
         raise BadRequest(f"input {IMAGE_INPUT!r} must be BYTES (encoded images), not {tensor.datatype}")
     if len(tensor.shape) not in (1, 2) or (len(tensor.shape) == 2 and tensor.shape[1] != 1):
         raise BadRequest(f"input {IMAGE_INPUT!r} must have shape [N] or [N, 1], not {tensor.shape}")
     n = _batch_of(tensor, max_elements)
-    if tensor.raw is not None:
+    if tensor.elements is not None:
+        images = tensor.elements
+    elif tensor.raw is not None:
         images = split_bytes_elements(tensor.raw, n)
     else:
         images = [_b64(s, i) for i, s in enumerate(_flat(tensor.data, IMAGE_INPUT))]
@@ -235,7 +257,7 @@ def _b64(value: Any, index: int) -> bytes:
         raise BadRequest(f"input {IMAGE_INPUT!r} element {index} is not valid base64: {e}") from e
 
 
-def _pixels(tensor: _Input, size: tuple[int, int], max_elements: int) -> Tensor:
+def _pixels(tensor: InputTensor, size: tuple[int, int], max_elements: int) -> Tensor:
     dtype = _PIXEL_DTYPES.get(tensor.datatype)
     if dtype is None:
         raise BadRequest(f"input {PIXELS_INPUT!r} must be FP32 or FP16, not {tensor.datatype}")
@@ -299,6 +321,10 @@ def _outputs(raw: Any, binary_default: bool, offered: Sequence[str]) -> list[Req
                 raise BadRequest(f"output {name!r}: 'normalize' must be true or false")
         requested.append(RequestedOutput(name, binary, k, pooling, normalize))
     return requested
+
+
+def embedding_output(requested: Sequence[RequestedOutput]) -> RequestedOutput | None:
+    return next((o for o in requested if o.name == EMBEDDING_OUTPUT), None)
 
 
 def classification_strings(values: Tensor, k: int, labels: Sequence[str]) -> list[list[str]]:

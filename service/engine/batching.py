@@ -22,6 +22,7 @@ from torch import Tensor
 from service.engine.runner import Forwarded, ModelRunner, Outputs
 from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, ServiceError, ShuttingDown, TooManyFiles
 from service.metrics import Metrics
+from service.tracing import RequestTrace, wall_ns
 
 log = logging.getLogger("deit_serve.batching")
 
@@ -34,6 +35,7 @@ class WorkItem:
     deadline: float
     future: asyncio.Future[Outputs]
     enqueued: float = field(default_factory=time.monotonic)
+    trace: RequestTrace | None = None  # its request's span, when traced
     # Filled in when its batch runs, for the request's log line.
     batch_size: int = 0
     queue_s: float = 0.0
@@ -59,8 +61,10 @@ class Batcher:
         max_batch_delay_s: float,
         max_queue_size: int,
         metrics: Metrics,
+        attributes: dict[str, str] | None = None,
     ) -> None:
         self.model_name = model_name
+        self.attributes = {"model": model_name, **(attributes or {})}  # of its forward passes' spans
         self.runner = runner
         self.max_batch_size = max_batch_size
         self._max_delay = max_batch_delay_s
@@ -104,14 +108,16 @@ class Batcher:
             self._admitted -= admission.pending
             self._changed.set()
 
-    def enqueue(self, admission: Admission, pixels: Sequence[Tensor], deadline: float) -> list[WorkItem]:
+    def enqueue(
+        self, admission: Admission, pixels: Sequence[Tensor], deadline: float, trace: RequestTrace | None = None
+    ) -> list[WorkItem]:
         """Queue decoded images of an admitted request; returns their work items."""
         if len(pixels) > admission.pending:
             raise ValueError("more images than were admitted")
         if self._closed:
             raise ShuttingDown("the service is shutting down; retry on another instance")
         loop = asyncio.get_running_loop()
-        items = [WorkItem(p, deadline, loop.create_future()) for p in pixels]
+        items = [WorkItem(p, deadline, loop.create_future(), trace=trace) for p in pixels]
         self._queue.extend(items)
         admission.pending -= len(items)
         self._decoding -= len(items)
@@ -246,10 +252,27 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_exception(error)
             return
+        answering = time.perf_counter()
         results, elapsed = forwarded.outputs, forwarded.seconds
+        size = str(len(batch))
         self._metrics.forward_duration.labels(self.model_name).observe(elapsed)
         self._metrics.batch_size.labels(self.model_name).observe(len(batch))
         self._metrics.images.labels(self.model_name).inc(len(batch))
+        self._metrics.batch_executions.labels(self.model_name, size).inc()
+        self._metrics.batch_seconds.labels(self.model_name, size, "infer").inc(elapsed)
+        self._metrics.last_inference.labels(self.model_name).set(time.time())
+        traced = [(item.trace, wall_ns(item.enqueued)) for item in batch if item.trace is not None]
+        if traced:  # the forward span as its thread timed it, not as late as the event loop saw it end
+            attributes = {**self.attributes, "batch_size": len(batch)}
+            started_ns = forwarded.ended_ns - int(elapsed * 1e9)
+            traced[0][0].tracing.batch(traced, started_ns, forwarded.ended_ns, attributes)
+        try:
+            self._split(batch, results, elapsed)
+        finally:
+            self._metrics.batch_seconds.labels(self.model_name, size, "output").inc(time.perf_counter() - answering)
+
+    def _split(self, batch: list[WorkItem], results: Outputs, elapsed: float) -> None:
+        """Each image its row of each output, or a 500 when its outputs are not finite."""
         finite = _finite_rows(results, len(batch))
         if not all(finite):
             self._metrics.nonfinite_outputs.labels(self.model_name).inc(finite.count(False))

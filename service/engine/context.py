@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from service.errors import DeadlineExceeded, ServiceError
+
+if TYPE_CHECKING:
+    from service.tracing import RequestTrace
 
 T = TypeVar("T")
 
@@ -25,6 +28,7 @@ class RequestContext:
         self.deadline = deadline
         self.error: ServiceError | None = None  # why the request was cancelled, once it was
         self._signal: asyncio.Future[None] | None = None  # resolved on cancel; awaited beside every stage
+        self.trace: RequestTrace | None = None  # its span, when tracing is on: its stages add theirs under it
 
     @classmethod
     def with_timeout(cls, timeout_s: float) -> RequestContext:

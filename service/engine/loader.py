@@ -115,7 +115,11 @@ class Loader:
             max_batch_delay_s=s.max_batch_delay_ms / 1000,
             max_queue_size=s.max_queue_size,
             metrics=metrics,
-        )
+            attributes={
+                "version": str(version), "runtime": "torch", "device": str(checkpoint.device),
+                "dtype": str(checkpoint.dtype).removeprefix("torch."),
+            },
+        )  # fmt: skip
         preprocessor = Preprocessor(checkpoint.preprocess, jpeg_draft=s.jpeg_draft)
         device_decoding = None
         if s.preprocess_device == "cuda":

@@ -38,6 +38,7 @@ class Forwarded:
 
     outputs: Outputs
     seconds: float
+    ended_ns: int  # wall clock (time.time_ns()) when the pass ended: where its trace span ends
 
 
 def checkpoint_forward(checkpoint: LoadedCheckpoint) -> Forward:
@@ -191,7 +192,7 @@ class ModelRunner:
         """The batch's forward pass (in its forward thread), timed from its first to its last operation there."""
         started = time.perf_counter()
         outputs = self._forward_with_oom_retry(pixels, threads)
-        return Forwarded(outputs, time.perf_counter() - started)
+        return Forwarded(outputs, time.perf_counter() - started, time.time_ns())
 
     def _forward_with_oom_retry(self, pixels: Sequence[Tensor], threads: int | None = None) -> Outputs:
         """Run the batch (on ``threads`` intra-op threads: set for this thread only); on out-of-memory, retry once

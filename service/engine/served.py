@@ -32,6 +32,7 @@ from service.model.device_decoding import DeviceDecoding
 from service.model.hub import Snapshot
 from service.model.pooling import LOGITS, Pooling, default_pooling, feature_names, poolings
 from service.model.preprocessing import Preprocessor
+from service.tracing import span
 
 
 @dataclass
@@ -153,7 +154,7 @@ class ServedModel:
                 pixels = list(inputs.float().unbind(0))
             else:
                 pixels = await self._decode(inputs, context)
-            items = batcher.enqueue(admission, pixels, context.deadline)
+            items = batcher.enqueue(admission, pixels, context.deadline, context.trace)
         try:
             rows = await context.run(asyncio.gather(*(i.future for i in items)))
         except ServiceError:
@@ -170,7 +171,8 @@ class ServedModel:
     async def _decode(self, images: Sequence[EncodedImage], context: RequestContext) -> list[Tensor]:
         jobs = self.decode_pool.submit(context, [functools.partial(self._decode_one, image) for image in images])
         try:
-            return await context.run(asyncio.gather(*jobs))
+            with span(context.trace, "decode", images=len(images), model=self.name):
+                return await context.run(asyncio.gather(*jobs))
         except BaseException:
             for job in jobs:
                 job.cancel()

@@ -1,5 +1,6 @@
 """The access log as plain ASGI: request id, latency and status metrics, one JSON line per request; the front door
-that admits a request fills in its typed ``RequestRecord`` (model, version, batching, error code)."""
+that admits a request fills in its typed ``RequestRecord`` (model, version, batching, error code). The gRPC front
+door records its calls through the same ``record_request``."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.http.front_door import protocol_of
 from service.metrics import Metrics
+from service.tracing import PROPAGATED, RequestTrace, Tracing
 
 log = logging.getLogger("deit_serve.access")
 
@@ -43,8 +45,9 @@ class Batching(Protocol):
 
 @dataclass
 class RequestRecord:
-    """One request as the access log and the request metrics tell it: made on arrival, filled in by the front door
-    that admits it (model, version, batching) and by the error handlers (error code)."""
+    """One request as the access log and the request metrics tell it, whichever transport carried it (HTTP, gRPC):
+    made on arrival, filled in by the front door that admits it (model, version, batching, whether it runs the
+    model) and by the error handlers (error code)."""
 
     request_id: str
     arrived: float  # time.monotonic() on arrival: the origin of the request's deadline
@@ -52,6 +55,14 @@ class RequestRecord:
     version: str = ""
     batching: Batching | None = None
     error_code: str | None = None
+    inference: bool = False  # a request to run the model (the inference series counts it), once it named one
+    trace: RequestTrace | None = None  # its server span, when tracing is on
+
+
+def request_id_of(incoming: str) -> str:
+    """The client's request id (``X-Request-Id``, or the call's ``x-request-id`` metadata) when it is a sane one,
+    else a new one."""
+    return incoming if _VALID_ID.match(incoming) else uuid.uuid4().hex
 
 
 def request_record(request: Request) -> RequestRecord:
@@ -68,12 +79,14 @@ class AccessLogMiddleware:
     """Request id (echoed, or made), request metrics by route, and the access log line of every request."""
 
     def __init__(
-        self, app: ASGIApp, metrics: Metrics, access_log: bool, fixed_paths: frozenset[str] = frozenset()
-    ) -> None:
+        self, app: ASGIApp, metrics: Metrics, access_log: bool, fixed_paths: frozenset[str] = frozenset(),
+        tracing: Tracing | None = None,
+    ) -> None:  # fmt: skip
         self.app = app
         self.metrics = metrics
         self.access_log = access_log
         self.fixed_paths = fixed_paths  # routes without path parameters, labelled by their path when unmarked
+        self.tracing = tracing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -82,11 +95,16 @@ class AccessLogMiddleware:
         started = time.perf_counter()
         headers = dict(scope["headers"])
         incoming = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if _VALID_ID.match(incoming) else uuid.uuid4().hex
+        request_id = request_id_of(incoming)
         record = RequestRecord(request_id, time.monotonic())
         scope.setdefault("state", {})["record"] = record
         status = 500
         unread_large_body = _large_or_unknown_body(headers)
+        if self.tracing is not None:
+            carrier = {
+                name: headers[name.encode()].decode("latin-1") for name in PROPAGATED if name.encode() in headers
+            }
+            record.trace = self.tracing.start_request(f"{scope['method']} {scope['path']}", carrier, {})
 
         async def receive_body() -> Message:
             nonlocal unread_large_body
@@ -116,30 +134,48 @@ class AccessLogMiddleware:
     def _record(self, scope: Scope, record: RequestRecord, status: int, elapsed: float) -> None:
         route = scope.get("route")
         endpoint = getattr(route, "path", None) or (scope["path"] if scope["path"] in self.fixed_paths else "unmatched")
-        model, version = record.model, record.version
-        protocol = protocol_of(scope["path"])
-        self.metrics.requests.labels(model, version, endpoint, str(status), protocol).inc()
-        self.metrics.request_duration.labels(model, version, endpoint, protocol).observe(elapsed)
-        if not self.access_log or endpoint in ("/healthz", "/readyz", "/metrics"):
-            return
-        stats = record.batching
-        extra: dict[str, Any] = {
-            "request_id": record.request_id,
-            "method": scope["method"],
-            "path": scope["path"],
-            "status": status,
-            "duration_ms": round(elapsed * 1000, 2),
-            "model": model or None,
-            "version": version or None,
-            "protocol": protocol,
-        }
-        if stats is not None:
-            extra.update(
-                images=stats.images,
-                batch_size=list(stats.batch_sizes),
-                queue_ms=round(stats.queue_ms, 2),
-                inference_ms=round(stats.inference_ms, 2),
-            )
-        if record.error_code is not None:
-            extra["error"] = record.error_code
-        log.info("request", extra=extra)
+        record_request(
+            self.metrics, self.access_log, record, method=scope["method"], path=scope["path"], endpoint=endpoint,
+            protocol=protocol_of(scope["path"]), status=status, elapsed=elapsed,
+        )  # fmt: skip
+        if record.trace is not None:
+            attributes = {"http.route": endpoint, "deit.model": record.model, "deit.version": record.version}
+            record.trace.end(f"{scope['method']} {endpoint}", status, attributes)
+
+
+def record_request(
+    metrics: Metrics, access_log: bool, record: RequestRecord, *, method: str, path: str, endpoint: str,
+    protocol: str, status: int, elapsed: float,
+) -> None:  # fmt: skip
+    """The request counters and duration (and the inference series for a request that runs the model), and one
+    JSON access-log line (health and metrics probes excepted), whichever transport carried the request."""
+    model, version = record.model, record.version
+    metrics.requests.labels(model, version, endpoint, str(status), protocol).inc()
+    metrics.request_duration.labels(model, version, endpoint, protocol).observe(elapsed)
+    if record.inference:
+        metrics.inference_duration.labels(model, version, protocol, str(status)).observe(elapsed)
+    if not access_log or endpoint in ("/healthz", "/readyz", "/metrics"):
+        return
+    stats = record.batching
+    extra: dict[str, Any] = {
+        "request_id": record.request_id,
+        "method": method,
+        "path": path,
+        "status": status,
+        "duration_ms": round(elapsed * 1000, 2),
+        "model": model or None,
+        "version": version or None,
+        "protocol": protocol,
+    }
+    if record.trace is not None:
+        extra["trace_id"] = record.trace.trace_id
+    if stats is not None:
+        extra.update(
+            images=stats.images,
+            batch_size=list(stats.batch_sizes),
+            queue_ms=round(stats.queue_ms, 2),
+            inference_ms=round(stats.inference_ms, 2),
+        )
+    if record.error_code is not None:
+        extra["error"] = record.error_code
+    log.info("request", extra=extra)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from starlette.requests import Request
 
-Protocol = Literal["native", "v2", "hf"]
+Protocol = Literal["native", "v2", "hf", "grpc"]  # grpc: the Open Inference Protocol on the gRPC port
 
 
 def protocol_of(path: str) -> Protocol:

@@ -95,8 +95,8 @@ class Metrics:
         )  # fmt: skip
         self.model_info = Gauge(
             "deit_model_info",
-            "Loaded model versions (value 1)",
-            ["model", "version", "architecture", "dtype", "device"],
+            "Loaded model versions (value 1), with the runtime serving each and its precision",
+            ["model", "version", "architecture", "dtype", "device", "runtime", "precision"],
             registry=r,
         )
         self.inflight = Gauge("deit_inflight_requests", "Requests being handled", registry=r)

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from service.api.schemas import RuntimeReport
+
 # A tensor's data: a flat or nested list of numbers or base64 strings (nested lists follow the shape).
 TensorData = list[Any]
 
@@ -49,6 +51,7 @@ class ModelMetadata(BaseModel):
     inputs: list[TensorMetadata] = Field(description="send exactly one of them")
     outputs: list[TensorMetadata]
     tasks: list[str] = Field(description="what the model serves: classify, embed")
+    runtime: RuntimeReport
 
 
 class ConfigTensor(BaseModel):
@@ -74,6 +77,9 @@ class ModelConfig(BaseModel):
     output: list[ConfigTensor]
     dynamic_batching: dict[str, Any]
     version_policy: VersionPolicy
+    parameters: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="Triton's string parameters: runtime, precision, runtime_reason"
+    )
 
 
 # --- Open Inference Protocol: inference ---------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from service.api.protocol_schemas import (
     VersionPolicy,
     inline_schema,
 )
-from service.api.schemas import PlainErrorBody
+from service.api.schemas import PlainErrorBody, RuntimeReport
 from service.api.v2_codec import (
     CLASSIFICATION_OUTPUTS,
     EMBEDDING_OUTPUT,
@@ -161,6 +161,7 @@ def _metadata(served: ServedModel, versions: list[str]) -> ModelMetadata:
             for name, width in _output_widths(served).items()
         ],
         tasks=served.tasks,
+        runtime=_runtime(served),
     )
 
 
@@ -170,7 +171,7 @@ def _config(served: ServedModel, max_batch_size: int, versions: list[str]) -> Mo
     return ModelConfig(
         name=served.name,
         platform=PLATFORM,
-        backend="pytorch",
+        backend=_BACKENDS.get(served.runtime.name, served.runtime.name),
         max_batch_size=max_batch_size,
         input=[
             ConfigTensor(name=IMAGE_INPUT, data_type="TYPE_STRING", dims=[1], optional=True),
@@ -182,7 +183,20 @@ def _config(served: ServedModel, max_batch_size: int, versions: list[str]) -> Mo
         ],
         dynamic_batching={},
         version_policy=VersionPolicy(specific={"versions": [int(v) for v in versions]}),
+        parameters={
+            "runtime": {"string_value": served.runtime.name},
+            "precision": {"string_value": served.runtime.precision},
+            "runtime_reason": {"string_value": served.runtime.reason},
+        },
     )
+
+
+_BACKENDS = {"torch": "pytorch"}  # Triton's backend names; openvino and onnxruntime are the same in both
+
+
+def _runtime(served: ServedModel) -> RuntimeReport:
+    info = served.runtime
+    return RuntimeReport(name=info.name, precision=info.precision, reason=info.reason)
 
 
 @router.get("/v2/models/{model_name}", summary="Model metadata", **_MODEL)

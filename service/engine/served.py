@@ -21,6 +21,7 @@ from torch import Tensor
 from service.engine.batching import Batcher
 from service.engine.context import RequestContext
 from service.engine.decode_pool import DecodePool
+from service.engine.runtimes import RuntimeInfo
 from service.errors import ClientGone, InvalidParameter, ModelStoreError, ServiceError, ShuttingDown, TaskNotSupported
 from service.images import EncodedImage
 from service.metrics import Metrics
@@ -66,6 +67,7 @@ class ServedModel:
     load_seconds: float = 0.0
     version: int = 1
     device_decoding: DeviceDecoding | None = None  # --preprocess-device cuda
+    runtime: RuntimeInfo = field(default_factory=RuntimeInfo)  # what runs its forward pass, and why
     labels: list[str] = field(init=False)
 
     def __post_init__(self) -> None:

@@ -25,7 +25,10 @@ import torch
 from service.engine.batching import Batcher
 from service.engine.decode_pool import DecodePool
 from service.engine.repository import Fingerprint, StoreContents, VersionSource, model_entries, scan_model, scan_store
-from service.engine.runner import ModelRunner, checkpoint_forward, default_forward_workers
+from service.engine.runner import ModelRunner, default_forward_workers
+from service.engine.runtimes import TORCH, RuntimeOptions
+from service.engine.runtimes.cache import default_cache_dir
+from service.engine.runtimes.selection import load_dtype, prepare_runtime, runtime_probes
 from service.engine.served import ServedModel
 from service.errors import (
     CheckpointError,
@@ -36,7 +39,7 @@ from service.errors import (
     ServiceError,
 )
 from service.metrics import Metrics
-from service.model.checkpoints import LoadedCheckpoint
+from service.model.checkpoints import LoadedCheckpoint, resolve_device
 from service.model.device_decoding import device_decoding_for
 from service.model.prepare import load_for_serving
 from service.model.preprocessing import Preprocessor
@@ -156,14 +159,28 @@ class ModelStore:
         self.entries.setdefault(served.name, {})[served.version] = VersionEntry(READY, fingerprint=fp)
         return old
 
+    def _runtime_options(self) -> RuntimeOptions:
+        s = self.settings
+        return RuntimeOptions(
+            runtime=s.runtime,
+            dtype=s.dtype,
+            quantize=s.quantize,
+            threads=self._threads,
+            streams=s.forward_workers or 1,
+            cache_dir=s.runtime_cache or default_cache_dir(),
+            measure_s=s.runtime_measure_s,
+            max_batch_size=s.max_batch_size,
+        )
+
     def _load(self, name: str, version: int, path: Path) -> ServedModel:
         """Load, check and warm up one version; raises on any problem, leaving the store as it was."""
         s = self.settings
         started = time.perf_counter()
+        options = self._runtime_options()
         checkpoint = load_for_serving(
             path,
             device=s.device,
-            dtype=s.dtype,
+            dtype=load_dtype(options, resolve_device(s.device)),
             quantize=s.quantize,
             cuda_graphs=s.cuda_graphs,
             max_batch_size=s.max_batch_size,
@@ -177,10 +194,14 @@ class ModelStore:
         on_cpu = checkpoint.device.type == "cpu"
         threads = self._threads
         metrics = self.metrics.for_version(str(version))
+        preprocessor = Preprocessor(checkpoint.preprocess, jpeg_draft=s.jpeg_draft)
+        runtime = prepare_runtime(checkpoint, options, runtime_probes(preprocessor))
+        # A runtime with its own thread pool runs one batch at a time on all the threads (see runtimes/__init__.py).
+        workers = default_forward_workers(checkpoint.device, threads) if runtime.info.name == TORCH else 1
         runner = ModelRunner(
             name,
-            checkpoint_forward(checkpoint),
-            forward_workers=s.forward_workers or default_forward_workers(checkpoint.device, threads),
+            runtime.forward,
+            forward_workers=s.forward_workers or workers,
             intra_op_threads=threads if on_cpu else None,
         )
         batcher = Batcher(
@@ -191,7 +212,6 @@ class ModelStore:
             max_queue_size=s.max_queue_size,
             metrics=metrics,
         )
-        preprocessor = Preprocessor(checkpoint.preprocess, jpeg_draft=s.jpeg_draft)
         device_decoding = None
         if s.preprocess_device == "cuda":
             device_decoding = device_decoding_for(preprocessor, checkpoint.device, name)
@@ -206,12 +226,13 @@ class ModelStore:
             load_seconds=time.perf_counter() - started,
             version=version,
             device_decoding=device_decoding,
+            runtime=runtime.info,
         )
         if s.warmup:
             served.warm_up(s.max_batch_size)
         else:
             served.probe()
-        self.metrics.model_info.labels(name, str(version), *_info_labels(checkpoint)).set(1)
+        self.metrics.model_info.labels(name, str(version), *_info_labels(served)).set(1)
         log.info(
             "model loaded",
             extra={
@@ -220,6 +241,8 @@ class ModelStore:
                 "architecture": checkpoint.config.architecture.value,
                 "parameters": checkpoint.num_parameters,
                 "dtype": str(checkpoint.dtype).removeprefix("torch."),
+                "runtime": f"{runtime.info.name} {runtime.info.precision}",
+                "runtime_reason": runtime.info.reason,
                 "device": str(checkpoint.device),
                 "labels": checkpoint.config.num_labels,
                 "load_s": round(served.load_seconds, 3),
@@ -363,7 +386,7 @@ class ModelStore:
         replaced = any((m.name, m.version) == (served.name, served.version) for m in self._fingerprints)
         if not replaced:  # a reload of the same version keeps its info series
             with contextlib.suppress(KeyError):
-                self.metrics.model_info.remove(served.name, str(served.version), *_info_labels(served.checkpoint))
+                self.metrics.model_info.remove(served.name, str(served.version), *_info_labels(served))
         log.info("model unloaded", extra={"model": served.name, "version": served.version})
         del served
         await asyncio.to_thread(release_memory)
@@ -393,6 +416,7 @@ def _label(name: str, version: int) -> str:
     return name if version == 1 else f"{name}/{version}"
 
 
-def _info_labels(checkpoint: LoadedCheckpoint) -> tuple[str, str, str]:
+def _info_labels(served: ServedModel) -> tuple[str, str, str, str, str]:
+    checkpoint, runtime = served.checkpoint, served.runtime
     dtype = str(checkpoint.dtype).removeprefix("torch.")
-    return checkpoint.config.architecture.value, dtype, str(checkpoint.device)
+    return checkpoint.config.architecture.value, dtype, str(checkpoint.device), runtime.name, runtime.precision

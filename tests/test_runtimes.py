@@ -168,3 +168,32 @@ def test_a_precision_a_runtime_does_not_serve_is_refused_by_name(
 ) -> None:
     with pytest.raises(CheckpointError, match=message):
         _prepare(_load(distilled_dir), runtime, tmp_path / "cache", dtype=dtype)
+
+
+def test_onnxruntime_int8_quantizes_its_own_export_and_agrees_on_top1(
+    distilled_dir: Path, pixel_values: torch.Tensor, tmp_path: Path
+) -> None:
+    served = _prepare(_load(distilled_dir), ONNXRUNTIME, tmp_path / "cache", quantize="int8")
+    assert (served.info.name, served.info.precision) == (ONNXRUNTIME, "int8")
+    assert "agrees with torch float32" in served.info.reason
+    (entry,) = [p for p in (tmp_path / "cache").iterdir() if (p / MANIFEST).is_file()]
+    assert sorted(p.name for p in entry.iterdir()) == [MANIFEST, "model.int8.onnx"]
+    want = checkpoint_forward(_load(distilled_dir))(list(pixel_values))
+    got = served.forward(list(pixel_values))
+    assert torch.equal(got["logits"].argmax(-1), want["logits"].argmax(-1))
+
+
+def test_auto_with_int8_measures_torch_and_onnxruntime_int8_only(
+    distilled_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="deit_serve.runtimes")
+    served = _prepare(_load(distilled_dir), AUTO, tmp_path / "cache", dtype="auto", quantize="int8")
+    assert served.info.precision == "int8"
+    skipped = {getattr(r, "runtime", ""): r.message for r in caplog.records if r.message.startswith("runtime skipped")}
+    assert (
+        skipped.pop(OPENVINO)
+        == "runtime skipped: --quantize int8 is served by torch or onnxruntime; not by openvino yet"
+    )
+    # Each int8 candidate was measured, or (int8 kernels differ by CPU) skipped for disagreeing, with its reason.
+    for label in ("torch int8", "onnxruntime int8"):
+        assert f"{label} " in served.info.reason or label in skipped

@@ -28,7 +28,7 @@ from service.engine.repository import Fingerprint, StoreContents, VersionSource,
 from service.engine.runner import ModelRunner, default_forward_workers
 from service.engine.runtimes import TORCH, RuntimeOptions
 from service.engine.runtimes.cache import default_cache_dir
-from service.engine.runtimes.selection import load_dtype, prepare_runtime, runtime_probes
+from service.engine.runtimes.selection import load_dtype, load_quantize, prepare_runtime, runtime_probes
 from service.engine.served import ServedModel
 from service.errors import (
     CheckpointError,
@@ -176,12 +176,12 @@ class ModelStore:
         """Load, check and warm up one version; raises on any problem, leaving the store as it was."""
         s = self.settings
         started = time.perf_counter()
-        options = self._runtime_options()
+        options, device = self._runtime_options(), resolve_device(s.device)
         checkpoint = load_for_serving(
             path,
             device=s.device,
-            dtype=load_dtype(options, resolve_device(s.device)),
-            quantize=s.quantize,
+            dtype=load_dtype(options, device),
+            quantize=load_quantize(options, device),
             cuda_graphs=s.cuda_graphs,
             max_batch_size=s.max_batch_size,
         )
@@ -196,7 +196,8 @@ class ModelStore:
         metrics = self.metrics.for_version(str(version))
         preprocessor = Preprocessor(checkpoint.preprocess, jpeg_draft=s.jpeg_draft)
         runtime = prepare_runtime(checkpoint, options, runtime_probes(preprocessor))
-        # A runtime with its own thread pool runs one batch at a time on all the threads (see runtimes/__init__.py).
+        # A runtime with a thread pool of its own runs one batch at a time on all the threads, not torch's two
+        # single-threaded slots (runner.py): its pool splits each pass without OpenMP's second-team cost.
         workers = default_forward_workers(checkpoint.device, threads) if runtime.info.name == TORCH else 1
         runner = ModelRunner(
             name,

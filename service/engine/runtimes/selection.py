@@ -72,6 +72,14 @@ def load_dtype(options: RuntimeOptions, device: torch.device) -> str:
     return options.dtype
 
 
+def load_quantize(options: RuntimeOptions, device: torch.device) -> str:
+    """Quantize the torch module at load only when torch alone serves it: the exported runtimes quantize their own
+    export, and ``auto`` quantizes a copy for torch's candidate."""
+    if device.type == "cpu" and options.runtime != TORCH:
+        return "none"
+    return options.quantize
+
+
 def precisions(runtime: str, options: RuntimeOptions) -> list[str]:
     """The precisions ``runtime`` serves for ``--dtype``/``--quantize`` on this CPU (auto: float32, and bf16 where
     the CPU has it natively); raises RuntimeUnavailable when it serves none of them."""

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from service.engine.runner import Forward
+from service.engine.runtimes.cache import default_cache_dir
 from service.model.deit import DeiT
 
 TORCH, OPENVINO, ONNXRUNTIME, AUTO = "torch", "openvino", "onnxruntime", "auto"
@@ -53,7 +54,7 @@ class RuntimeOptions:
     quantize: str = "none"
     threads: int = 1  # intra-op threads of a pass that runs alone
     streams: int = 1  # batches that may run at once (the runner's forward slots)
-    cache_dir: Path = field(default_factory=Path)
+    cache_dir: Path = field(default_factory=default_cache_dir)
     measure_s: float = 0.5  # per candidate, when choosing by measurement
     max_batch_size: int = 32
 

@@ -120,7 +120,7 @@ def wait_ready(url: str, process: subprocess.Popen[bytes] | None = None, timeout
 @contextmanager
 def run_server(
     store: Path, tmp_path: Path, env: Mapping[str, str] | None = None, args: list[str] | None = None,
-    wait: bool = True,
+    wait: bool = True, ready_timeout: float = 60.0,
 ) -> Iterator[ServerProcess]:  # fmt: skip
     """Start ``python -m service`` on a free port with ``DEIT_*`` settings; always stopped afterwards."""
     port = free_port()
@@ -135,7 +135,7 @@ def run_server(
     server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path, full_env)
     try:
         if wait:
-            wait_ready(server.url, process)
+            wait_ready(server.url, process, timeout=ready_timeout)
         yield server
     finally:
         if process.poll() is None:

@@ -29,6 +29,7 @@ from tests.test_hardening_store import _overflowing_head
 from tests.test_model_repository import repository, settled_rss, write_big_model
 
 RUNTIMES = ("openvino", "onnxruntime")
+READY_S = 240.0  # each start exports its models (seconds each on a busy CPU) before it is ready
 TOLERANCE = 1e-4
 IMAGES = [noise_image_bytes(seed) for seed in range(6)]
 
@@ -51,15 +52,16 @@ def servers(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
     logs = tmp_path_factory.mktemp("runtime-logs")
     cache = tmp_path_factory.mktemp("runtime-cache")
     with (
-        run_server(store, logs, env=_env("torch", cache)) as torch_server,
-        run_server(store, logs, env=_env("openvino", cache)) as openvino,
-        run_server(store, logs, env=_env("onnxruntime", cache)) as onnxruntime,
+        run_server(store, logs, env=_env("torch", cache), ready_timeout=READY_S) as torch_server,
+        run_server(store, logs, env=_env("openvino", cache), ready_timeout=READY_S) as openvino,
+        run_server(store, logs, env=_env("onnxruntime", cache), ready_timeout=READY_S) as onnxruntime,
     ):
         yield {"torch": torch_server, "openvino": openvino, "onnxruntime": onnxruntime}
 
 
-def _scores(server: ServerProcess, images: list[bytes]) -> list[list[float]]:
-    r = httpx.post(f"{server.url}/classify", params={"top_k": 10}, files=multipart(images), timeout=60)
+def _scores(server: ServerProcess, images: list[bytes], model: str = "tiny") -> list[list[float]]:
+    params: dict[str, Any] = {"top_k": 10, "model": model}
+    r = httpx.post(f"{server.url}/classify", params=params, files=multipart(images), timeout=60)
     assert r.status_code == 200, r.text
     return [[p["score"] for p in sorted(res["predictions"], key=lambda p: p["index"])] for res in r.json()["results"]]
 
@@ -154,44 +156,51 @@ def test_the_runtime_is_reported_in_models_metadata_config_and_metrics(
     assert torch_config["backend"] == "pytorch"
 
 
-@pytest.mark.parametrize("runtime", RUNTIMES)
-def test_non_finite_scores_are_a_json_500_on_every_runtime(runtime: str, store: Path, tmp_path: Path) -> None:
-    broken = tmp_path / "store"
-    _overflowing_head(shutil.copytree(store / "tiny", broken / "broken"))
-    env = {**_env(runtime, tmp_path / "cache"), "DEIT_WARMUP": "false"}
-    with run_server(broken, tmp_path, env=env) as server:
-        response = httpx.post(f"{server.url}/classify", files=multipart([image_bytes()]), timeout=60)
-        assert response.status_code == 500, response.text
-        assert response.json()["error"]["code"] == "inference_failed"
-        (info,) = httpx.get(f"{server.url}/v1/models", timeout=10).json()["models"]
-        assert info["runtime"]["name"] == runtime
-        assert "not compared with torch" in info["runtime"]["reason"]
-        scrape = Scrape.parse(httpx.get(f"{server.url}/metrics", timeout=10).text)
-        assert scrape.value("deit_nonfinite_outputs_total", model="broken") == 1
+@pytest.fixture(scope="module", params=RUNTIMES)
+def unwarmed(
+    request: pytest.FixtureRequest, store: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """A server per runtime without warm-up, its store holding ``tiny`` and ``broken`` (logits that overflow), into
+    which the memory check puts a big model."""
+    root = tmp_path_factory.mktemp(f"unwarmed-{request.param}")
+    shutil.copytree(store / "tiny", root / "store" / "tiny")
+    _overflowing_head(shutil.copytree(store / "tiny", root / "store" / "broken"))
+    env = {**_env(request.param, root / "cache"), "DEIT_WARMUP": "false"}
+    with run_server(root / "store", root, env=env, ready_timeout=READY_S) as server:
+        yield server
 
 
-@pytest.mark.parametrize("runtime", RUNTIMES)
-def test_unloading_a_runtime_model_gives_its_memory_back(runtime: str, tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    write_tiny_model(store / "tiny")
+def test_non_finite_scores_are_a_json_500_on_every_runtime(unwarmed: ServerProcess) -> None:
+    runtime = unwarmed.env["DEIT_RUNTIME"]
+    response = httpx.post(f"{unwarmed.url}/classify?model=broken", files=multipart([image_bytes()]), timeout=60)
+    assert response.status_code == 500, response.text
+    assert response.json()["error"]["code"] == "inference_failed"
+    info = httpx.get(f"{unwarmed.url}/v1/models/broken", timeout=10).json()
+    assert info["runtime"]["name"] == runtime
+    assert "not compared with torch" in info["runtime"]["reason"]
+    scrape = Scrape.parse(httpx.get(f"{unwarmed.url}/metrics", timeout=10).text)
+    assert scrape.value("deit_nonfinite_outputs_total", model="broken") == 1
+
+
+def test_unloading_a_runtime_model_gives_its_memory_back(unwarmed: ServerProcess, tmp_path: Path) -> None:
+    server, runtime = unwarmed, unwarmed.env["DEIT_RUNTIME"]
+    store = Path(server.env["DEIT_MODEL_STORE"])
     staged = write_big_model(tmp_path / "big")
-    with run_server(store, tmp_path, env=_env(runtime, tmp_path / "cache")) as server:
-        pid = server.process.pid
+    pid = server.process.pid
+    for _ in range(3):
+        _scores(server, IMAGES[:1], model="tiny")
+    before = settled_rss(pid)
+    shutil.copytree(staged, store / "big")
+    for attempt in (1, 2):  # the second load reads the exported artefact from the cache
+        assert repository(server.url, "big", "load").status_code == 200
         for _ in range(3):
-            _scores(server, IMAGES[:1])
-        before = settled_rss(pid)
-        shutil.copytree(staged, store / "big")
-        for attempt in (1, 2):  # the second load reads the exported artefact from the cache
-            assert repository(server.url, "big", "load").status_code == 200
-            for _ in range(3):
-                r = httpx.post(f"{server.url}/classify", params={"model": "big"}, files=multipart(IMAGES[:2]))
-                assert r.status_code == 200, r.text
-            loaded = settled_rss(pid)
-            assert repository(server.url, "big", "unload").status_code == 200
-            wait_until(lambda n=attempt: _unloads(server) == n, what=f"unload {attempt}")  # type: ignore[misc]
-        after = settled_rss(pid)
-        records = [r for r in server.log_records() if r.get("message") == "runtime artefact read from the cache"]
-        assert records, "the second load of big reads the cache"
+            _scores(server, IMAGES[:2], model="big")
+        loaded = settled_rss(pid)
+        assert repository(server.url, "big", "unload").status_code == 200
+        wait_until(lambda n=attempt: _unloads(server) == n, what=f"unload {attempt}")  # type: ignore[misc]
+    after = settled_rss(pid)
+    records = [r for r in server.log_records() if r.get("message") == "runtime artefact read from the cache"]
+    assert records, "the second load of big reads the cache"
     grown = loaded - before
     print(f"{runtime} rss: before {before / 2**20:.1f} MiB, loaded {loaded / 2**20:.1f} MiB, "
           f"after unload {after / 2**20:.1f} MiB")  # fmt: skip

@@ -15,7 +15,7 @@ from service.engine.runtimes import AUTO, ONNXRUNTIME, OPENVINO, TORCH, Runtime,
 from service.engine.runtimes.cache import MANIFEST
 from service.engine.runtimes.selection import prepare_runtime, runtime_probes
 from service.errors import CheckpointError
-from service.model.checkpoints import LoadedCheckpoint
+from service.model.checkpoints import LoadedCheckpoint, cpu_supports_bf16
 from service.model.prepare import load_for_serving
 from service.model.preprocessing import Preprocessor
 from tests.factories import hf_model, save_hf, save_timm
@@ -117,7 +117,7 @@ def test_auto_serves_an_agreeing_runtime_and_says_why(
     distilled_dir: Path, pixel_values: torch.Tensor, tmp_path: Path
 ) -> None:
     want = checkpoint_forward(_load(distilled_dir))(list(pixel_values))
-    served = _prepare(_load(distilled_dir), AUTO, tmp_path / "cache", dtype="auto")
+    served = _prepare(_load(distilled_dir), AUTO, tmp_path / "cache")  # float32: the same candidates on any CPU
     assert served.info.name in (TORCH, *EXPORTED)
     reason = served.info.reason
     assert reason.startswith("auto: fastest at batch 4 on 1 threads: ")
@@ -136,7 +136,7 @@ def test_auto_skips_a_runtime_that_cannot_export_and_still_loads(
     caplog.set_level(logging.WARNING, logger="deit_serve.runtimes")
     checkpoint = _load(distilled_dir)
     want = checkpoint_forward(checkpoint)(list(pixel_values))
-    served = _prepare(checkpoint, AUTO, blocked, dtype="auto")
+    served = _prepare(checkpoint, AUTO, blocked)
     assert served.info.name == TORCH
     assert served.info.reason == "auto: only torch float32 available"
     skipped = [r for r in caplog.records if r.message.startswith("runtime skipped: ")]
@@ -197,3 +197,13 @@ def test_auto_with_int8_measures_torch_and_onnxruntime_int8_only(
     # Each int8 candidate was measured, or (int8 kernels differ by CPU) skipped for disagreeing, with its reason.
     for label in ("torch int8", "onnxruntime int8"):
         assert f"{label} " in served.info.reason or label in skipped
+
+
+def test_openvino_serves_bfloat16_only_where_the_cpu_has_it_natively(distilled_dir: Path, tmp_path: Path) -> None:
+    """Detected from the CPU's flags, never assumed: on AVX512-BF16/AMX it serves bf16 within bf16's tolerance."""
+    if not cpu_supports_bf16():
+        with pytest.raises(CheckpointError, match="openvino serves bfloat16 only on CPUs with native bf16"):
+            _prepare(_load(distilled_dir), OPENVINO, tmp_path / "cache", dtype="bfloat16")
+        return
+    served = _prepare(_load(distilled_dir), OPENVINO, tmp_path / "cache", dtype="bfloat16")
+    assert (served.info.name, served.info.precision) == (OPENVINO, "bfloat16")

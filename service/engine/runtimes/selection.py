@@ -170,11 +170,12 @@ def _choose(
             for precision in precisions(runtime, options):
                 candidate = _build(checkpoint, runtime, precision, names, image_shape, digest, options, cache)
                 candidates.append(candidate)
-        except RuntimeUnavailable as e:
+        except Exception as e:  # not installed, a precision it lacks, a failed export or load
+            why = str(e) if isinstance(e, RuntimeUnavailable) else f"{type(e).__name__}: {e}"
             if options.runtime != AUTO:
-                raise CheckpointError(f"--runtime {runtime}: {e}") from e
-            log.warning("runtime skipped: %s", e, extra={"runtime": runtime})
-    agreeing = []
+                raise CheckpointError(f"--runtime {runtime}: {why}") from e
+            log.warning("runtime skipped: %s", why, extra={"runtime": runtime})
+    agreeing: list[_Candidate] = []
     for candidate in candidates:
         try:
             outputs = on_thread(lambda c=candidate: c.forward(batch))  # type: ignore[misc]
@@ -196,6 +197,10 @@ def _choose(
             else "not compared with torch: its float32 outputs on the probes are not finite"
         )
         return Runtime(RuntimeInfo(only.name, only.precision, reason), only.forward, only.owns_weights)
+    if not agreeing:  # torch float32, the reference itself, is never wrong by this measure
+        reason = "auto: no candidate agreed with torch float32 on the probes; it serves"
+        log.warning("runtime chosen: %s", reason, extra={"runtime": TORCH})
+        return Runtime(RuntimeInfo(TORCH, FLOAT32, reason), checkpoint_forward(checkpoint), owns_weights=False)
     if len(agreeing) == 1:
         only = agreeing[0]
         return Runtime(RuntimeInfo(only.name, only.precision, f"auto: only {only.label} available"), only.forward,

@@ -2,7 +2,7 @@
 #
 #   docker build -t deit-serve .                                       # CPU build of PyTorch (default)
 #   docker run --rm -p 8000:8000 deit-serve
-#   docker run --rm -p 8000:8000 -v /srv/models:/models:ro deit-serve  # serve another model store
+#   docker run --rm -p 8000:8000 -v "$PWD/model_store":/models:ro deit-serve  # serve your model store
 #
 # PyTorch, CPU or CUDA. The default installs the CPU-only wheel from PyTorch's CPU index (~200 MB download); an
 # unpinned `pip install torch` from PyPI would pull the CUDA build and several GB of nvidia-* packages, which only

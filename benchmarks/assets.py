@@ -6,16 +6,12 @@ reused by later runs; a checkpoint is identified by its variant and seed, a phot
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import io
 import json
 import os
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 from PIL import Image
 
@@ -145,17 +141,3 @@ def peaked_checkpoint(variant: str, scale: float = 40.0, seed: int = 0) -> Path:
     (partial / "preprocessor_config.json").write_text((source / "preprocessor_config.json").read_text())
     partial.rename(model_dir)
     return model_dir
-
-
-@functools.cache
-def training_script() -> ModuleType:
-    """scripts/train_default_model.py as a module: its held-out split and rendering are the very ones the demo
-    model's card was made with."""
-    path = Path(__file__).resolve().parent.parent / "scripts" / "train_default_model.py"
-    spec = importlib.util.spec_from_file_location("train_default_model", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module

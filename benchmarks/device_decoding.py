@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import argparse
 import functools
-import io
 import statistics
 import sys
 import time
 from collections.abc import Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from benchmarks import assets
 from benchmarks.jpeg_draft import median_ms, no_sync, output_agreement
+from harness.inputs import pillow_decode
 from service.errors import CheckpointError
 from service.model.checkpoints import load_checkpoint
 from service.model.decoding import decode_image, open_image
@@ -36,12 +34,6 @@ from service.model.preprocessing import Preprocessor
 from service.settings import Settings
 
 MAX_PIXELS = Settings.model_fields["max_image_pixels"].default
-
-
-def pillow_decode(data: bytes) -> Tensor:
-    """Pillow's decode of the stored pixels (not turned upright), as nvJPEG returns them: [3, H, W] uint8 RGB."""
-    with Image.open(io.BytesIO(data)) as image:
-        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
 def _cuda_sync() -> None:

@@ -21,7 +21,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.loadgen import REPO, Body, ServerSpec, multipart, run_closed_loop, running, wait_until_quiet
+from benchmarks.loadgen import Body, ServerSpec, multipart, run_closed_loop, running, wait_until_quiet
+from harness.launcher import REPO
 
 # Modules hidden from the server in each variant.
 VARIANTS: dict[str, tuple[str, ...]] = {

@@ -4,9 +4,9 @@ Each of ``--concurrency`` clients sends a request, waits for the answer, and sen
 seconds. Against a running server (``--url``), or one this script starts on a free port (``--model-store``, with
 ``--set name=value`` for any ``DEIT_*`` setting), whose RSS it then samples from ``/proc``:
 
-    .venv/bin/python benchmarks/load_test.py --model-store service/data/model_store --concurrency 64 --duration 10 \\
+    .venv/bin/python -m benchmarks.load_test --model-store service/data/model_store --concurrency 64 --duration 10 \\
         --set max_queue_size=16 --set max_batch_size=8
-    .venv/bin/python benchmarks/load_test.py --url http://127.0.0.1:8000 --concurrency 16 --duration 30 --json
+    .venv/bin/python -m benchmarks.load_test --url http://127.0.0.1:8000 --concurrency 16 --duration 30 --json
 """
 
 from __future__ import annotations
@@ -14,221 +14,32 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import json
-import math
-import os
-import signal
-import socket
-import ssl
-import subprocess
 import sys
-import time
-from collections import Counter
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-import numpy as np
-from PIL import Image
-
-
-def sample_images(count: int, size: int = 64) -> list[bytes]:
-    """Seeded random-pixel PNGs: distinct inputs, so each has its own prediction to check."""
-    images = []
-    for seed in range(count):
-        pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(pixels).save(buf, format="PNG")
-        images.append(buf.getvalue())
-    return images
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (``q`` in 0…100); NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
-
-
-@dataclass
-class LoadReport:
-    """What a run saw. ``status`` 0 counts transport errors (named in ``errors``)."""
-
-    elapsed_s: float
-    statuses: Counter[int] = field(default_factory=Counter)
-    errors: Counter[str] = field(default_factory=Counter)
-    error_codes: Counter[str] = field(default_factory=Counter)
-    ok_latencies_s: list[float] = field(default_factory=list)
-    images_ok: int = 0
-    # Per input image: the top-1 labels seen, and the lowest and highest top-1 score.
-    top1: dict[int, Counter[str]] = field(default_factory=dict)
-    top1_score_range: dict[int, tuple[float, float]] = field(default_factory=dict)
-    rss_samples: list[tuple[float, int]] = field(default_factory=list)
-
-    @property
-    def images_per_s(self) -> float:
-        return self.images_ok / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-    @property
-    def peak_rss_bytes(self) -> int | None:
-        return max((rss for _, rss in self.rss_samples), default=None)
-
-    def inconsistent_images(self, tolerance: float = 1e-4) -> list[int]:
-        """Inputs answered with more than one top-1 label, or top-1 scores further apart than ``tolerance``."""
-        spread = {i for i, (low, high) in self.top1_score_range.items() if high - low > tolerance}
-        return sorted(spread | {i for i, seen in self.top1.items() if len(seen) > 1})
-
-    def summary(self) -> dict[str, Any]:
-        peak = self.peak_rss_bytes
-        return {
-            "elapsed_s": round(self.elapsed_s, 3),
-            "requests": sum(self.statuses.values()),
-            "images_ok": self.images_ok,
-            "images_per_s": round(self.images_per_s, 2),
-            "p50_ms": round(percentile(self.ok_latencies_s, 50) * 1000, 2),
-            "p99_ms": round(percentile(self.ok_latencies_s, 99) * 1000, 2),
-            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
-            "error_codes": dict(sorted(self.error_codes.items())),
-            "transport_errors": dict(sorted(self.errors.items())),
-            "peak_rss_mib": round(peak / 2**20, 1) if peak is not None else None,
-            "inconsistent_images": self.inconsistent_images(),
-        }
-
-
-async def _sample_rss(pid: int, report: LoadReport, started: float, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        with contextlib.suppress(OSError, RuntimeError):
-            report.rss_samples.append((time.monotonic() - started, rss_bytes(pid)))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 0.05)
-
-
-async def run_load(
-    url: str,
-    images: Sequence[bytes],
-    *,
-    concurrency: int,
-    duration_s: float,
-    images_per_request: int = 1,
-    model: str | None = None,
-    headers: Mapping[str, str] | None = None,
-    timeout_s: float = 30.0,
-    backoff_s: float = 0.0,
-    server_pid: int | None = None,
-) -> LoadReport:
-    """``concurrency`` closed-loop clients for ``duration_s`` seconds; requests in flight at the end are awaited."""
-    report = LoadReport(elapsed_s=0.0)
-    params = {"top_k": "1", **({"model": model} if model else {})}
-    started = time.monotonic()
-    end = started + duration_s
-    stop = asyncio.Event()
-
-    async def client(worker: int) -> None:
-        async with httpx.AsyncClient(transport=transport(), timeout=timeout_s, headers=dict(headers or {})) as http:
-            await requests(worker, http)
-
-    async def requests(worker: int, http: httpx.AsyncClient) -> None:
-        sent = 0
-        while time.monotonic() < end:
-            first = (worker + sent * concurrency) * images_per_request
-            chosen = [(first + j) % len(images) for j in range(images_per_request)]
-            files = [("file", (f"{i}.png", images[i], "image/png")) for i in chosen]
-            sent += 1
-            t0 = time.monotonic()
-            try:
-                response = await http.post(f"{url}/classify", params=params, files=files)
-            except httpx.HTTPError as e:
-                report.statuses[0] += 1
-                report.errors[type(e).__name__] += 1
-                continue
-            latency = time.monotonic() - t0
-            report.statuses[response.status_code] += 1
-            if response.status_code == 200:
-                report.ok_latencies_s.append(latency)
-                results = response.json()["results"]
-                report.images_ok += len(results)
-                for i, result in zip(chosen, results, strict=True):
-                    best = result["predictions"][0]
-                    report.top1.setdefault(i, Counter())[best["label"]] += 1
-                    low, high = report.top1_score_range.get(i, (best["score"], best["score"]))
-                    report.top1_score_range[i] = (min(low, best["score"]), max(high, best["score"]))
-                continue
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                report.error_codes[response.json()["error"]["code"]] += 1
-            if response.status_code == 503 and backoff_s > 0:
-                await asyncio.sleep(backoff_s)
-
-    # One client (one connection) per worker: a pool shared by many workers costs more client CPU than the server
-    # spends on a request. One TLS context for all, as building one per client is slow.
-    tls = ssl.create_default_context()
-
-    def transport() -> httpx.AsyncHTTPTransport:
-        return httpx.AsyncHTTPTransport(verify=tls, limits=httpx.Limits(max_connections=1))
-
-    sampler = asyncio.create_task(_sample_rss(server_pid, report, started, stop)) if server_pid is not None else None
-    try:
-        await asyncio.gather(*(client(w) for w in range(concurrency)))
-    finally:
-        report.elapsed_s = time.monotonic() - started
-        stop.set()
-        if sampler is not None:
-            await sampler
-    return report
-
-
-@dataclass
-class StartedServer:
-    url: str
-    process: subprocess.Popen[bytes]
+from harness.launcher import ServerProcess, free_port, running, service_argv, service_env
+from harness.load import run_load, sample_images
 
 
 @contextlib.contextmanager
 def start_server(
     model_store: Path, settings: Mapping[str, str], ready_timeout_s: float = 120.0
-) -> Iterator[StartedServer]:
+) -> Iterator[ServerProcess]:
     """``python -m service`` on a free port of 127.0.0.1 with ``DEIT_*`` settings, stopped (SIGTERM) afterwards."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEIT_")}
-    env.update({f"DEIT_{k.upper()}": v for k, v in settings.items()})
-    env.update({"DEIT_MODEL_STORE": str(model_store), "DEIT_HOST": "127.0.0.1", "DEIT_PORT": str(port)})
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited with {process.returncode} before it was ready")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} not ready after {ready_timeout_s}s")
-            time.sleep(0.1)
-        yield StartedServer(url, process)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    port = free_port()
+    env = service_env(port, model_store, {f"DEIT_{k.upper()}": v for k, v in settings.items()})
+    with (
+        tempfile.TemporaryDirectory(prefix="deit-load-test-") as logs,
+        running(
+            service_argv(), port=port, log_path=Path(logs) / "server.log", env=env, ready_timeout=ready_timeout_s,
+            stop_timeout=60,
+        ) as server,
+    ):  # fmt: skip
+        yield server
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -25,7 +21,9 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parent.parent
+from harness.launcher import REPO, free_port, service_env
+from harness.launcher import running as running_process
+from harness.load import percentile
 
 
 @dataclass(frozen=True)
@@ -43,14 +41,6 @@ def multipart(data: bytes, filename: str, field_name: str = "file", media_type: 
         f"Content-Type: {media_type}\r\n\r\n"
     ).encode()
     return Body(head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}")
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (``q`` in 0…100); NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
 
 
 @dataclass
@@ -281,13 +271,6 @@ def wait_until_quiet(max_busy: float = 0.1, settle_s: float = 2.0, timeout_s: fl
 # --- server processes ---------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @dataclass
 class ServerSpec:
     """How to start one server under test; ``{port}`` in ``argv`` is replaced by a free port."""
@@ -311,42 +294,12 @@ def running(spec: ServerSpec, log_path: Path, ready_timeout_s: float = 300.0) ->
     always stop it (and any worker processes it started) afterwards."""
     port = free_port()
     argv = [a.replace("{port}", str(port)) for a in spec.argv]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEIT_")}
-    env.update({k: v.replace("{port}", str(port)) for k, v in spec.env.items()})
-    base = f"http://127.0.0.1:{port}"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        _wait_ready(base + spec.ready_path, process, ready_timeout_s, log_path)
-        yield RunningServer(base + spec.classify_path, process.pid)
-    finally:
-        _stop(process)
-
-
-def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float, log_path: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode} before it was ready; log: {log_path}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not ready after {timeout_s}s; log: {log_path}")
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    group = process.pid
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(group, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=10)
-    # Worker processes (LitServe's) may outlive the parent: the whole group goes.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(group, signal.SIGKILL)
-    process.wait()
+    env = service_env(port, env={k: v.replace("{port}", str(port)) for k, v in spec.env.items()})
+    with running_process(
+        argv, port=port, log_path=log_path, env=env, cwd=REPO, group=True, ready_path=spec.ready_path,
+        ready_timeout=ready_timeout_s, stop_timeout=10,
+    ) as server:  # fmt: skip
+        yield RunningServer(server.url + spec.classify_path, server.pid)
 
 
 def python_module(module: str, *args: str) -> list[str]:

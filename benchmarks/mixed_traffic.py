@@ -23,8 +23,9 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.load_test import sample_images
-from benchmarks.loadgen import REPO, ServerSpec, multipart, python_module, running
+from benchmarks.loadgen import ServerSpec, multipart, python_module, running
+from harness.launcher import REPO
+from harness.load import sample_images
 
 # name: the endpoints its clients take in turn, and the share of --concurrency it runs at.
 PHASES: dict[str, tuple[tuple[str, ...], float]] = {

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks import assets
-from benchmarks.assets import training_script
 from benchmarks.quantization import DIGITS_MODEL, eval_inputs
+from harness.inputs import training_script
 from service.model.checkpoints import cpu_supports_bf16, load_checkpoint
 from service.model.prepare import load_for_serving
 from service.model.preprocessing import Preprocessor

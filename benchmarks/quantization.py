@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks import assets
+from harness.inputs import training_script
 from service.model.checkpoints import LoadedCheckpoint
 from service.model.decoding import decode_image
 from service.model.deit import DeiT
@@ -71,7 +72,7 @@ def eval_inputs(checkpoint: LoadedCheckpoint, count: int = RANDOM_INPUTS) -> Ten
 
 def digits_accuracy() -> dict[str, dict[str, str]]:
     """Held-out accuracy per head, float32 and int8, of the embedded trained model."""
-    train = assets.training_script()
+    train = training_script()
     split = train.held_out_split()
     results: dict[str, dict[str, str]] = {}
     for quantize in ("none", "int8"):

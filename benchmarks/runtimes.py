@@ -27,6 +27,7 @@ from torch import Tensor
 
 from benchmarks import assets
 from benchmarks.quantization import DIGITS_MODEL, eval_inputs
+from harness.inputs import training_script
 from service.engine.runner import Forward
 from service.engine.runtimes import BFLOAT16, FLOAT32, RuntimeUnavailable, output_names
 from service.engine.runtimes import eager as torch_runtime
@@ -180,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     agreements: list[str] = []
     with tempfile.TemporaryDirectory(prefix="deit-runtimes-") as tmp:
         cache = ArtefactCache(Path(tmp))
-        train = assets.training_script()
+        train = training_script()
         digits = load_for_serving(DIGITS_MODEL, device="cpu", dtype="float32")
         inputs, labels = train.held_out_inputs(
             train.held_out_split(), Preprocessor(load_checkpoint(DIGITS_MODEL).preprocess)

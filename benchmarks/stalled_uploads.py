@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.load_test import rss_bytes
 from benchmarks.loadgen import ServerSpec, running
+from harness.load import rss_bytes
 
 CHUNK = 256 * 1024
 

@@ -18,10 +18,10 @@ from service.api.admission import AppState
 from service.api.native import router
 from service.engine.decode_pool import DecodePool
 from service.engine.lifecycle import Lifecycle, Phase
-from service.engine.repository import poll_store
-from service.engine.store import ModelStore
+from service.engine.repository import Repository
+from service.engine.store_files import poll_store
 from service.errors import CheckpointError, ModelLoadFailed, ServiceError
-from service.http.access_log import RequestContextMiddleware
+from service.http.access_log import AccessLogMiddleware, request_record
 from service.http.front_door import plain_error_body
 from service.http.responses import json_response
 from service.http.upload_budget import UploadBudget, default_budget_bytes
@@ -43,17 +43,12 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         pool = DecodePool(settings.preprocess_threads)
-        store = ModelStore(settings, metrics, pool)
-
-        def abandon_queued() -> None:
-            for served in store.all_served():
-                served.batcher.abandon()
-
-        lifecycle.on_abandon(abandon_queued)
+        repository = Repository.open(settings, metrics, pool)
+        lifecycle.on_abandon(repository.store.abandon)
         budget_bytes = settings.max_inflight_upload_bytes or default_budget_bytes(settings.max_upload_bytes)
         budget = UploadBudget(budget_bytes, metrics.upload_bytes)
-        app.state.deit = AppState(settings, metrics, lifecycle, store, pool, budget)
-        loading = asyncio.create_task(_load_models(store, lifecycle, metrics, on_fatal), name="load-models")
+        app.state.deit = AppState(settings, metrics, lifecycle, repository, pool, budget)
+        loading = asyncio.create_task(_load_models(repository, lifecycle, metrics, on_fatal), name="load-models")
         app.state.loading = loading
         try:
             yield
@@ -64,7 +59,7 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
             await lifecycle.wait_idle(settings.drain_timeout_s)
-            await store.close()
+            await repository.close()
             pool.shutdown()
 
     app = FastAPI(
@@ -79,24 +74,21 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
     # The documentation routes (/openapi.json, /docs, /redoc) do not mark the request with their route as the
     # API's own do; their fixed paths name them in the metrics instead.
     fixed_paths = frozenset(path for route in app.routes if "{" not in (path := getattr(route, "path", "{")))
-    app.add_middleware(
-        RequestContextMiddleware, metrics=metrics, access_log=settings.access_log, fixed_paths=fixed_paths
-    )
+    app.add_middleware(AccessLogMiddleware, metrics=metrics, access_log=settings.access_log, fixed_paths=fixed_paths)
     _install_error_handlers(app)
     app.state.lifecycle = lifecycle
-    app.state.settings = settings
     return app
 
 
 async def _load_models(
-    store: ModelStore, lifecycle: Lifecycle, metrics: Metrics, on_fatal: Callable[[], None] | None
+    repository: Repository, lifecycle: Lifecycle, metrics: Metrics, on_fatal: Callable[[], None] | None
 ) -> None:
     """Load the store in a thread, then start the batchers. ANY failure ends start-up: one error line (naming the
     model and its files when one failed) and ``on_fatal``, never a service left "starting" for ever."""
     try:
-        await asyncio.to_thread(store.load_all)
-        for served in store.all_served():
-            served.batcher.start()
+        await asyncio.to_thread(repository.load_all)
+        for served in repository.store.all_served():
+            served.start()
     except Exception as e:
         message = e.message if isinstance(e, ServiceError) else f"{type(e).__name__}: {e}"
         lifecycle.phase, lifecycle.error = Phase.FAILED, message
@@ -110,9 +102,11 @@ async def _load_models(
     if lifecycle.phase is Phase.STARTING:
         lifecycle.phase = Phase.READY
         metrics.ready.set(1)
+        store = repository.store
         log.info("ready", extra={"models": sorted(store.models), "default_model": store.default_name})
-    if store.settings.poll_store_s > 0:  # ends when the lifespan cancels this task
-        await poll_store(store.settings.model_store, store.settings.poll_store_s, store.sync)
+    settings = repository.settings
+    if settings.poll_store_s > 0:  # ends when the lifespan cancels this task
+        await poll_store(settings.model_store, settings.poll_store_s, repository.sync)
 
 
 def _unexpected_cause(error: BaseException) -> BaseException | None:
@@ -137,7 +131,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:
-        request.state.error_code = exc.code
+        request_record(request).error_code = exc.code
         if exc.status_code >= 500 and exc.status_code != 503:
             log.warning("request failed: %s", exc.message, extra={"code": exc.code})
         return _error(request, exc.status_code, exc.code, exc.message, exc.headers)
@@ -148,7 +142,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         for err in exc.errors():
             where = ".".join(str(x) for x in err.get("loc", ()))
             parts.append(f"{where}: {err.get('msg', 'invalid')}")
-        request.state.error_code = "invalid_parameter"
+        request_record(request).error_code = "invalid_parameter"
         return _error(request, 422, "invalid_parameter", "; ".join(parts) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)

@@ -76,7 +76,10 @@ class Metrics:
             "(--preprocess-device)", ["model", "version", "path"], registry=r,
         )  # fmt: skip
         self.queue_depth = Gauge("deit_queue_depth", "Images waiting for a batch", ["model", "version"], registry=r)
-        self.images = Counter("deit_images", "Images classified", ["model", "version"], registry=r)
+        self.images = Counter(
+            "deit_images", "Images run through a forward pass (classify and embed alike)", ["model", "version"],
+            registry=r,
+        )  # fmt: skip
         self.rejected = Counter(
             "deit_rejected", "Requests refused before inference, by reason", ["model", "version", "reason"], registry=r
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from transformers import PreTrainedModel
 from transformers.utils import logging as transformers_logging
 
 from tests.factories import TINY, hf_model, save_hf
-from tests.serving import write_slow_model, write_tiny_model
+from tests.serving import SharedServers, write_slow_model, write_tiny_model
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -47,9 +48,19 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return store
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def slow_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model store with one deliberately slow model named ``slow`` (see ``write_slow_model``)."""
     store = tmp_path_factory.mktemp("slow-store")
     write_slow_model(store / "slow")
     return store
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedServers]:
+    """Server processes shared by every test that asks for the same store and settings (``servers.get``)."""
+    shared = SharedServers(tmp_path_factory.mktemp("shared-servers"))
+    try:
+        yield shared
+    finally:
+        shared.close()

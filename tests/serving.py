@@ -1,20 +1,18 @@
-"""Support for service tests: tiny model stores, images, and a real ``deit-serve`` process on a free port."""
+"""Support for service tests: tiny model stores, images, and a real ``deit-serve`` process on a free port (started
+through ``harness.launcher``, the one launcher of tests and benchmarks)."""
 
 from __future__ import annotations
 
 import io
 import json
-import os
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,36 +21,43 @@ import uvicorn
 from fastapi import FastAPI
 from PIL import Image
 
-from benchmarks.loadgen import free_port as free_port
+from harness.inputs import write_tiny_model as write_tiny_model
+from harness.launcher import ServerProcess as ServerProcess
+from harness.launcher import free_port as free_port
+from harness.launcher import launch, running, service_argv, service_env, stop
+from harness.launcher import wait_ready as wait_ready
+from harness.load import rss_bytes as rss_bytes
 from service.app import create_app
 from service.settings import Settings
 
+stop_process = stop  # the name tests use
+
+# Upload bounds small enough to reach in a test, on the tiny model in float32: the settings of the one server the
+# upload-hardening, Open Inference Protocol and protocol-fuzzing tests share.
+SMALL_UPLOADS = {
+    "DEIT_DEVICE": "cpu",
+    "DEIT_DTYPE": "float32",
+    "DEIT_MAX_FILES": "4",
+    "DEIT_MAX_UPLOAD_BYTES": str(256 * 1024),
+    "DEIT_MAX_IMAGE_PIXELS": str(1_000_000),
+    "DEIT_ACCESS_LOG": "false",
+}
+
+# HTTP-edge bounds small enough to reach in a test, one API key, and /metrics behind it: the settings of the one
+# server the HTTP-hardening tests and the metrics-protection test share.
+EDGE_KEY = "s3cret-key"
+EDGE_LIMITS = {
+    "DEIT_MAX_HEADER_BYTES": "8192",
+    "DEIT_MAX_HEADERS": "20",
+    "DEIT_HEADER_TIMEOUT_S": "3.0",
+    "DEIT_KEEP_ALIVE_TIMEOUT_S": "1",
+    "DEIT_MAX_CONNECTIONS": "6",
+    "DEIT_BACKLOG": "77",
+    "DEIT_API_KEYS": EDGE_KEY,
+    "DEIT_PROTECT_METRICS": "true",
+}
 REPO = Path(__file__).resolve().parent.parent
 DEMO_MODEL = REPO / "service" / "data" / "model_store" / "deit-tiny-digits"
-
-
-def write_tiny_model(directory: Path, num_labels: int = 10, image_size: int = 32, seed: int = 0) -> Path:
-    """A random-weight distilled DeiT in HF format, written by transformers itself, with a preprocessor config."""
-    import torch
-    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
-
-    torch.manual_seed(seed)
-    labels = {i: f"class_{i}" for i in range(num_labels)}
-    config = DeiTConfig(
-        image_size=image_size,
-        patch_size=4,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=num_labels,
-        id2label=labels,
-        label2id={v: k for k, v in labels.items()},
-    )
-    DeiTForImageClassificationWithTeacher(config).eval().save_pretrained(directory)
-    preprocess = {"size": image_size + 4, "crop_size": image_size, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
-    (directory / "preprocessor_config.json").write_text(json.dumps(preprocess))
-    return directory
 
 
 def image_bytes(
@@ -63,103 +68,75 @@ def image_bytes(
     return buf.getvalue()
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll ``condition`` every 10 ms until it holds; TimeoutError naming ``what`` after ``timeout`` seconds."""
+def wait_until(
+    condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition", every: float = 0.01
+) -> None:
+    """Poll ``condition`` every ``every`` seconds until it holds; TimeoutError naming ``what`` after ``timeout``
+    seconds. A condition that asks the server under test (a scrape) polls less often, so as not to load it."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not met within {timeout}s")
-        time.sleep(0.01)
-
-
-@dataclass
-class ServerProcess:
-    """A ``python -m service`` child process; ``url`` is its base URL."""
-
-    process: subprocess.Popen[bytes]
-    url: str
-    log_path: Path
-    env: dict[str, str] = field(default_factory=dict)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def log_records(self) -> list[dict[str, object]]:
-        records = []
-        for line in self.log().splitlines():
-            if line.startswith("{"):
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    continue
-        return records
-
-    def terminate(self, sig: int = signal.SIGTERM) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-
-    def wait(self, timeout: float) -> int:
-        return self.process.wait(timeout=timeout)
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes] | None = None, timeout: float = 60.0) -> None:
-    """Poll /readyz until 200 (bounded), failing early if the process died."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode} before becoming ready")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} not ready after {timeout}s")
+        time.sleep(every)
 
 
 @contextmanager
 def run_server(
     store: Path, tmp_path: Path, env: Mapping[str, str] | None = None, args: list[str] | None = None,
-    wait: bool = True, ready_timeout: float = 60.0,
+    wait: bool = True, ready_timeout: float = 120.0,
 ) -> Iterator[ServerProcess]:  # fmt: skip
-    """Start ``python -m service`` on a free port with ``DEIT_*`` settings; always stopped afterwards."""
+    """Start ``python -m service`` on a free port with ``DEIT_*`` settings; always stopped afterwards. A start
+    that exports its models to another runtime (``DEIT_RUNTIME``) may need a longer ``ready_timeout``."""
     port = free_port()
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("DEIT_")}
-    full_env.update({"DEIT_MODEL_STORE": str(store), "DEIT_PORT": str(port), "DEIT_HOST": "127.0.0.1"})
-    full_env.update(env or {})
-    log_path = tmp_path / f"server-{port}.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", *(args or [])], env=full_env, stdout=log_file, stderr=subprocess.STDOUT
-        )
-    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path, full_env)
-    try:
-        if wait:
-            wait_ready(server.url, process, timeout=ready_timeout)
+    with running(
+        service_argv(*(args or [])), port=port, log_path=tmp_path / f"server-{port}.log",
+        env=service_env(port, store, env), ready_path="/readyz" if wait else None, ready_timeout=ready_timeout,
+    ) as server:  # fmt: skip
         yield server
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+
+
+class SharedServers:
+    """Servers shared by every test that asks for the same store, settings and arguments (the suite's
+    ``servers`` fixture): a test that neither mutates its store nor stops its server takes one from here instead of
+    starting its own. At most ``keep`` stay running; the least recently asked for is stopped first."""
+
+    def __init__(self, workdir: Path, keep: int = 3) -> None:
+        self.workdir = workdir
+        self.keep = keep
+        self._running: dict[tuple[str, tuple[tuple[str, str], ...], tuple[str, ...]], ExitStack] = {}
+        self._servers: dict[tuple[str, tuple[tuple[str, str], ...], tuple[str, ...]], ServerProcess] = {}
+
+    def get(
+        self, store: Path, env: Mapping[str, str] | None = None, args: Sequence[str] = (), ready_timeout: float = 120.0
+    ) -> ServerProcess:
+        key = (str(store), tuple(sorted((env or {}).items())), tuple(args))
+        if key in self._servers:
+            self._servers[key] = self._servers.pop(key)  # most recently asked for last
+            self._running[key] = self._running.pop(key)
+            return self._servers[key]
+        while len(self._running) >= self.keep:
+            oldest = next(iter(self._running))
+            self._servers.pop(oldest)
+            self._running.pop(oldest).close()
+        stack = ExitStack()
+        self._servers[key] = stack.enter_context(
+            run_server(store, self.workdir, env, list(args), ready_timeout=ready_timeout)
+        )
+        self._running[key] = stack
+        return self._servers[key]
+
+    def close(self) -> None:
+        while self._running:
+            self._servers.popitem()
+            self._running.popitem()[1].close()
 
 
 def spawn_server(store: Path, tmp_path: Path, port: int, env: Mapping[str, str] | None = None) -> ServerProcess:
     """Start ``python -m service`` on a given ``port`` (a replica its balancer expects there) and return at once;
     the caller stops it (``stop_process``). Each start on a port gets its own log file."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("DEIT_")}
-    full_env.update({"DEIT_MODEL_STORE": str(store), "DEIT_PORT": str(port), "DEIT_HOST": "127.0.0.1"})
-    full_env.update(env or {})
     starts = len(list(tmp_path.glob(f"server-{port}-*.log")))
     log_path = tmp_path / f"server-{port}-{starts}.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service"], env=full_env, stdout=log_file, stderr=subprocess.STDOUT
-        )
-    return ServerProcess(process, f"http://127.0.0.1:{port}", log_path, full_env)
+    return launch(service_argv(), port=port, log_path=log_path, env=service_env(port, store, env))
 
 
 def noise_image_bytes(seed: int, size: tuple[int, int] = (40, 36)) -> bytes:
@@ -204,17 +181,6 @@ class Scrape:
         )
 
 
-def stop_process(process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 @contextmanager
 def run_default_server(tmp_path: Path, wait: bool = True) -> Iterator[ServerProcess]:
     """``deit-serve`` as a user starts it: the console script, no model store setting, from an unrelated directory.
@@ -225,18 +191,11 @@ def run_default_server(tmp_path: Path, wait: bool = True) -> Iterator[ServerProc
     if not executable.is_file():
         raise FileNotFoundError(f"{executable} is missing: install the project (scripts/setup) to get the command")
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEIT_")}
-    env.update({"DEIT_PORT": str(port), "DEIT_HOST": "127.0.0.1"})
-    log_path = tmp_path / f"server-{port}.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen([str(executable)], env=env, cwd=tmp_path, stdout=log_file, stderr=subprocess.STDOUT)
-    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path, env)
-    try:
-        if wait:
-            wait_ready(server.url, process)
+    with running(
+        [str(executable)], port=port, log_path=tmp_path / f"server-{port}.log", env=service_env(port), cwd=tmp_path,
+        ready_path="/readyz" if wait else None,
+    ) as server:  # fmt: skip
         yield server
-    finally:
-        stop_process(process)
 
 
 # A DeiT with 578 tokens: tens of milliseconds per image on one CPU thread, so that requests queue behind a batch.
@@ -265,12 +224,43 @@ def write_slow_model(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident set size of a process, from ``VmRSS`` in ``/proc/<pid>/status``."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
+def overflowing_head(model: Path) -> None:
+    """Finite weights whose logits overflow float32 to ±infinity, so that every softmax is NaN (a tiny model's
+    directory, changed in place)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = model / "model.safetensors"
+    state = load_file(str(path))
+    for name in ("cls_classifier.weight", "distillation_classifier.weight"):
+        state[name] = torch.full_like(state[name], 3e38)
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+def write_big_model(directory: Path) -> Path:
+    """A random-weight DeiT with ~10 M parameters (~42 MB in float32) on a 32-pixel input: cheap to run, big
+    enough that its memory shows in the process's RSS."""
+    import torch
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
+
+    torch.manual_seed(0)
+    labels = {i: f"class_{i}" for i in range(10)}
+    config = DeiTConfig(image_size=32, patch_size=8, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
+                        intermediate_size=1536, num_labels=10, id2label=labels,
+                        label2id={v: k for k, v in labels.items()})  # fmt: skip
+    DeiTForImageClassificationWithTeacher(config).eval().save_pretrained(directory)
+    preprocess = {"size": 36, "crop_size": 32, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    (directory / "preprocessor_config.json").write_text(json.dumps(preprocess))
+    return directory
+
+
+def settled_rss(pid: int) -> int:
+    """RSS once it stops moving (the smallest of a few readings a moment apart)."""
+    readings = []
+    for _ in range(5):
+        time.sleep(0.2)
+        readings.append(rss_bytes(pid))
+    return min(readings)
 
 
 def multipart(images: list[bytes], prefix: str = "img") -> list[tuple[str, tuple[str, bytes, str]]]:

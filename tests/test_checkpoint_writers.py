@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +26,11 @@ from service.errors import CheckpointError
 from service.model.architecture import Architecture
 from service.model.checkpoints import load_checkpoint
 from service.model.decoding import decode_image
-from service.model.deit import DeiT, LayerScale
+from service.model.deit import LayerScale, build_deit
 from service.model.preprocessing import Preprocessor
 from service.model.timm import timm_to_hf
 from tests.factories import HFKind, hf_model
-from tests.serving import ServerProcess, noise_image_bytes, run_server
+from tests.serving import ServerProcess, SharedServers, noise_image_bytes
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TF_KINDS = sorted(p.name for p in (FIXTURES / "tf").iterdir() if p.is_dir())
@@ -340,7 +339,7 @@ def test_full_size_timm_names_and_shapes_are_accepted(variant: str, headless: bo
     )
     assert config.architecture is expected_arch
     with torch.device("meta"):
-        model = DeiT(config)
+        model = build_deit(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in converted.items()} == expected
 
@@ -358,10 +357,9 @@ def writers_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def writers_server(writers_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def writers_server(writers_store: Path, servers: SharedServers) -> ServerProcess:
     env = {"DEIT_DEVICE": "cpu", "DEIT_DTYPE": "float32"}
-    with run_server(writers_store, tmp_path_factory.mktemp("writers-server"), env=env) as process:
-        yield process
+    return servers.get(writers_store, env)
 
 
 @pytest.mark.parametrize("name", ["tf-deit_with_teacher", "tf-vit_classifier", "transformers5-distilled"])

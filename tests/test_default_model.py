@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from benchmarks.assets import training_script
+from harness.inputs import training_script
 from service.model.checkpoints import LoadedCheckpoint, load_checkpoint
 from service.model.decoding import decode_image
 from service.model.preprocessing import Preprocessor

@@ -534,6 +534,7 @@ CONTEXT_EXCLUDED = (
     ".pytest_cache/v/cache/nodeids",
     "service/__pycache__/app.cpython-311.pyc",
     "deploy/k8s/cpu/deployment.yaml",
+    "model_store/deit-base-distilled/model.safetensors",  # a user's checkpoints
 )
 CONTEXT_NEEDED = (
     "pyproject.toml",

@@ -18,7 +18,7 @@ from PIL import Image
 from skimage import data as skdata
 from torch import Tensor
 
-from benchmarks.device_decoding import pillow_decode
+from harness.inputs import pillow_decode
 from service.engine.runner import default_forward_workers
 from service.errors import CheckpointError, ImageTooLarge
 from service.model.decoding import load_rgb, open_image

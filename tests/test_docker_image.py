@@ -23,6 +23,8 @@ from typing import NoReturn
 import httpx
 import pytest
 
+from harness.launcher import wait_ready
+
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,17 +145,12 @@ def _published_url(name: str) -> str:
 
 
 def _wait_ready(name: str, url: str) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if _state(name, ".State.Running") != "true":
-            pytest.fail(f"the container exited ({_state(name, '.State.ExitCode')}) before it was ready:\n{_logs(name)}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"/readyz did not answer 200 within {READY_TIMEOUT_S:.0f} s:\n{_logs(name)}")
+    try:
+        wait_ready(url, timeout=READY_TIMEOUT_S, alive=lambda: _state(name, ".State.Running") == "true", every=0.5)
+    except RuntimeError:
+        pytest.fail(f"the container exited ({_state(name, '.State.ExitCode')}) before it was ready:\n{_logs(name)}")
+    except TimeoutError as e:
+        pytest.fail(f"{e}:\n{_logs(name)}")
 
 
 def _wait_healthy(name: str) -> str:

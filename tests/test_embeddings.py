@@ -19,10 +19,11 @@ from torch import Tensor
 from transformers import DeiTConfig as HFDeiTConfig
 from transformers import DeiTModel, PreTrainedModel
 
+from service.api import results
 from service.engine.context import RequestContext
 from service.engine.decode_pool import DecodePool
+from service.engine.repository import Repository
 from service.engine.runner import Outputs, checkpoint_forward
-from service.engine.store import ModelStore
 from service.metrics import Metrics
 from service.model.checkpoints import load_checkpoint
 from service.model.decoding import decode_image
@@ -325,9 +326,10 @@ async def test_classify_and_embed_requests_share_one_forward_pass(store: Path) -
     and each request gets what it would alone."""
     values: dict[str, Any] = {"model_store": store, "device": "cpu", "dtype": "float32", "warmup": False}
     settings = Settings(**values, forward_workers=1, max_batch_delay_ms=0)
-    models = ModelStore(settings, Metrics(settings.max_batch_size), DecodePool(1))
-    models.load_all()
-    served = models.get("distilled")
+    metrics = Metrics(settings.max_batch_size)
+    repository = Repository.open(settings, metrics, DecodePool(1))
+    repository.load_all()
+    served = repository.store.get("distilled")
     runner = served.batcher.runner
     real, gate, sizes = runner.forward, threading.Event(), []
 
@@ -339,19 +341,21 @@ async def test_classify_and_embed_requests_share_one_forward_pass(store: Path) -
 
     runner.forward = gated
     x = _inputs(*NATIVE, batch=7)
-    served.batcher.start()
+    served.start()
     try:
-        holder = asyncio.create_task(served.classify(x[:1], top_k=1, context=RequestContext.with_timeout(30)))
+        holder = asyncio.create_task(served.infer(x[:1], RequestContext.with_timeout(30)))
         await _until(lambda: sizes == [1], "the holding batch started")
-        classified = asyncio.create_task(served.logits(x[1:4], RequestContext.with_timeout(30)))
-        embedded = asyncio.create_task(served.embed(x[4:], pooling="mean", context=RequestContext.with_timeout(30)))
-        await _until(lambda: served.batcher.queued == 6, "six images queued behind it")
+        classified = asyncio.create_task(served.infer(x[1:4], RequestContext.with_timeout(30)))
+        embedded = asyncio.create_task(served.infer(x[4:], RequestContext.with_timeout(30)))
+        depth = {"model": "distilled", "version": "1"}
+        await _until(lambda: metrics.registry.get_sample_value("deit_queue_depth", depth) == 6, "six queued behind it")
         gate.set()
         await holder
-        logits, vectors = await classified, await embedded
+        logits = results.logits(await classified)
+        vectors = results.embeddings(await embedded, Pooling.MEAN, normalize=False)
     finally:
         gate.set()
-        await served.batcher.stop()
+        await served.stop()
     assert sizes == [1, 6]
     alone = real(list(x))
     torch.testing.assert_close(logits, alone[LOGITS][1:4], atol=1e-5, rtol=0)

@@ -11,16 +11,15 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.serving import ServerProcess, image_bytes, run_server
+from tests.serving import EDGE_KEY, EDGE_LIMITS, ServerProcess, SharedServers, image_bytes
 
 KEYS = ("k1-secret", "k2-secret")
 
 
 @pytest.fixture(scope="module")
-def keyed(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def keyed(tiny_store: Path, servers: SharedServers) -> ServerProcess:
     env = {"DEIT_API_KEYS": ",".join(KEYS)}
-    with run_server(tiny_store, tmp_path_factory.mktemp("keyed"), env=env) as server:
-        yield server
+    return servers.get(tiny_store, env)
 
 
 def call(server: ServerProcess, method: str, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
@@ -87,13 +86,12 @@ def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(keyed: Ser
     assert pulled < 32 * 2**20
 
 
-def test_metrics_need_a_key_when_protected(tiny_store: Path, tmp_path: Path) -> None:
-    env = {"DEIT_API_KEYS": ",".join(KEYS), "DEIT_PROTECT_METRICS": "true"}
-    with run_server(tiny_store, tmp_path, env=env) as server:
-        refused = httpx.get(f"{server.url}/metrics")
-        wrong = httpx.get(f"{server.url}/metrics", headers={"Authorization": "Bearer nope"})
-        allowed = httpx.get(f"{server.url}/metrics", headers={"X-API-Key": KEYS[0]})
-        probes = [httpx.get(f"{server.url}{path}").status_code for path in ("/healthz", "/readyz")]
+def test_metrics_need_a_key_when_protected(tiny_store: Path, servers: SharedServers) -> None:
+    server = servers.get(tiny_store, EDGE_LIMITS)  # DEIT_PROTECT_METRICS=true, shared with the HTTP-edge tests
+    refused = httpx.get(f"{server.url}/metrics")
+    wrong = httpx.get(f"{server.url}/metrics", headers={"Authorization": "Bearer nope"})
+    allowed = httpx.get(f"{server.url}/metrics", headers={"X-API-Key": EDGE_KEY})
+    probes = [httpx.get(f"{server.url}{path}").status_code for path in ("/healthz", "/readyz")]
     assert refused.status_code == 401
     assert refused.json()["error"]["code"] == "unauthorized"
     assert wrong.status_code == 401
@@ -137,9 +135,10 @@ def test_a_valid_request_id_is_echoed_and_logged_once_with_batching_details(keye
     assert line["path"] == "/classify"
     assert line["batch_size"]
     assert all(1 <= b <= 2 for b in line["batch_size"])
-    assert line["queue_ms"] >= 0
-    assert line["inference_ms"] > 0
-    assert line["duration_ms"] >= line["inference_ms"]
+    # Times in milliseconds within the request's own (a forward pass may take well under a millisecond).
+    for phase in ("queue_ms", "inference_ms"):
+        assert isinstance(line[phase], float | int), line
+        assert 0 <= line[phase] <= line["duration_ms"], line
     assert line["level"] == "info"
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks.load_test import sample_images
+from harness.load import sample_images
 from tests.serving import Scrape, ServerProcess, multipart, read_answer, run_server, wait_until
 
 MODEL = "slow"

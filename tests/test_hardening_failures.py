@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from benchmarks.load_test import sample_images
+from harness.load import sample_images
 from service.engine.batching import Batcher
 from service.engine.runner import Forward, Outputs
 from service.settings import Settings
@@ -27,14 +26,13 @@ from tests.serving import (
     InProcessServer,
     Scrape,
     ServerProcess,
+    SharedServers,
     free_port,
     image_bytes,
     multipart,
     multipart_body,
-    run_server,
     serve_in_process,
     wait_until,
-    write_slow_model,
 )
 
 SLOW = "slow"
@@ -52,12 +50,8 @@ def post(url: str, images: list[bytes], **headers: str) -> httpx.Response:
 
 
 @pytest.fixture(scope="module")
-def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    store = tmp_path_factory.mktemp("slow-store")
-    write_slow_model(store / SLOW)
-    env = {"DEIT_MAX_BATCH_SIZE": "1", "DEIT_TORCH_THREADS": "1"}
-    with run_server(store, tmp_path_factory.mktemp("slow-server"), env=env) as server:
-        yield server
+def slow_server(slow_store: Path, servers: SharedServers) -> ServerProcess:
+    return servers.get(slow_store, {"DEIT_MAX_BATCH_SIZE": "1", "DEIT_TORCH_THREADS": "1"})
 
 
 def raw_request(url: str, body: bytes, content_type: str, request_id: str, declared_length: int | None = None) -> bytes:
@@ -122,7 +116,9 @@ def test_a_client_leaving_mid_upload_is_logged_and_the_server_keeps_serving(slow
     with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) as client:
         request = raw_request(server.url, body, content_type, request_id, declared_length=len(body) + 10_000)
         client.sendall(request)
-        time.sleep(0.2)  # the server is now waiting for the rest of the body
+        wait_until(
+            lambda: scrape(server.url).value("deit_upload_bytes_in_flight") > 0, what="the server reading the body"
+        )
     record = access_record(server, request_id)
     assert record["status"] == 499
     assert httpx.get(f"{server.url}/healthz").status_code == 200

@@ -14,49 +14,40 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from harness.launcher import running, service_env
 from tests.serving import (
+    EDGE_KEY,
+    EDGE_LIMITS,
     ServerProcess,
+    SharedServers,
     free_port,
     image_bytes,
     multipart,
     noise_image_bytes,
     run_server,
-    stop_process,
-    wait_ready,
     wait_until,
 )
 
-MAX_HEADER_BYTES = 8192
-MAX_HEADERS = 20
-HEADER_TIMEOUT_S = 3.0
-KEEP_ALIVE_TIMEOUT_S = 1
-MAX_CONNECTIONS = 6
-BACKLOG = 77
-KEY = "s3cret-key"
+MAX_HEADER_BYTES = int(EDGE_LIMITS["DEIT_MAX_HEADER_BYTES"])
+MAX_HEADERS = int(EDGE_LIMITS["DEIT_MAX_HEADERS"])
+HEADER_TIMEOUT_S = float(EDGE_LIMITS["DEIT_HEADER_TIMEOUT_S"])
+KEEP_ALIVE_TIMEOUT_S = int(EDGE_LIMITS["DEIT_KEEP_ALIVE_TIMEOUT_S"])
+MAX_CONNECTIONS = int(EDGE_LIMITS["DEIT_MAX_CONNECTIONS"])
+BACKLOG = int(EDGE_LIMITS["DEIT_BACKLOG"])
+KEY = EDGE_KEY
 # Slack for a loaded machine on top of a timeout; a server without the bound holds the connection far longer.
 MARGIN_S = 4.0
 
 
 @pytest.fixture(scope="module")
-def server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = {
-        "DEIT_MAX_HEADER_BYTES": str(MAX_HEADER_BYTES),
-        "DEIT_MAX_HEADERS": str(MAX_HEADERS),
-        "DEIT_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
-        "DEIT_KEEP_ALIVE_TIMEOUT_S": str(KEEP_ALIVE_TIMEOUT_S),
-        "DEIT_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
-        "DEIT_BACKLOG": str(BACKLOG),
-        "DEIT_API_KEYS": KEY,
-    }
-    with run_server(tiny_store, tmp_path_factory.mktemp("http-limits"), env=env) as process:
-        yield process
+def server(tiny_store: Path, servers: SharedServers) -> ServerProcess:
+    return servers.get(tiny_store, EDGE_LIMITS)
 
 
 def connect(server: ServerProcess) -> socket.socket:
@@ -186,10 +177,26 @@ def test_idle_keep_alive_connection_is_closed_after_a_response(server: ServerPro
     assert closed - answered <= KEEP_ALIVE_TIMEOUT_S + MARGIN_S
 
 
+def accepted_all(server: ServerProcess, count: int) -> bool:
+    """At least ``count`` connections to the server are established and none waits in its accept queue, read from
+    /proc/net/tcp (the Recv-Q of a listening socket is its accept queue)."""
+    port = int(server.url.rsplit(":", 1)[1])
+    established = waiting = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        _, local, _, state, queues, *_ = line.split()
+        if int(local.rsplit(":", 1)[1], 16) != port:
+            continue
+        if state == "01":  # ESTABLISHED
+            established += 1
+        elif state == "0A":  # LISTEN
+            waiting = int(queues.split(":")[1], 16)
+    return established >= count and waiting == 0
+
+
 def test_connections_above_the_cap_are_refused_with_503_json(server: ServerProcess) -> None:
     held = [connect(server) for _ in range(MAX_CONNECTIONS)]
     try:
-        time.sleep(0.3)  # let the server accept them all
+        wait_until(lambda: accepted_all(server, MAX_CONNECTIONS), what="the held connections accepted")
         with connect(server) as extra:
             started = time.monotonic()
             send(extra, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -293,16 +300,9 @@ def test_api_keys_of_only_separators_is_a_start_up_error(tiny_store: Path) -> No
 
 def test_without_httptools_h11_still_bounds_the_head(tiny_store: Path, tmp_path: Path) -> None:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEIT_")}
-    env.update({"DEIT_MODEL_STORE": str(tiny_store), "DEIT_PORT": str(port), "DEIT_MAX_HEADER_BYTES": "8192"})
+    env = service_env(port, tiny_store, {"DEIT_MAX_HEADER_BYTES": "8192"})
     launcher = "import sys; sys.modules['httptools'] = None; from service.cli import main; main()"
-    log_path = tmp_path / "server.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen([sys.executable, "-c", launcher], env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url, process)
-        fallback = ServerProcess(process, url, log_path)
+    with running([sys.executable, "-c", launcher], port=port, log_path=tmp_path / "server.log", env=env) as fallback:
         # h11 bounds what it buffers of a head still incomplete after a read (a read is at most 256 KiB), so the
         # head must span several reads to be refused.
         request = b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * (4 << 20) + b"\r\n\r\n"
@@ -310,7 +310,5 @@ def test_without_httptools_h11_still_bounds_the_head(tiny_store: Path, tmp_path:
             send(sock, request)
             answer, _ = read_until_closed(sock, limit_s=10)
         assert answer.startswith(b"HTTP/1.1 400 ")
-        assert httpx.get(f"{url}/healthz").status_code == 200
+        assert httpx.get(f"{fallback.url}/healthz").status_code == 200
         assert "serving with h11" in fallback.log()
-    finally:
-        stop_process(process)

@@ -8,7 +8,6 @@ import io
 import select
 import socket
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,13 +18,13 @@ from PIL import Image
 from tests.serving import (
     Scrape,
     ServerProcess,
+    SharedServers,
     expect_error,
     image_bytes,
     multipart,
     multipart_body,
     read_answer,
     rss_bytes,
-    run_server,
     wait_until,
 )
 
@@ -35,14 +34,13 @@ MODEL = "tiny"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(tiny_store: Path, servers: SharedServers) -> ServerProcess:
     env = {
         "DEIT_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
         "DEIT_MAX_INFLIGHT_UPLOAD_BYTES": str(BUDGET),
         "DEIT_PREPROCESS_THREADS": "2",
     }
-    with run_server(tiny_store, tmp_path_factory.mktemp("lifecycle"), env=env) as process:
-        yield process
+    return servers.get(tiny_store, env)
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +218,7 @@ def test_decoding_stops_at_the_deadline_and_others_are_served_meanwhile(
         slow = pool.submit(
             httpx.post, f"{server.url}/classify", files=heavy, headers={"X-Request-Timeout": "2"}, timeout=60
         )
-        time.sleep(0.5)
+        wait_until(lambda: decoded(server) > before, what="the heavy request being decoded", every=0.25)
         small_started = time.monotonic()
         small = httpx.post(f"{server.url}/classify", files=multipart([image_bytes()]), timeout=60)
         small_s = time.monotonic() - small_started
@@ -246,8 +244,7 @@ def test_decoding_stops_when_the_client_leaves(server: ServerProcess, heavy_imag
     with socket.create_connection(address(server)) as sock:
         head = "".join(f"{k}: {v}\r\n" for k, v in request.headers.items())
         sock.sendall(f"POST /classify HTTP/1.1\r\n{head}\r\n".encode() + body)
-        wait_until(lambda: decoded(server) > before, what="decoding started")
-        time.sleep(0.5)
+        wait_until(lambda: decoded(server) >= before + 2, what="the request half-way through its decoding", every=0.25)
     ran = settled_decodes(server) - before
     assert ran < 16, f"{ran:.0f} of 32 images decoded for a client that left"
     dropped = scrape(server).value("deit_dropped_total", model=MODEL, reason="disconnect") - dropped_before

@@ -14,7 +14,7 @@ from statistics import median
 import httpx
 import pytest
 
-from benchmarks.load_test import run_load, sample_images
+from harness.load import run_load, sample_images
 from tests.serving import Scrape, ServerProcess, multipart, run_server
 
 MODEL = "slow"

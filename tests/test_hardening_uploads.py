@@ -23,22 +23,16 @@ from PIL import Image
 from service.errors import ServiceError
 from service.model.decoding import decode_image
 from service.model.preprocessing import PreprocessConfig, Preprocessor
-from tests.serving import ServerProcess, expect_error, image_bytes, read_answer, run_server
+from tests.serving import SMALL_UPLOADS, ServerProcess, SharedServers, expect_error, image_bytes, read_answer
 
-MAX_BYTES = 256 * 1024
-MAX_FILES = 4
-MAX_PIXELS = 1_000_000
+MAX_BYTES = int(SMALL_UPLOADS["DEIT_MAX_UPLOAD_BYTES"])
+MAX_FILES = int(SMALL_UPLOADS["DEIT_MAX_FILES"])
+MAX_PIXELS = int(SMALL_UPLOADS["DEIT_MAX_IMAGE_PIXELS"])
 
 
 @pytest.fixture(scope="module")
-def server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = {
-        "DEIT_MAX_UPLOAD_BYTES": str(MAX_BYTES),
-        "DEIT_MAX_FILES": str(MAX_FILES),
-        "DEIT_MAX_IMAGE_PIXELS": str(MAX_PIXELS),
-    }
-    with run_server(tiny_store, tmp_path_factory.mktemp("uploads"), env=env) as process:
-        yield process
+def server(tiny_store: Path, servers: SharedServers) -> ServerProcess:
+    return servers.get(tiny_store, SMALL_UPLOADS)
 
 
 def encode(image: Image.Image, fmt: str, **options: object) -> bytes:

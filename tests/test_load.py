@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from benchmarks.load_test import main, run_load, sample_images
+from harness.launcher import REPO
+from harness.load import run_load, sample_images
 from tests.serving import multipart, rss_bytes, run_server
 
 
-def test_overload_answers_only_200_503_504_with_correct_predictions(
-    slow_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_overload_answers_only_200_503_504_with_correct_predictions(slow_store: Path, tmp_path: Path) -> None:
     queue = 8
     env = {
         "DEIT_MAX_QUEUE_SIZE": str(queue),
@@ -38,8 +39,17 @@ def test_overload_answers_only_200_503_504_with_correct_predictions(
             run_load(server.url, images, concurrency=4 * queue, duration_s=4.0, server_pid=server.process.pid)
         )
 
-        assert main(["--url", server.url, "--concurrency", "2", "--duration", "0.5", "--json"]) == 0
-        printed = json.loads(capsys.readouterr().out)
+        # The load test benchmark's command line, as a user runs it against a running server.
+        command = ["--url", server.url, "--concurrency", "2", "--duration", "0.5", "--json"]
+        cli = subprocess.run(
+            [sys.executable, "-m", "benchmarks.load_test", *command],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert cli.returncode == 0, cli.stderr
+        printed = json.loads(cli.stdout)
         assert server.process.poll() is None
 
     summary = report.summary()

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 
 from service.model.architecture import Architecture
 from service.model.checkpoints import load_checkpoint
-from service.model.deit import DeiT, SelfAttention
+from service.model.deit import DeiT, DistilledDeiT, SelfAttention
 from tests.factories import TINY, HFFormat, HFKind, TimmWrapping, hf_model, save_hf, save_timm
 
 ATOL = 1e-4
@@ -152,6 +152,7 @@ def test_timm_checkpoint_matches_transformers(kind: HFKind, wrapping: TimmWrappi
 
 def _peaked(model: DeiT, images: Tensor) -> DeiT:
     """Turn the heads into a nearest-centroid classifier: image i is class i by a wide margin."""
+    assert isinstance(model, DistilledDeiT)
     with torch.inference_mode():
         seq = model.backbone(images)
     with torch.no_grad():

@@ -4,7 +4,6 @@ Open Inference Protocol repository extension, reloads under load, memory given b
 from __future__ import annotations
 
 import base64
-import json
 import shutil
 import threading
 import time
@@ -21,9 +20,10 @@ from tests.serving import (
     Scrape,
     ServerProcess,
     noise_image_bytes,
-    rss_bytes,
     run_server,
+    settled_rss,
     wait_until,
+    write_big_model,
     write_tiny_model,
 )
 
@@ -278,32 +278,6 @@ def test_reloads_and_unload_under_load_answer_every_request(tmp_path: Path) -> N
 # --- memory ---------------------------------------------------------------------------------------------------
 
 
-def write_big_model(directory: Path) -> Path:
-    """A random-weight DeiT with ~10 M parameters (~42 MB in float32) on a 32-pixel input: cheap to run, big
-    enough that its memory shows in the process's RSS."""
-    import torch
-    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
-
-    torch.manual_seed(0)
-    labels = {i: f"class_{i}" for i in range(10)}
-    config = DeiTConfig(image_size=32, patch_size=8, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
-                        intermediate_size=1536, num_labels=10, id2label=labels,
-                        label2id={v: k for k, v in labels.items()})  # fmt: skip
-    DeiTForImageClassificationWithTeacher(config).eval().save_pretrained(directory)
-    preprocess = {"size": 36, "crop_size": 32, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
-    (directory / "preprocessor_config.json").write_text(json.dumps(preprocess))
-    return directory
-
-
-def settled_rss(pid: int) -> int:
-    """RSS once it stops moving (the smallest of a few readings a moment apart)."""
-    readings = []
-    for _ in range(5):
-        time.sleep(0.2)
-        readings.append(rss_bytes(pid))
-    return min(readings)
-
-
 def test_unloading_gives_the_memory_back(tmp_path: Path) -> None:
     store = tmp_path / "store"
     write_tiny_model(store / "tiny")
@@ -332,31 +306,29 @@ def test_unloading_gives_the_memory_back(tmp_path: Path) -> None:
 # --- the poller -----------------------------------------------------------------------------------------------
 
 
-def test_poll_store_picks_up_new_and_removed_versions(tmp_path: Path) -> None:
+def test_poll_store_picks_up_new_and_removed_versions_and_is_off_by_default(tmp_path: Path) -> None:
+    """Two servers on one store, one polling it: what the poller picks up, the other (polling is off by default)
+    has still not loaded by then."""
     store = tmp_path / "store"
     write_version(store / "polled", 1, seed=20)
-    with run_server(store, tmp_path, env=ENV, args=["--poll-store-s", "0.2"]) as server:
+    with (
+        run_server(store, tmp_path, env=ENV, args=["--poll-store-s", "0.2"]) as server,
+        run_server(store, tmp_path, env=ENV) as unpolled,
+    ):
         first = scores(server.url, "polled", headers={})
         write_version(store / "polled", 2, seed=21)
         wait_until(lambda: not close(scores(server.url, "polled", headers={}), first), timeout=30,
                    what="version 2 served")  # fmt: skip
         assert close(scores(server.url, "polled", 1, headers={}), first)
+        assert close(scores(unpolled.url, "polled", headers={}), first), "version 2 loaded without polling"
         write_tiny_model(store / ".new", seed=22).rename(store / "added")
         wait_until(lambda: ("added", "1") in index(server.url, {"ready": True}), timeout=30, what="new model loaded")
+        r = httpx.post(f"{unpolled.url}/classify", params={"model": "added"}, content=IMAGE)
+        assert r.status_code == 404, r.text
+        assert index(unpolled.url)[("added", "1")]["state"] == "UNAVAILABLE"  # listed, not loaded
         shutil.rmtree(store / "polled" / "2")
         wait_until(lambda: close(scores(server.url, "polled", headers={}), first), timeout=30, what="back to v1")
         shutil.rmtree(store / "added")
         wait_until(lambda: ("added", "1") not in index(server.url), timeout=30, what="removed model unloaded")
         models = httpx.get(f"{server.url}/v1/models").json()["models"]
         assert [(m["name"], m["versions"]) for m in models] == [("polled", [1])]
-
-
-def test_poll_store_is_off_by_default(tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    write_tiny_model(store / "m", seed=30)
-    with run_server(store, tmp_path, env=ENV) as server:
-        write_tiny_model(store / ".new", seed=31).rename(store / "late")
-        time.sleep(1.5)
-        r = httpx.post(f"{server.url}/classify", params={"model": "late"}, content=IMAGE)
-        assert r.status_code == 404, r.text
-        assert index(server.url)[("late", "1")]["state"] == "UNAVAILABLE"  # listed, not loaded

@@ -13,8 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness.launcher import running
 from service.settings import DEFAULT_MODEL_STORE
-from tests.serving import DEMO_MODEL, REPO, free_port, stop_process, wait_ready
+from tests.serving import DEMO_MODEL, REPO, free_port
 
 # Build outputs, tool caches and local checkpoints a working tree may hold at its root; the copy the wheel is built
 # from leaves them out (and byte code everywhere).
@@ -58,7 +59,11 @@ def test_wheel_holds_the_service_and_the_whole_demo_model_and_no_repository_tool
     names = zipfile.ZipFile(wheel).namelist()
     dist_info = "-".join(wheel.name.split("-")[:2]) + ".dist-info"
     assert {name.split("/", 1)[0] for name in names} == {"service", dist_info}, names
-    assert not [n for n in names if "/tests/" in n or "/scripts/" in n or "benchmarks" in n or n.endswith(".pyc")]
+    assert not [
+        n
+        for n in names
+        if "/tests/" in n or "/scripts/" in n or "benchmarks" in n or "harness" in n or n.endswith(".pyc")
+    ]
     demo_files = sorted(p.relative_to(REPO).as_posix() for p in DEMO_MODEL.rglob("*") if p.is_file())
     assert demo_files, DEMO_MODEL
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= {
@@ -118,12 +123,10 @@ def test_installed_wheel_serves_the_demo_model_from_the_filesystem_root(wheel: P
     samples = sorted((store / DEMO_MODEL.name / "samples").glob("*.png"))
     assert len(samples) == len(list((DEMO_MODEL / "samples").glob("*.png"))) > 0, samples
 
+    deit_serve = [str(venv / "bin" / "deit-serve")]
     log_path = tmp_path / "deit-serve.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen([str(venv / "bin" / "deit-serve")], cwd="/", env=env, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, process, timeout=180)
+    with running(deit_serve, port=port, log_path=log_path, env=env, cwd="/", ready_timeout=180) as server:
+        url = server.url
         models = httpx.get(f"{url}/v1/models", timeout=10).json()["models"]
         assert [(m["name"], m["default"]) for m in models] == [(DEMO_MODEL.name, True)]
         files = [("file", (p.name, p.read_bytes(), "image/png")) for p in samples]
@@ -131,6 +134,4 @@ def test_installed_wheel_serves_the_demo_model_from_the_filesystem_root(wheel: P
         assert response.status_code == 200, response.text
         top1 = {r["filename"]: r["predictions"][0]["label"] for r in response.json()["results"]}
         assert top1 == {p.name: p.name.split("_")[0] for p in samples}
-    finally:
-        stop_process(process)
-    assert process.returncode == 0, log_path.read_text(errors="replace")
+    assert server.process.returncode == 0, server.log()

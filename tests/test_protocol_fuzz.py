@@ -8,7 +8,6 @@ import base64
 import io
 import json
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +27,10 @@ from schemathesis.specs.openapi.checks import (
 
 from service.app import create_app
 from service.settings import Settings
-from tests.serving import ServerProcess, run_server
+from tests.serving import SMALL_UPLOADS, ServerProcess, SharedServers
 
-MAX_FILES = 4
-MAX_UPLOAD_BYTES = 256 * 1024
+MAX_FILES = int(SMALL_UPLOADS["DEIT_MAX_FILES"])
+MAX_UPLOAD_BYTES = int(SMALL_UPLOADS["DEIT_MAX_UPLOAD_BYTES"])
 PROTOCOL_PATHS = r"^/($|v2|models/)"
 
 
@@ -46,16 +45,8 @@ JPEG = _jpeg(0)
 
 
 @pytest.fixture(scope="module")
-def server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = {
-        "DEIT_DEVICE": "cpu",
-        "DEIT_DTYPE": "float32",
-        "DEIT_MAX_FILES": str(MAX_FILES),
-        "DEIT_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
-        "DEIT_ACCESS_LOG": "false",
-    }
-    with run_server(tiny_store, tmp_path_factory.mktemp("fuzz"), env=env) as process:
-        yield process
+def server(tiny_store: Path, servers: SharedServers) -> ServerProcess:
+    return servers.get(tiny_store, SMALL_UPLOADS)
 
 
 def check_answer(status: int, content_type: str, content: bytes, what: object) -> None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import io
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -16,7 +15,7 @@ import tritonclient.http as triton
 from huggingface_hub import InferenceClient
 from PIL import Image
 
-from tests.serving import Scrape, ServerProcess, run_server, wait_until
+from tests.serving import Scrape, ServerProcess, SharedServers, wait_until
 
 MAX_BATCH = 16
 BLOCKER_IMAGES = 2 * MAX_BATCH  # two full forward passes of the slow model: the time the three others take to queue
@@ -31,7 +30,7 @@ def jpeg(seed: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def server(slow_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(slow_store: Path, servers: SharedServers) -> ServerProcess:
     env = {
         "DEIT_DEVICE": "cpu",
         "DEIT_DTYPE": "float32",
@@ -41,8 +40,7 @@ def server(slow_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "DEIT_REQUEST_TIMEOUT_S": "120",
         "DEIT_MAX_REQUEST_TIMEOUT_S": "120",
     }
-    with run_server(slow_store, tmp_path_factory.mktemp("protocol-metrics"), env=env) as process:
-        yield process
+    return servers.get(slow_store, env)
 
 
 def scrape(server: ServerProcess) -> Scrape:
@@ -148,7 +146,6 @@ def test_three_front_doors_share_one_forward_pass(server: ServerProcess) -> None
         before, after, small = _shared_round(server, blocker)
         if all(r["batch_size"] == [3] for r in small):
             break
-        time.sleep(1)
     else:
         pytest.fail(f"the three requests never shared a forward pass: {small}")
 

@@ -24,9 +24,9 @@ from tritonclient.utils import InferenceServerException
 from service.model.checkpoints import load_checkpoint
 from service.model.decoding import decode_image
 from service.model.preprocessing import Preprocessor
-from tests.serving import Scrape, ServerProcess, plain_error, run_server, wait_until
+from tests.serving import SMALL_UPLOADS, Scrape, ServerProcess, SharedServers, plain_error, run_server, wait_until
 
-MAX_FILES = 4
+MAX_FILES = int(SMALL_UPLOADS["DEIT_MAX_FILES"])
 NUM_LABELS = 10
 SIZE = 32  # the tiny model's input size
 
@@ -42,10 +42,8 @@ IMAGES = [jpeg(seed) for seed in (1, 2, 3)]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = {"DEIT_DEVICE": "cpu", "DEIT_DTYPE": "float32", "DEIT_MAX_FILES": str(MAX_FILES)}
-    with run_server(tiny_store, tmp_path_factory.mktemp("v2"), env=env) as process:
-        yield process
+def server(tiny_store: Path, servers: SharedServers) -> ServerProcess:
+    return servers.get(tiny_store, SMALL_UPLOADS)
 
 
 @pytest.fixture(scope="module")
@@ -254,12 +252,15 @@ def test_metrics_count_protocol_requests_by_route(server: ServerProcess, client:
     def scrape() -> Scrape:
         return Scrape.parse(httpx.get(f"{server.url}/metrics", timeout=10).text)
 
-    infer = {"model": "tiny", "endpoint": "/v2/models/{model_name}/versions/{model_version}/infer"}
+    infer = {"model": "tiny", "endpoint": "/v2/models/{model_name}/versions/{model_version}/infer", "protocol": "v2"}
     before = scrape()
     client.infer("tiny", [_bytes_input(IMAGES[:2])], model_version="1")
     after = scrape()
-    counted = after.value("deit_requests_total", **infer, status="200") - before.value("deit_requests_total", **infer)
+    counted = after.value("deit_requests_total", **infer, status="200") - before.value(
+        "deit_requests_total", **infer, status="200"
+    )
     assert counted == 1
+    assert after.value("deit_requests_total", **infer) - before.value("deit_requests_total", **infer) == 1
     assert after.value("deit_images_total", model="tiny") - before.value("deit_images_total", model="tiny") == 2
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
+from harness.launcher import running, service_env
 from service.api.schemas import ModelInfo
-from tests.serving import DEMO_MODEL, REPO, free_port, wait_ready
+from tests.serving import DEMO_MODEL, REPO, free_port
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 
@@ -74,26 +74,40 @@ def test_models_example_has_exactly_the_fields_of_the_response_schema() -> None:
     assert list(shown) == list(ModelInfo.model_fields)
 
 
-def test_serve_command_serves_the_demo_model(tmp_path: Path) -> None:
-    """`scripts/serve` with no model flag sets up, loads the embedded model and classifies its samples."""
+def test_serve_command_serves_the_demo_model_from_the_repository_model_store(tmp_path: Path) -> None:
+    """`scripts/serve` with no model flag sets up, serves model_store/ (the demo model by its link) and classifies
+    the demo's samples."""
     command = _command(_bash_blocks()[0])
     port = free_port()
-    log = (tmp_path / "serve.log").open("wb")
-    process = subprocess.Popen([*command, "--port", str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, process, timeout=300)
+    with running(
+        [*command, "--port", str(port)], port=port, log_path=tmp_path / "serve.log", env=service_env(port), cwd=REPO,
+        ready_timeout=300, stop_timeout=60,
+    ) as server:  # fmt: skip
+        url = server.url
+        loaded = [r for r in server.log_records() if r.get("message") == "model loaded"]
+        assert [r["source"] for r in loaded] == [str(REPO / "model_store" / DEMO_MODEL.name)], loaded
         for sample in sorted((DEMO_MODEL / "samples").glob("*.png")):
             response = httpx.post(f"{url}/classify", files={"file": (sample.name, sample.read_bytes(), "image/png")})
             assert response.status_code == 200, response.text
             assert response.json()["results"][0]["predictions"][0]["label"] == sample.name.split("_")[0]
         _check_curl_example(url)
         _check_models_example(url)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        code = process.wait(timeout=60)
-        log.close()
-    assert code == 0, (tmp_path / "serve.log").read_text()
+    assert server.process.returncode == 0, server.log()
+
+
+def test_the_repository_model_store_tracks_only_its_readme_and_the_demo_link() -> None:
+    """model_store/ is where a user's checkpoints go: git ignores them, the demo model is a link to the packaged one."""
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    store = REPO / "model_store"
+    assert (store / DEMO_MODEL.name).resolve() == DEMO_MODEL.resolve()
+    assert "scripts/serve" in (store / "README.md").read_text()
+    names = ["README.md", ".gitignore", DEMO_MODEL.name, "my-model/config.json", "deit-small.pth"]
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--no-index", *(f"model_store/{n}" for n in names)],
+        cwd=REPO, capture_output=True, text=True, check=False,
+    ).stdout.split()  # fmt: skip
+    assert ignored == ["model_store/my-model/config.json", "model_store/deit-small.pth"]
 
 
 def _check_curl_example(url: str) -> None:

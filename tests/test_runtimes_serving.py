@@ -18,15 +18,16 @@ import pytest
 from tests.serving import (
     Scrape,
     ServerProcess,
+    SharedServers,
     image_bytes,
     multipart,
     noise_image_bytes,
+    overflowing_head,
     run_server,
+    settled_rss,
     wait_until,
-    write_tiny_model,
+    write_big_model,
 )
-from tests.test_hardening_store import _overflowing_head
-from tests.test_model_repository import repository, settled_rss, write_big_model
 
 RUNTIMES = ("openvino", "onnxruntime")
 READY_S = 240.0  # each start exports its models (seconds each on a busy CPU) before it is ready
@@ -39,24 +40,15 @@ def _env(runtime: str, cache: Path) -> dict[str, str]:
             "DEIT_RUNTIME": runtime, "DEIT_RUNTIME_CACHE": str(cache)}  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    store = tmp_path_factory.mktemp("runtime-store")
-    write_tiny_model(store / "tiny")
-    return store
-
-
-@pytest.fixture(scope="module")
-def servers(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
-    """One server per runtime (torch the reference), shared by every check of this module."""
-    logs = tmp_path_factory.mktemp("runtime-logs")
-    cache = tmp_path_factory.mktemp("runtime-cache")
-    with (
-        run_server(store, logs, env=_env("torch", cache), ready_timeout=READY_S) as torch_server,
-        run_server(store, logs, env=_env("openvino", cache), ready_timeout=READY_S) as openvino,
-        run_server(store, logs, env=_env("onnxruntime", cache), ready_timeout=READY_S) as onnxruntime,
-    ):
-        yield {"torch": torch_server, "openvino": openvino, "onnxruntime": onnxruntime}
+@pytest.fixture
+def runtime_servers(servers: SharedServers, tiny_store: Path) -> dict[str, ServerProcess]:
+    """One server per runtime (torch the reference) on the suite's tiny store, from the shared servers: these checks
+    neither change the store nor stop a server. The cache lives as long as the shared servers do."""
+    cache = servers.workdir / "runtime-cache"
+    return {
+        runtime: servers.get(tiny_store, _env(runtime, cache), ready_timeout=READY_S)
+        for runtime in ("torch", *RUNTIMES)
+    }
 
 
 def _scores(server: ServerProcess, images: list[bytes], model: str = "tiny") -> list[list[float]]:
@@ -98,8 +90,8 @@ def _close(got: list[Any], want: list[Any]) -> None:
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
-def test_classify_embed_v2_and_hf_answer_as_torch_does(runtime: str, servers: dict[str, ServerProcess]) -> None:
-    reference, server = servers["torch"], servers[runtime]
+def test_classify_embed_v2_and_hf_answer_as_torch_does(runtime: str, runtime_servers: dict[str, ServerProcess]) -> None:
+    reference, server = runtime_servers["torch"], runtime_servers[runtime]
     _close(_scores(server, IMAGES), _scores(reference, IMAGES))
     for pooling in ("cls_distillation", "cls", "mean", "distillation"):
         _close(_embed(server, IMAGES, pooling), _embed(reference, IMAGES, pooling))
@@ -114,9 +106,9 @@ def test_classify_embed_v2_and_hf_answer_as_torch_does(runtime: str, servers: di
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_concurrent_requests_share_batches_and_each_gets_its_own_answer(
-    runtime: str, servers: dict[str, ServerProcess]
+    runtime: str, runtime_servers: dict[str, ServerProcess]
 ) -> None:
-    reference, server = servers["torch"], servers[runtime]
+    reference, server = runtime_servers["torch"], runtime_servers[runtime]
     want = _scores(reference, IMAGES)
     before = Scrape.parse(httpx.get(f"{server.url}/metrics", timeout=10).text)
     requests = [[IMAGES[i % 6]] for i in range(24)]
@@ -133,9 +125,9 @@ def test_concurrent_requests_share_batches_and_each_gets_its_own_answer(
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_the_runtime_is_reported_in_models_metadata_config_and_metrics(
-    runtime: str, servers: dict[str, ServerProcess]
+    runtime: str, runtime_servers: dict[str, ServerProcess]
 ) -> None:
-    server = servers[runtime]
+    server = runtime_servers[runtime]
     (info,) = httpx.get(f"{server.url}/v1/models", timeout=10).json()["models"]
     assert info["runtime"]["name"] == runtime
     assert info["runtime"]["precision"] == "float32"
@@ -152,19 +144,19 @@ def test_the_runtime_is_reported_in_models_metadata_config_and_metrics(
     assert not scrape.has_sample("deit_model_info", runtime="torch")
     loaded = [r for r in server.log_records() if r.get("message") == "model loaded"]
     assert [r["runtime"] for r in loaded] == [f"{runtime} float32"]
-    torch_config = httpx.get(f"{servers['torch'].url}/v2/models/tiny/config", timeout=10).json()
+    torch_config = httpx.get(f"{runtime_servers['torch'].url}/v2/models/tiny/config", timeout=10).json()
     assert torch_config["backend"] == "pytorch"
 
 
 @pytest.fixture(scope="module", params=RUNTIMES)
 def unwarmed(
-    request: pytest.FixtureRequest, store: Path, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, tiny_store: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     """A server per runtime without warm-up, its store holding ``tiny`` and ``broken`` (logits that overflow), into
     which the memory check puts a big model."""
     root = tmp_path_factory.mktemp(f"unwarmed-{request.param}")
-    shutil.copytree(store / "tiny", root / "store" / "tiny")
-    _overflowing_head(shutil.copytree(store / "tiny", root / "store" / "broken"))
+    shutil.copytree(tiny_store / "tiny", root / "store" / "tiny")
+    overflowing_head(shutil.copytree(tiny_store / "tiny", root / "store" / "broken"))
     env = {**_env(request.param, root / "cache"), "DEIT_WARMUP": "false"}
     with run_server(root / "store", root, env=env, ready_timeout=READY_S) as server:
         yield server
@@ -192,11 +184,11 @@ def test_unloading_a_runtime_model_gives_its_memory_back(unwarmed: ServerProcess
     before = settled_rss(pid)
     shutil.copytree(staged, store / "big")
     for attempt in (1, 2):  # the second load reads the exported artefact from the cache
-        assert repository(server.url, "big", "load").status_code == 200
+        assert _repository(server, "big", "load").status_code == 200
         for _ in range(3):
             _scores(server, IMAGES[:2], model="big")
         loaded = settled_rss(pid)
-        assert repository(server.url, "big", "unload").status_code == 200
+        assert _repository(server, "big", "unload").status_code == 200
         wait_until(lambda n=attempt: _unloads(server) == n, what=f"unload {attempt}")  # type: ignore[misc]
     after = settled_rss(pid)
     records = [r for r in server.log_records() if r.get("message") == "runtime artefact read from the cache"]
@@ -210,3 +202,7 @@ def test_unloading_a_runtime_model_gives_its_memory_back(unwarmed: ServerProcess
 
 def _unloads(server: ServerProcess) -> int:
     return sum(r.get("message") == "model unloaded" for r in server.log_records())
+
+
+def _repository(server: ServerProcess, model: str, action: str) -> httpx.Response:
+    return httpx.post(f"{server.url}/v2/repository/models/{model}/{action}", timeout=READY_S)

@@ -176,22 +176,6 @@ def test_raw_image_body(client: TestClient) -> None:
     assert named.json()["results"][0]["filename"] == "cam-1.png"
 
 
-def test_a_request_larger_than_the_batch_is_split_and_fully_answered(client: TestClient) -> None:
-    before = Scrape.parse(client.get("/metrics").text)
-    images = [(f"{i}.png", noise_image_bytes(100 + i)) for i in range(10)]
-    body = _classify(client, *images)
-    after = Scrape.parse(client.get("/metrics").text)
-    assert [r["filename"] for r in body["results"]] == [name for name, _ in images]
-    assert all(len(r["predictions"]) == 5 for r in body["results"])
-
-    def delta(sample: str, **labels: str) -> float:
-        return after.value(sample, model="tiny", **labels) - before.value(sample, model="tiny", **labels)
-
-    assert delta("deit_batch_size_sum") == 10
-    assert delta("deit_batch_size_count") >= 3  # ceil(10 / 4)
-    assert delta("deit_batch_size_bucket", le=f"{float(MAX_BATCH)}") == delta("deit_batch_size_count")
-
-
 # --- errors ---------------------------------------------------------------------------------------------------
 
 

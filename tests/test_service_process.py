@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +13,12 @@ import httpx
 import pytest
 
 from service.cli import main
-from service.settings import Settings
+from service.settings import DEFAULT_MODEL_STORE, Settings
 from tests.serving import (
     DEMO_MODEL,
     Scrape,
     ServerProcess,
+    SharedServers,
     noise_image_bytes,
     run_default_server,
     run_server,
@@ -41,7 +41,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(store: Path, servers: SharedServers) -> ServerProcess:
     env = {
         "DEIT_DEVICE": "cpu",
         "DEIT_DTYPE": "float32",
@@ -49,8 +49,7 @@ def server(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
         "DEIT_MAX_BATCH_DELAY_MS": "20",
         "DEIT_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
     }
-    with run_server(store, tmp_path_factory.mktemp("server"), env=env) as process:
-        yield process
+    return servers.get(store, env)
 
 
 def _files(*images: tuple[str, bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
@@ -92,6 +91,9 @@ def test_deit_serve_with_no_arguments_classifies_the_demo_samples(tmp_path: Path
 
         models = httpx.get(f"{server.url}/v1/models").json()["models"]
         assert [m["name"] for m in models if m["default"]] == [DEMO_MODEL.name]
+        # With no store setting, the store is the one packaged with the service, whatever the working directory.
+        loaded = [r["source"] for r in server.log_records() if r.get("message") == "model loaded"]
+        assert loaded == [str(DEFAULT_MODEL_STORE / DEMO_MODEL.name)], loaded
         response = httpx.post(
             f"{server.url}/classify", files=_files(*((p.name, p.read_bytes()) for p in samples)), timeout=60
         )
@@ -150,6 +152,7 @@ def test_a_request_larger_than_the_batch_is_split_and_fully_answered(server: Ser
     after = Scrape.parse(httpx.get(f"{server.url}/metrics").text)
     assert response.status_code == 200, response.text
     assert [r["filename"] for r in response.json()["results"]] == [name for name, _ in images]
+    assert all(len(r["predictions"]) == 5 for r in response.json()["results"])  # the default top_k
     assert _batch_delta(before, after, "deit_batch_size_sum") == len(images)
     batches = _batch_delta(before, after, "deit_batch_size_count")
     assert batches >= 3

@@ -9,25 +9,22 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Annotated, Any
+from typing import Any
 
-import torch
-from fastapi import APIRouter, Header, Request, Response
-from torch import Tensor
+from fastapi import APIRouter, Request, Response
 
-from service.api.admission import Authorized, State, accepting_model, admit
+from service.api import results
+from service.api.admission import Authorized, State, TimeoutHeader, accepting_model, admit
 from service.api.protocol_schemas import HFRequest, HFResponse, inline_schema
 from service.api.schemas import PlainErrorBody
+from service.engine.served import CLASSIFY
 from service.errors import BadRequest, EmptyUpload, InvalidParameter, TooManyFiles
 from service.http.responses import json_response
 from service.images import EncodedImage
 
-FUNCTIONS = ("softmax", "sigmoid", "none")
 DEFAULT_TOP_K = 5  # the pipeline's default
 
-
-Timeout = Annotated[float | None, Header(gt=0, description="seconds this request may take (capped by the server)")]
-router = APIRouter(tags=["Hugging Face API"], dependencies=[Authorized])
+router = APIRouter(tags=["Hugging Face API"])
 _DESCRIPTION = (
     'Raw image body, or JSON `{"inputs": "<base64 image>", "parameters": {"top_k": K, '
     '"function_to_apply": "softmax"|"sigmoid"|"none"}}`. Answers `[{"label", "score"}]` highest first.'
@@ -35,6 +32,7 @@ _DESCRIPTION = (
 
 
 _ROUTE: dict[str, Any] = {
+    "dependencies": [Authorized],
     "description": _DESCRIPTION,
     "response_class": Response,
     "responses": {
@@ -55,20 +53,20 @@ _ROUTE: dict[str, Any] = {
 
 
 @router.post("/", summary="Classify an image (Hugging Face API, default model)", **_ROUTE)
-async def classify_default(request: Request, state: State, x_request_timeout: Timeout = None) -> Response:
+async def classify_default(request: Request, state: State, x_request_timeout: TimeoutHeader = None) -> Response:
     return await _classify(request, state, None, x_request_timeout)
 
 
 @router.post("/models/{model_name}", summary="Classify an image (Hugging Face API)", **_ROUTE)
 async def classify_named(
-    request: Request, state: State, model_name: str, x_request_timeout: Timeout = None
+    request: Request, state: State, model_name: str, x_request_timeout: TimeoutHeader = None
 ) -> Response:
     return await _classify(request, state, model_name, x_request_timeout)
 
 
 async def _classify(request: Request, state: State, model: str | None, timeout_s: float | None) -> Response:
     settings = state.settings
-    served = accepting_model(state, model)
+    served = accepting_model(state, model, task=CLASSIFY)
     async with admit(request, state, served, timeout_s) as admitted:
         body = await admitted.body()
         content_type = request.headers.get("content-type", "")
@@ -77,9 +75,10 @@ async def _classify(request: Request, state: State, model: str | None, timeout_s
             admitted.context, lambda: parse_request(body, content_type, settings.max_files)
         )
         k, function = _parameters(params, len(served.labels))
-        logits = await admitted.logits([EncodedImage(f"image {i}", data) for i, data in enumerate(images)])
-    results = [_top_k(row, k, served.labels) for row in apply_function(logits, function)]
-    return json_response(results if batched else results[0])
+        inference = await admitted.infer([EncodedImage(f"image {i}", data) for i, data in enumerate(images)])
+    ranked = results.top_k(results.scores(results.logits(inference), function), k, served.labels)
+    answer = [[{"label": c.label, "score": c.score} for c in classes] for classes in ranked]
+    return json_response(answer if batched else answer[0])
 
 
 def parse_request(body: bytes, content_type: str, max_images: int) -> tuple[list[bytes], dict[str, Any], bool]:
@@ -129,19 +128,8 @@ def _parameters(params: dict[str, Any], num_labels: int) -> tuple[int, str]:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InvalidParameter(f"top_k must be a positive integer, not {k!r}")
     function = params.get("function_to_apply") or "softmax"
-    if function not in FUNCTIONS:
-        raise InvalidParameter(f"function_to_apply must be one of {', '.join(FUNCTIONS)}, not {function!r}")
+    if function not in results.SCORE_FUNCTIONS:
+        raise InvalidParameter(
+            f"function_to_apply must be one of {', '.join(results.SCORE_FUNCTIONS)}, not {function!r}"
+        )
     return min(k, num_labels), str(function)
-
-
-def apply_function(logits: Tensor, function: str) -> Tensor:
-    if function == "softmax":
-        return torch.softmax(logits, dim=-1)
-    if function == "sigmoid":
-        return torch.sigmoid(logits)
-    return logits
-
-
-def _top_k(row: Tensor, k: int, labels: list[str]) -> list[dict[str, Any]]:
-    scores, indices = row.topk(k)
-    return [{"label": labels[i], "score": s} for s, i in zip(scores.tolist(), indices.tolist(), strict=True)]

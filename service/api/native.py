@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.api.admission import Authorized, MetricsAuthorized, State, accepting_model, admit
+from service.api import results
+from service.api.admission import Authorized, MetricsAuthorized, State, TimeoutHeader, accepting_model, admit
 from service.api.schemas import (
     ClassifyResponse,
     EmbedResponse,
@@ -20,7 +20,7 @@ from service.api.schemas import (
     RuntimeReport,
 )
 from service.engine.lifecycle import Phase
-from service.engine.served import ServedModel
+from service.engine.served import CLASSIFY, ServedModel
 from service.errors import InvalidParameter, NotReady
 from service.http.body import FILE_FIELD
 from service.http.responses import json_response
@@ -31,6 +31,8 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 router = APIRouter()
+ModelQuery = Annotated[str | None, Query(description="model name (default model when omitted)")]
+VersionQuery = Annotated[int | None, Query(ge=0, description="model version (default: the newest loaded)")]
 
 _CLASSIFY_BODY = {
     "requestBody": {
@@ -68,27 +70,25 @@ _CLASSIFY_BODY = {
 async def classify_images(
     request: Request,
     state: State,
-    model: Annotated[str | None, Query(description="model name (default model when omitted)")] = None,
+    model: ModelQuery = None,
     top_k: Annotated[int | None, Query(ge=1, description="predictions per image (default 5)")] = None,
-    version: Annotated[int | None, Query(ge=0, description="model version (default: the newest loaded)")] = None,
-    x_request_timeout: Annotated[
-        float | None, Header(gt=0, description="seconds this request may take (capped by the server)")
-    ] = None,
+    version: VersionQuery = None,
+    x_request_timeout: TimeoutHeader = None,
 ) -> Response:
-    served = accepting_model(state, model, version)
-    served.check_classifies()
+    served = accepting_model(state, model, version, task=CLASSIFY)
     num_labels = len(served.labels)
     if top_k is not None and top_k > num_labels:
         raise InvalidParameter(f"top_k={top_k} exceeds the {num_labels} labels of model {served.name!r}")
     k = min(top_k or state.settings.default_top_k, num_labels)
     async with admit(request, state, served, x_request_timeout) as admitted:
         uploads = await admitted.uploads()
-        results = await admitted.classify(uploads, k)
+        inference = await admitted.infer(uploads)
+    ranked = results.top_k(results.scores(results.logits(inference)), k, served.labels)
     body = {
         "model": served.name,
         "results": [
             {"filename": upload.name, "predictions": [dataclasses.asdict(p) for p in predictions]}
-            for upload, predictions in zip(uploads, results, strict=True)
+            for upload, predictions in zip(uploads, ranked, strict=True)
         ],
     }
     return json_response(body)
@@ -113,16 +113,14 @@ SHAPE_HEADER = "X-Embedding-Shape"
 async def embed_images(
     request: Request,
     state: State,
-    model: Annotated[str | None, Query(description="model name (default model when omitted)")] = None,
-    version: Annotated[int | None, Query(ge=0, description="model version (default: the newest loaded)")] = None,
+    model: ModelQuery = None,
+    version: VersionQuery = None,
     pooling: Annotated[str | None, Query(description="cls, distillation, cls_distillation, mean or pooler")] = None,
     normalize: Annotated[bool, Query(description="scale each vector to unit length")] = False,
     encoding: Annotated[
         Literal["float", "base64"], Query(description="JSON numbers, or base64 of little-endian float32")
     ] = "float",
-    x_request_timeout: Annotated[
-        float | None, Header(gt=0, description="seconds this request may take (capped by the server)")
-    ] = None,
+    x_request_timeout: TimeoutHeader = None,
 ) -> Response:
     served = accepting_model(state, model, version)
     chosen = served.pooling(pooling)
@@ -131,16 +129,13 @@ async def embed_images(
         raise InvalidParameter(f"encoding={encoding} is for JSON bodies; Accept: {OCTET_STREAM} is raw float32")
     async with admit(request, state, served, x_request_timeout) as admitted:
         uploads = await admitted.uploads()
-        vectors = await admitted.embed(uploads, chosen, normalize)
+        inference = await admitted.infer(uploads)
+    vectors = results.embeddings(inference, chosen, normalize)
     n, dim = vectors.shape
     if raw:
         headers = {SHAPE_HEADER: f"{n},{dim}", "X-Embedding-Dtype": "float32", "X-Embedding-Pooling": chosen.value}
-        return Response(vectors.numpy().astype("<f4").tobytes(), media_type=OCTET_STREAM, headers=headers)
-    rows: list[Any] = (
-        [base64.b64encode(row.numpy().astype("<f4").tobytes()).decode() for row in vectors]
-        if encoding == "base64"
-        else vectors.tolist()
-    )
+        return Response(results.float32_bytes(vectors), media_type=OCTET_STREAM, headers=headers)
+    rows: list[Any] = results.base64_rows(vectors) if encoding == "base64" else vectors.tolist()
     body = {
         "model": served.name,
         "pooling": chosen.value,
@@ -221,9 +216,7 @@ async def healthz() -> Health:
 async def readyz(state: State) -> Health:
     phase = state.lifecycle.phase
     if phase is not Phase.READY:
-        error = NotReady(f"not ready: {phase.value}" + (f" ({state.lifecycle.error})" if state.lifecycle.error else ""))
-        error.headers = {"Retry-After": "1"}
-        raise error
+        raise NotReady(f"not ready: {phase.value}" + (f" ({state.lifecycle.error})" if state.lifecycle.error else ""))
     return Health(status="ready")
 
 

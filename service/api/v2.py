@@ -6,16 +6,22 @@ codes of the native API.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Any
 
-import torch
 from fastapi import APIRouter, Body, Depends, Header, Request, Response
 from torch import Tensor
 
 from service import __version__
-from service.api.admission import AppState, State, admit
-from service.api.admission import Authorized as AuthorizedDep
+from service.api import results
+from service.api.admission import (
+    AppState,
+    Authorized,
+    State,
+    TimeoutHeader,
+    accepting_model,
+    admit,
+    version_number,
+)
 from service.api.protocol_schemas import (
     ConfigTensor,
     InferRequest,
@@ -42,12 +48,10 @@ from service.api.v2_codec import (
     parse_infer_request,
 )
 from service.engine.lifecycle import Phase
-from service.engine.repository import scan_store
 from service.engine.served import ServedModel
-from service.errors import BadRequest, ModelNotFound, NotReady, UnsupportedMediaType
+from service.errors import BadRequest, NotReady, UnsupportedMediaType
 from service.http.access_log import request_arrival
 from service.images import EncodedImage
-from service.model.pooling import LOGITS, pool
 
 PLATFORM = "pytorch_deit"
 EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration", "model_repository")
@@ -56,7 +60,6 @@ HEADER_LENGTH = "inference-header-content-length"
 
 # Full paths on one router, no prefix or nested router: the metrics label a request by its route's own path.
 router = APIRouter(tags=["Open Inference Protocol"])
-Authorized = [AuthorizedDep]
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -64,7 +67,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": PlainErrorBody} for code in (*codes, 422)}
 
 
-_MODEL: dict[str, Any] = {"dependencies": Authorized, "responses": _errors(401, 404, 503)}
+_MODEL: dict[str, Any] = {"dependencies": [Authorized], "responses": _errors(401, 404, 503)}
 _INFER_ERRORS = _errors(400, 401, 404, 408, 413, 415, 499, 500, 503, 504)
 _INFER_OK: dict[int | str, dict[str, Any]] = {
     200: {
@@ -128,11 +131,7 @@ async def ready(state: State) -> Ready:
 
 def _model(state: AppState, name: str, version: str | None) -> ServedModel:
     """The version a path names (``/versions/{v}``), or the model's newest loaded one."""
-    if version is not None and not (version.isascii() and version.isdigit()):
-        state.store.get(name)  # an unknown model is named as such first
-        raise ModelNotFound(f"model {name!r} has no version {version!r}: versions are numbers")
-    served = state.store.get(name, None if version is None else int(version))
-    return served
+    return state.store.get(name, version_number(state, name, version))
 
 
 def _output_widths(served: ServedModel) -> dict[str, int]:
@@ -236,7 +235,7 @@ async def model_config(state: State, model_name: str, model_version: Version) ->
 
 
 _INFER: dict[str, Any] = {
-    "dependencies": Authorized,
+    "dependencies": [Authorized],
     "response_class": Response,
     "responses": {**_INFER_OK, **_INFER_ERRORS},
     "openapi_extra": _INFER_BODY,
@@ -252,16 +251,13 @@ async def infer(
     state: State,
     model_name: str,
     model_version: Version,
-    x_request_timeout: Annotated[
-        float | None, Header(gt=0, description="seconds this request may take (capped by the server)")
-    ] = None,
+    x_request_timeout: TimeoutHeader = None,
     inference_header_content_length: Annotated[
         str | None, Header(description="with binary tensor data: bytes of the JSON header at the start of the body")
     ] = None,
 ) -> Response:
     settings = state.settings
-    state.lifecycle.check_accepting()
-    served = _model(state, model_name, model_version)
+    served = accepting_model(state, model_name, model_version)
     header_length = _header_length(inference_header_content_length)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
@@ -280,15 +276,15 @@ async def infer(
         embedding = next((o for o in parsed.outputs if o.name == EMBEDDING_OUTPUT), None)
         pooling = served.pooling(embedding.pooling if embedding is not None else None)
         if parsed.images is not None:
-            outputs = await admitted.outputs([EncodedImage(f"image {i}", data) for i, data in enumerate(parsed.images)])
+            inference = await admitted.infer([EncodedImage(f"image {i}", d) for i, d in enumerate(parsed.images)])
         else:
             assert parsed.pixels is not None
-            outputs = await admitted.outputs(parsed.pixels)
+            inference = await admitted.infer(parsed.pixels)
     tensors: dict[str, Tensor] = {}
-    if LOGITS in outputs:  # one forward pass gave the class scores and the embedding's features
-        tensors = {"logits": outputs[LOGITS], "probabilities": torch.softmax(outputs[LOGITS], dim=-1)}
+    if inference.logits is not None:  # one forward pass gave the class scores and the embedding's features
+        tensors = {"logits": inference.logits, "probabilities": results.scores(inference.logits)}
     if embedding is not None:
-        tensors[EMBEDDING_OUTPUT] = pool(outputs, pooling, embedding.normalize)
+        tensors[EMBEDDING_OUTPUT] = results.embeddings(inference, pooling, embedding.normalize)
     content, json_length = build_infer_response(
         served.name, str(served.version), parsed.id, parsed.outputs, tensors, served.labels
     )
@@ -305,38 +301,37 @@ async def infer(
 @router.post(
     "/v2/repository/index",
     summary="Every model version of the store, loaded or not",
-    dependencies=Authorized,
+    dependencies=[Authorized],
     responses=_errors(400, 401),
 )
 async def repository_index(
     state: State, body: Annotated[RepositoryIndexRequest | None, Body()] = None
 ) -> list[RepositoryIndexEntry]:
-    contents = await asyncio.to_thread(scan_store, state.settings.model_store)
-    rows = state.store.index(contents, body is not None and body.ready)
+    rows = await state.repository.index(ready_only=body is not None and body.ready)
     return [RepositoryIndexEntry(**row) for row in rows]
 
 
 @router.post(
     "/v2/repository/models/{model_name}/load",
     summary="Load or reload a model",
-    dependencies=Authorized,
+    dependencies=[Authorized],
     responses={200: {"description": "loaded, or already loaded and unchanged"}, **_errors(400, 401, 404, 503)},
 )
 async def repository_load(state: State, model_name: str) -> Response:
     state.lifecycle.check_accepting()
-    await state.store.load(model_name)
+    await state.repository.load(model_name)
     return Response(status_code=200)
 
 
 @router.post(
     "/v2/repository/models/{model_name}/unload",
     summary="Unload a model",
-    dependencies=Authorized,
+    dependencies=[Authorized],
     responses={200: {"description": "unloaded"}, **_errors(401, 404, 503)},
 )
 async def repository_unload(state: State, model_name: str) -> Response:
     state.lifecycle.check_accepting()
-    await state.store.unload(model_name)
+    await state.repository.unload(model_name)
     return Response(status_code=200)
 
 

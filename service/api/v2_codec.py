@@ -42,7 +42,7 @@ class RequestedOutput:
 
 
 @dataclass
-class InferRequest:
+class ParsedInferRequest:
     """A parsed infer request: exactly one of ``images`` and ``pixels`` is set."""
 
     id: str | None
@@ -65,7 +65,7 @@ class _Input:
 def parse_infer_request(
     body: bytes, header_length: int | None, *, input_size: tuple[int, int], max_elements: int,
     offered: Sequence[str] = OUTPUTS,
-) -> InferRequest:  # fmt: skip
+) -> ParsedInferRequest:  # fmt: skip
     """Parse a whole infer request body; 400 naming the problem, 413 over ``max_elements`` images. ``offered``: the
     outputs the model gives (a model without a classification head gives only the embedding)."""
     header_bytes, binary = _split(body, header_length)
@@ -86,7 +86,7 @@ def parse_infer_request(
     _attach_binary(inputs, binary)
     if len(inputs) != 1:
         raise BadRequest(f"send exactly one input, {IMAGE_INPUT!r} or {PIXELS_INPUT!r}; got {len(inputs)}")
-    request = InferRequest(
+    request = ParsedInferRequest(
         request_id, _outputs(header.get("outputs"), _flag(params, "binary_data_output"), offered), _timeout(params)
     )
     tensor = inputs[0]

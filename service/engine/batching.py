@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from service.engine.runner import ModelRunner, Outputs
+from service.engine.runner import Forwarded, ModelRunner, Outputs
 from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, ServiceError, ShuttingDown, TooManyFiles
 from service.metrics import Metrics
 
@@ -155,6 +155,10 @@ class Batcher:
         self._fail_queued(ShuttingDown("the service stopped before this image ran"))
         await self.runner.stop()
 
+    def warm_up(self, batches: Sequence[Sequence[Tensor]]) -> list[Outputs]:
+        """Run ``batches`` on every forward slot (blocking, before ``start``); returns their outputs to check."""
+        return self.runner.warm_up(batches)
+
     def abandon(self) -> None:
         """The drain ran out of time: refuse new work and answer queued images 503 now; a running batch finishes."""
         self._closed = True
@@ -187,8 +191,8 @@ class Batcher:
             await self._gather_more(limit)
             batch = self._take_batch(limit)
             if batch:
-                outputs = runner.start(slot, [item.pixels for item in batch], more_queued=bool(self._queue))
-                task = asyncio.create_task(self._answer(batch, outputs), name=f"answer-{self.model_name}-{slot}")
+                forward = runner.start(slot, [item.pixels for item in batch], more_queued=bool(self._queue))
+                task = asyncio.create_task(self._answer(batch, forward), name=f"answer-{self.model_name}-{slot}")
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
 
@@ -229,11 +233,11 @@ class Batcher:
             wait.observe(item.queue_s)
         return batch
 
-    async def _answer(self, batch: list[WorkItem], outputs: asyncio.Future[Outputs]) -> None:
-        """Give each image of a batch its row of each output (or the batch's error) when its forward pass ends."""
-        started = time.perf_counter()
+    async def _answer(self, batch: list[WorkItem], forward: asyncio.Future[Forwarded]) -> None:
+        """Give each image of a batch its row of each output (or the batch's error) when its forward pass ends; the
+        pass's duration is the one its forward thread measured."""
         try:
-            results = await outputs
+            forwarded = await forward
         except Exception as e:
             self._metrics.batch_failures.labels(self.model_name).inc()
             log.exception("forward pass failed", extra={"model": self.model_name, "batch_size": len(batch)})
@@ -242,7 +246,7 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_exception(error)
             return
-        elapsed = time.perf_counter() - started
+        results, elapsed = forwarded.outputs, forwarded.seconds
         self._metrics.forward_duration.labels(self.model_name).observe(elapsed)
         self._metrics.batch_size.labels(self.model_name).observe(len(batch))
         self._metrics.images.labels(self.model_name).inc(len(batch))

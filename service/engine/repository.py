@@ -1,108 +1,177 @@
-"""What the model store holds on disk (models, their numbered versions, a fingerprint of each version's files), and
-the opt-in poller that loads and unloads models as the store changes.
-
-Layout: ``<store>/<model>/<N>/…`` (numeric version folders), or a model directory or ``.pth`` without version
-folders, which is version 1. A version's fingerprint is its files' paths, sizes and modification times: a new
-version folder or a changed file gives a new fingerprint.
+"""The model repository: what each version on disk is to the service (READY, LOADING, UNAVAILABLE and why), the
+index clients read, and bringing the registry in line with the files: load at start-up, load/reload/unload on
+request, and reconcile with the poller's view of the store. A failed load keeps whatever was serving.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
-from service.errors import ModelStoreError
-from service.model.checkpoints import PTH_SUFFIXES
+import torch
 
-log = logging.getLogger("deit_serve.repository")
+from service.engine.decode_pool import DecodePool
+from service.engine.loader import Loader
+from service.engine.served import ServedModel
+from service.engine.store import ModelStore
+from service.engine.store_files import Fingerprint, StoreContents, VersionSource, scan_model, scan_store
+from service.errors import ModelLoadFailed, ModelNotFound, ModelStoreError, RepositoryLoadFailed
+from service.metrics import Metrics
+from service.settings import Settings
 
-Fingerprint = tuple[tuple[str, int, int], ...]
+log = logging.getLogger("deit_serve.store")
 
-
-@dataclass(frozen=True)
-class VersionSource:
-    """One version of a model on disk: where to load it from, and the state of its files."""
-
-    path: Path
-    fingerprint: Fingerprint
-
-
-StoreContents = dict[str, dict[int, VersionSource]]
+READY, UNAVAILABLE, LOADING = "READY", "UNAVAILABLE", "LOADING"
 
 
-def model_entries(store: Path) -> list[tuple[str, Path]]:
-    """Model directories and ``.pth``-like files of the store, named by directory or file stem, sorted."""
-    if not store.is_dir():
-        raise ModelStoreError(f"model store {store} is not a directory")
-    found: list[tuple[str, Path]] = []
-    for entry in sorted(store.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir() or (entry.is_file() and entry.suffix in PTH_SUFFIXES):
-            found.append((entry.stem if entry.is_file() else entry.name, entry))
-    names = [n for n, _ in found]
-    if len(set(names)) != len(names):
-        raise ModelStoreError(f"model store {store} has two models with the same name: {names}")
-    return found
+@dataclass
+class VersionEntry:
+    """What the repository index says of one version; ``fingerprint`` is that of the files last tried."""
+
+    state: str
+    reason: str = ""
+    fingerprint: Fingerprint | None = None
 
 
-def fingerprint(path: Path) -> Fingerprint:
-    """Relative path, size and mtime (ns) of every file under ``path`` (or of ``path`` itself), hidden ones aside."""
-    if path.is_file():
-        stat = path.stat()
-        return ((path.name, stat.st_size, stat.st_mtime_ns),)
-    files = []
-    for file in sorted(path.rglob("*")):
-        relative = file.relative_to(path)
-        if any(part.startswith(".") for part in relative.parts) or not file.is_file():
-            continue
-        stat = file.stat()
-        files.append((relative.as_posix(), stat.st_size, stat.st_mtime_ns))
-    return tuple(files)
+class Repository:
+    """The versions on disk and their states, over the registry (``store``) that serves the loaded ones."""
 
+    def __init__(self, settings: Settings, store: ModelStore, loader: Loader) -> None:
+        self.settings = settings
+        self.store = store
+        self.loader = loader
+        self.entries: dict[str, dict[int, VersionEntry]] = {}
+        self._lock = asyncio.Lock()
+        # One loading thread on one intra-op thread: a load never holds a second OpenMP team (see the runner).
+        self._loading = ThreadPoolExecutor(1, "model-load", initializer=torch.set_num_threads, initargs=(1,))
 
-def model_versions(path: Path) -> dict[int, VersionSource]:
-    """The versions of one model: its numeric sub-directories, or the model itself as version 1."""
-    if path.is_dir():
-        numbered = {int(d.name): d for d in path.iterdir() if d.is_dir() and d.name.isascii() and d.name.isdigit()}
-        if numbered:
-            return {n: VersionSource(d, fingerprint(d)) for n, d in sorted(numbered.items())}
-    return {1: VersionSource(path, fingerprint(path))}
+    @classmethod
+    def open(cls, settings: Settings, metrics: Metrics, decode_pool: DecodePool) -> Repository:
+        """An empty registry and the repository that fills it, as the service's settings say."""
+        store = ModelStore(metrics, default_model=settings.default_model, drain_timeout_s=settings.drain_timeout_s)
+        threads = settings.torch_threads or torch.get_num_threads()
+        return cls(settings, store, Loader(settings, metrics, decode_pool, threads))
 
+    # --- start-up ----------------------------------------------------------------------------------------------
 
-def scan_store(store: Path) -> StoreContents:
-    """Every model and version of the store as it is now (blocking file-system reads: run off the event loop)."""
-    return {name: model_versions(path) for name, path in model_entries(store)}
+    def load_all(self) -> None:
+        """Load every version of every model of the store (blocking; run off the event loop); any failure stops
+        start-up, named."""
+        s = self.settings
+        torch.set_num_threads(1)
+        contents = scan_store(s.model_store)
+        if not contents:
+            raise ModelStoreError(f"model store {s.model_store} holds no models (one directory or .pth per model)")
+        if s.default_model is not None and s.default_model not in contents:
+            raise ModelStoreError(f"default model {s.default_model!r} is not in the store {s.model_store}")
+        for name, versions in contents.items():
+            for version, source in versions.items():
+                self._installed(self.loader.load(name, version, source))
 
+    def _installed(self, served: ServedModel) -> None:
+        self.store.install(served)
+        self.entries.setdefault(served.name, {})[served.version] = VersionEntry(READY, fingerprint=served.fingerprint)
 
-def scan_model(store: Path, name: str) -> dict[int, VersionSource] | None:
-    """The versions of the model ``name`` on disk, or None when the store holds no such model."""
-    path = next((p for n, p in model_entries(store) if n == name), None)
-    return None if path is None else model_versions(path)
+    # --- run time: load, reload, unload, reconcile -------------------------------------------------------------
 
+    async def load(self, name: str) -> None:
+        """Load (or reload) the model ``name`` from disk: new and changed versions load, removed ones unload, the
+        unchanged ones keep serving. Raises ModelNotFound when the store holds no such model, and
+        RepositoryLoadFailed (after applying the versions that did load) when one failed."""
+        async with self._lock:
+            found = await asyncio.to_thread(scan_model, self.settings.model_store, name)
+            if found is None:
+                raise ModelNotFound(f"the model store holds no model {name!r}")
+            await self._apply(name, found, retry=True)
 
-async def poll_store(
-    store: Path, interval_s: float, apply: Callable[[StoreContents], Awaitable[None]]
-) -> None:  # fmt: skip
-    """Every ``interval_s``, scan the store and hand a changed state to ``apply`` once it has been seen twice in a
-    row, so that a version folder still being copied is not loaded half-written."""
-    previous: StoreContents | None = None
-    applied: StoreContents | None = None
-    while True:
-        await asyncio.sleep(interval_s)
-        try:
-            current = await asyncio.to_thread(scan_store, store)
-        except (OSError, ModelStoreError) as e:  # a directory removed mid-scan, two models of one name: next time
-            log.warning("model store scan failed: %s", e, extra={"store": str(store)})
-            previous = None
-            continue
-        if current == previous and current != applied:
+    async def unload(self, name: str) -> None:
+        """Stop serving every version of ``name``: requests that hold one finish, then its memory is freed."""
+        async with self._lock:
+            known = name in self.store.versions or name in self.entries
+            if not known and await asyncio.to_thread(scan_model, self.settings.model_store, name) is None:
+                raise ModelNotFound(f"model {name!r} not found")
+            for version in list(self.store.loaded(name)):
+                self._remove(name, version, "unloaded")
+            for entry in self.entries.get(name, {}).values():
+                entry.state, entry.reason = UNAVAILABLE, "unloaded"
+
+    async def sync(self, contents: StoreContents) -> None:
+        """Bring the store in line with the files (the poller): load what is new or changed, unload what is gone.
+        A version that failed, or that was unloaded, is left alone until its files change."""
+        async with self._lock:
+            for name in sorted(set(self.store.versions) | set(self.entries)):
+                if name not in contents:
+                    for version in list(self.store.loaded(name)):
+                        self._remove(name, version, "removed from the model store")
+                    self.entries.pop(name, None)
+            for name, found in sorted(contents.items()):
+                with contextlib.suppress(RepositoryLoadFailed):  # reported in the index and the log
+                    await self._apply(name, found, retry=False)
+
+    async def _apply(self, name: str, found: dict[int, VersionSource], *, retry: bool) -> None:
+        loaded = self.store.loaded(name)
+        entries = self.entries.setdefault(name, {})
+        for version in [v for v in loaded if v not in found]:
+            self._remove(name, version, "removed from the model store")
+        for version in [v for v in entries if v not in found and v not in loaded]:
+            del entries[version]
+        wanted = []
+        for version, source in found.items():
+            current = loaded.get(version)
+            if current is not None and current.fingerprint == source.fingerprint:
+                continue
+            tried = entries.get(version)
+            if not retry and tried is not None and tried.fingerprint == source.fingerprint:
+                continue
+            wanted.append((version, source))
+        failures = []
+        for version, source in wanted:
+            entry = entries.setdefault(version, VersionEntry(LOADING))
+            previous_state = READY if version in loaded else UNAVAILABLE
+            entry.state, entry.reason = LOADING, ""
             try:
-                await apply(current)
-            except Exception:
-                log.exception("applying model store changes failed", extra={"store": str(store)})
-            applied = current
-        previous = current
+                served = await asyncio.get_running_loop().run_in_executor(
+                    self._loading, self.loader.load, name, version, source
+                )
+            except ModelLoadFailed as e:
+                reason = e.message if version not in loaded else f"reload failed, the loaded files serve: {e.message}"
+                entries[version] = VersionEntry(previous_state, reason, source.fingerprint)
+                log.error(
+                    "model load failed: %s",
+                    e.message,
+                    extra={"code": e.code, "model": name, "version": version, "source": e.source},
+                )
+                failures.append(e.message)
+                continue
+            served.start()
+            self._installed(served)
+        if failures:
+            raise RepositoryLoadFailed("; ".join(failures))
+
+    def _remove(self, name: str, version: int, reason: str) -> None:
+        self.store.remove(name, version)
+        entry = self.entries.setdefault(name, {}).setdefault(version, VersionEntry(UNAVAILABLE))
+        entry.state, entry.reason = UNAVAILABLE, reason
+
+    # --- the index ---------------------------------------------------------------------------------------------
+
+    async def index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        """The repository index: every version on disk or loaded, with its state and the reason for it."""
+        contents = await asyncio.to_thread(scan_store, self.settings.model_store)
+        rows = []
+        for name in sorted(set(contents) | set(self.store.versions)):
+            versions = sorted(set(contents.get(name, {})) | set(self.store.loaded(name)))
+            for version in versions:
+                entry = self.entries.get(name, {}).get(version) or VersionEntry(UNAVAILABLE, "not loaded")
+                if ready_only and entry.state != READY:
+                    continue
+                rows.append({"name": name, "version": str(version), "state": entry.state, "reason": entry.reason})
+        return rows
+
+    async def close(self) -> None:
+        """Stop every served version (the caller drained requests first) and the loading thread."""
+        await self.store.close()
+        self._loading.shutdown(wait=False, cancel_futures=True)

@@ -10,15 +10,20 @@ threads than there are cores: a second thread team, even once, would slow every 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from service.model.checkpoints import LoadedCheckpoint
+from service.model.cuda_graphs import GraphedModel
 from service.model.cuda_streams import on_thread_stream
+from service.model.pooling import serving_outputs
 
 log = logging.getLogger("deit_serve.runner")
 
@@ -26,20 +31,38 @@ Outputs = dict[str, Tensor]  # per output name (logits, token features), one row
 Forward = Callable[[Sequence[Tensor]], Outputs]
 
 
+@dataclass(frozen=True)
+class Forwarded:
+    """A batch's outputs and its forward pass's duration, timed in the forward thread where the pass ran (the event
+    loop may wake up long after a fast pass has ended)."""
+
+    outputs: Outputs
+    seconds: float
+
+
 def checkpoint_forward(checkpoint: LoadedCheckpoint) -> Forward:
     """Stack, move, run: float32 outputs on the CPU, the logits (the average of the CLS and distillation heads) of
-    a classifier and the token features its embeddings are pooled from (``DeiT.outputs``), from one pass."""
-    model, device, dtype = checkpoint.model, checkpoint.device, checkpoint.dtype
+    a classifier and the token features its embeddings are pooled from (``serving_outputs``), from one pass."""
+    device, dtype = checkpoint.device, checkpoint.dtype
     if device.type == "cuda":
         return _cuda_forward(checkpoint)
+    run = model_outputs(checkpoint)
 
     def forward(pixels: Sequence[Tensor]) -> Outputs:
         batch = torch.stack(list(pixels)).to(dtype)
         with torch.inference_mode():
-            outputs = model.outputs(batch)
+            outputs = run(batch)
             return {name: value.float() for name, value in outputs.items()}
 
     return forward
+
+
+def model_outputs(checkpoint: LoadedCheckpoint) -> Callable[[Tensor], Outputs]:
+    """The serving outputs of a batch: replayed from CUDA graphs when the model was captured, else eagerly."""
+    model: object = checkpoint.model
+    if isinstance(model, GraphedModel):
+        return model.outputs
+    return functools.partial(serving_outputs, checkpoint.model)
 
 
 def _cuda_forward(checkpoint: LoadedCheckpoint) -> Forward:
@@ -47,13 +70,14 @@ def _cuda_forward(checkpoint: LoadedCheckpoint) -> Forward:
     copied without blocking, the outputs copied back the same way, and only the end of the stream is waited for.
     With two forward slots (the default on CUDA), the copy of one batch runs while the other's forward pass does.
     Inputs already on the device (``--preprocess-device cuda``) are stacked there."""
-    model, device, dtype = checkpoint.model, checkpoint.device, checkpoint.dtype
+    device, dtype = checkpoint.device, checkpoint.dtype
+    run = model_outputs(checkpoint)
 
     def forward(pixels: Sequence[Tensor]) -> Outputs:
         with on_thread_stream(device) as stream, torch.inference_mode():
             assert stream is not None
             batch = stack_on_device(pixels, device, stream).to(dtype)
-            outputs = model.outputs(batch)
+            outputs = run(batch)
             host = {}
             for name, value in outputs.items():
                 host[name] = torch.empty(value.shape, dtype=torch.float32, pin_memory=True)
@@ -100,7 +124,7 @@ class ModelRunner:
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{model_name}-{i}")
             for i in range(forward_workers)
         ]
-        self._running: list[asyncio.Future[Outputs] | None] = [None] * forward_workers
+        self._running: list[asyncio.Future[Forwarded] | None] = [None] * forward_workers
 
     def free_slot(self) -> int | None:
         return next((i for i, running in enumerate(self._running) if running is None), None)
@@ -118,11 +142,12 @@ class ModelRunner:
             return share
         return max_batch_size
 
-    def start(self, slot: int, pixels: Sequence[Tensor], *, more_queued: bool) -> asyncio.Future[Outputs]:
-        """Run one batch on ``slot`` (claimed at once, freed when it ends); its future holds the outputs."""
+    def start(self, slot: int, pixels: Sequence[Tensor], *, more_queued: bool) -> asyncio.Future[Forwarded]:
+        """Run one batch on ``slot`` (claimed at once, freed when it ends); its future holds the outputs and the
+        pass's duration."""
         threads = self._threads_for(slot, more_queued)
         loop = asyncio.get_running_loop()
-        running = loop.run_in_executor(self._executors[slot], self._forward_with_oom_retry, pixels, threads)
+        running = loop.run_in_executor(self._executors[slot], self._timed_forward, pixels, threads)
         self._running[slot] = running
         running.add_done_callback(lambda _: self._free(slot))
         return running
@@ -161,6 +186,12 @@ class ModelRunner:
             await asyncio.gather(*running, return_exceptions=True)
         for executor in self._executors:
             executor.shutdown(wait=True)
+
+    def _timed_forward(self, pixels: Sequence[Tensor], threads: int | None) -> Forwarded:
+        """The batch's forward pass (in its forward thread), timed from its first to its last operation there."""
+        started = time.perf_counter()
+        outputs = self._forward_with_oom_retry(pixels, threads)
+        return Forwarded(outputs, time.perf_counter() - started)
 
     def _forward_with_oom_retry(self, pixels: Sequence[Tensor], threads: int | None = None) -> Outputs:
         """Run the batch (on ``threads`` intra-op threads: set for this thread only); on out-of-memory, retry once

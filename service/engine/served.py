@@ -1,7 +1,8 @@
-"""One served model: the façade every front door calls (native API, Open Inference Protocol, Hugging Face API).
+"""One served model: what every front door calls (native API, Open Inference Protocol, Hugging Face API).
 
-It takes encoded images or preprocessed pixels, a deadline and cancel signal (``RequestContext``), and returns
-plain results; its decoding threads, limits, queue, forward slots and metrics are bound when it is built.
+One engine call, ``infer``: encoded images or preprocessed pixels and a deadline and cancel signal
+(``RequestContext``) in, the forward pass's outputs (``Inference``) out; its decoding threads, limits, queue,
+forward slots and metrics are bound when it is built (``service.engine.loader``).
 """
 
 from __future__ import annotations
@@ -22,21 +23,15 @@ from service.engine.batching import Batcher
 from service.engine.context import RequestContext
 from service.engine.decode_pool import DecodePool
 from service.engine.runtimes import RuntimeInfo
+from service.engine.store_files import Fingerprint
 from service.errors import ClientGone, InvalidParameter, ModelStoreError, ServiceError, ShuttingDown, TaskNotSupported
 from service.images import EncodedImage
 from service.metrics import Metrics
 from service.model.checkpoints import LoadedCheckpoint
 from service.model.decoding import decode_image, load_rgb, open_image
 from service.model.device_decoding import DeviceDecoding
-from service.model.pooling import LOGITS, Pooling, default_pooling, feature_names, pool, poolings
+from service.model.pooling import LOGITS, Pooling, default_pooling, feature_names, poolings
 from service.model.preprocessing import Preprocessor
-
-
-@dataclass(frozen=True)
-class Prediction:
-    label: str
-    index: int
-    score: float
 
 
 @dataclass
@@ -50,6 +45,17 @@ class RequestStats:
 
 
 Inputs = Sequence[EncodedImage] | Tensor  # encoded images, or preprocessed pixels [N, 3, H, W]
+
+
+@dataclass(frozen=True)
+class Inference:
+    """What one engine call gives, stacked ``[N, ...]`` in input order: a classifier's logits (the average of its
+    heads; None for a model without one) and the final-normed token features every pooling is made from. Front
+    doors turn it into their answers with the pure functions of ``service.api.results``."""
+
+    logits: Tensor | None
+    features: dict[str, Tensor]
+
 
 CLASSIFY = "classify"
 EMBED = "embed"
@@ -67,6 +73,7 @@ class ServedModel:
     load_seconds: float = 0.0
     version: int = 1
     device_decoding: DeviceDecoding | None = None  # --preprocess-device cuda
+    fingerprint: Fingerprint = ()  # of the files it was loaded from: a reload of unchanged files is skipped
     runtime: RuntimeInfo = field(default_factory=RuntimeInfo)  # what runs its forward pass, and why
     labels: list[str] = field(init=False)
 
@@ -114,29 +121,29 @@ class ServedModel:
                 "it serves embeddings: POST /embed"
             )
 
+    def start(self) -> None:
+        """Start answering: its batcher begins forming batches."""
+        self.batcher.start()
+
+    async def stop(self) -> None:
+        """Stop its batcher (the caller drained the requests that hold it first)."""
+        await self.batcher.stop()
+
+    def abandon(self) -> None:
+        """The drain ran out of time: queued images are answered 503 now; a running batch finishes."""
+        self.batcher.abandon()
+
+    def check_room(self, n_images: int) -> None:
+        """Refuse at once (503) when ``n_images`` more would overflow this model's queue."""
+        self.batcher.check_room(n_images)
+
     # --- requests ----------------------------------------------------------------------------------------------
 
-    async def logits(self, inputs: Inputs, context: RequestContext, stats: RequestStats | None = None) -> Tensor:
-        """Logits ``[N, num_labels]`` (the average of the CLS and distillation heads) of the inputs."""
-        self.check_classifies()
-        return (await self.outputs(inputs, context, stats))[LOGITS]
-
-    async def embed(
-        self, inputs: Inputs, *, pooling: str | None = None, normalize: bool = False, context: RequestContext,
-        stats: RequestStats | None = None,
-    ) -> Tensor:  # fmt: skip
-        """Embeddings ``[N, hidden_size]``: the ``pooling`` (default the model's natural one) of each input's
-        final-normed tokens, of unit length when ``normalize``; from the same forward passes as classification."""
-        chosen = self.pooling(pooling)
-        return pool(await self.outputs(inputs, context, stats), chosen, normalize)
-
-    async def outputs(
-        self, inputs: Inputs, context: RequestContext, stats: RequestStats | None = None
-    ) -> dict[str, Tensor]:
-        """Every output of the forward pass (``DeiT.outputs``), stacked ``[N, ...]``: encoded images are decoded
-        taking turns with other requests for the decoding threads; all of them then share forward passes with
-        other requests' images, classify and embed alike. Ends at the context's deadline or cancel signal, in any
-        stage."""
+    async def infer(self, inputs: Inputs, context: RequestContext, stats: RequestStats | None = None) -> Inference:
+        """The one engine call of every front door: encoded images are decoded taking turns with other requests for
+        the decoding threads, then all of them share forward passes with other requests' images (classify and
+        embed alike). Ends at the context's deadline or cancel signal, in any stage; ``stats`` gets what the request
+        saw of batching."""
         stats = stats if stats is not None else RequestStats()
         batcher = self.batcher
         count = len(inputs)
@@ -156,19 +163,9 @@ class ServedModel:
         stats.batch_sizes = tuple(sorted({i.batch_size for i in items}))
         stats.queue_ms = max(i.queue_s for i in items) * 1000
         stats.inference_ms = max(i.forward_s for i in items) * 1000
-        return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
-
-    async def classify(
-        self, inputs: Inputs, *, top_k: int, context: RequestContext, stats: RequestStats | None = None
-    ) -> list[list[Prediction]]:
-        """The ``top_k`` classes of each input, by softmax of the averaged logits, highest first."""
-        probs = torch.softmax(await self.logits(inputs, context, stats), dim=-1)
-        scores, indices = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
-        labels = self.labels
-        return [
-            [Prediction(labels[i], i, s) for s, i in zip(row_scores, row_indices, strict=True)]
-            for row_scores, row_indices in zip(scores.tolist(), indices.tolist(), strict=True)
-        ]
+        stacked = {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
+        logits = stacked.pop(LOGITS, None)
+        return Inference(logits, stacked)
 
     async def _decode(self, images: Sequence[EncodedImage], context: RequestContext) -> list[Tensor]:
         jobs = self.decode_pool.submit(context, [functools.partial(self._decode_one, image) for image in images])
@@ -237,7 +234,7 @@ class ServedModel:
         pixels = self.probe()
         sizes = sorted({1, max_batch_size})
         try:
-            outputs = self.batcher.runner.warm_up([[pixels] * n for n in sizes])
+            outputs = self.batcher.warm_up([[pixels] * n for n in sizes])
         except Exception as e:
             raise ModelStoreError(
                 f"warm-up forward pass on the output of {self.preprocess_source} failed: {type(e).__name__}: {e}"

@@ -1,4 +1,5 @@
-"""Per-request bookkeeping as plain ASGI: request id, latency and status metrics, one JSON access-log line."""
+"""The access log as plain ASGI: request id, latency and status metrics, one JSON line per request; the front door
+that admits a request fills in its typed ``RequestRecord`` (model, version, batching, error code)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import logging
 import re
 import time
 import uuid
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,13 +32,41 @@ def _large_or_unknown_body(headers: dict[bytes, bytes]) -> bool:
     return not declared.isdigit() or int(declared) > DISCARD_LIMIT_BYTES
 
 
+class Batching(Protocol):
+    """What a request saw of batching (the engine's ``RequestStats``), for its log line."""
+
+    images: int
+    batch_sizes: tuple[int, ...]
+    queue_ms: float
+    inference_ms: float
+
+
+@dataclass
+class RequestRecord:
+    """One request as the access log and the request metrics tell it: made on arrival, filled in by the front door
+    that admits it (model, version, batching) and by the error handlers (error code)."""
+
+    request_id: str
+    arrived: float  # time.monotonic() on arrival: the origin of the request's deadline
+    model: str = ""
+    version: str = ""
+    batching: Batching | None = None
+    error_code: str | None = None
+
+
+def request_record(request: Request) -> RequestRecord:
+    record: RequestRecord = request.state.record
+    return record
+
+
 def request_arrival(request: Request) -> float:
     """When the request reached the app (``time.monotonic()``): the origin of its deadline."""
-    arrived: float = request.state.arrived
-    return arrived
+    return request_record(request).arrived
 
 
-class RequestContextMiddleware:
+class AccessLogMiddleware:
+    """Request id (echoed, or made), request metrics by route, and the access log line of every request."""
+
     def __init__(
         self, app: ASGIApp, metrics: Metrics, access_log: bool, fixed_paths: frozenset[str] = frozenset()
     ) -> None:
@@ -53,9 +83,8 @@ class RequestContextMiddleware:
         headers = dict(scope["headers"])
         incoming = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if _VALID_ID.match(incoming) else uuid.uuid4().hex
-        state: dict[str, Any] = scope.setdefault("state", {})
-        state["request_id"] = request_id
-        state["arrived"] = time.monotonic()
+        record = RequestRecord(request_id, time.monotonic())
+        scope.setdefault("state", {})["record"] = record
         status = 500
         unread_large_body = _large_or_unknown_body(headers)
 
@@ -82,21 +111,20 @@ class RequestContextMiddleware:
             await self.app(scope, receive_body, send_with_id)
         finally:
             self.metrics.inflight.dec()
-            self._record(scope, state, status, time.perf_counter() - started, request_id)
+            self._record(scope, record, status, time.perf_counter() - started)
 
-    def _record(self, scope: Scope, state: dict[str, Any], status: int, elapsed: float, request_id: str) -> None:
+    def _record(self, scope: Scope, record: RequestRecord, status: int, elapsed: float) -> None:
         route = scope.get("route")
         endpoint = getattr(route, "path", None) or (scope["path"] if scope["path"] in self.fixed_paths else "unmatched")
-        model = state.get("model", "")
-        version = state.get("version", "")
+        model, version = record.model, record.version
         protocol = protocol_of(scope["path"])
         self.metrics.requests.labels(model, version, endpoint, str(status), protocol).inc()
         self.metrics.request_duration.labels(model, version, endpoint, protocol).observe(elapsed)
         if not self.access_log or endpoint in ("/healthz", "/readyz", "/metrics"):
             return
-        stats = state.get("stats")
+        stats = record.batching
         extra: dict[str, Any] = {
-            "request_id": request_id,
+            "request_id": record.request_id,
             "method": scope["method"],
             "path": scope["path"],
             "status": status,
@@ -112,6 +140,6 @@ class RequestContextMiddleware:
                 queue_ms=round(stats.queue_ms, 2),
                 inference_ms=round(stats.inference_ms, 2),
             )
-        if "error_code" in state:
-            extra["error"] = state["error_code"]
+        if record.error_code is not None:
+            extra["error"] = record.error_code
         log.info("request", extra=extra)

@@ -61,7 +61,7 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True  # a second signal, or one before start-up finished: stop now
             if self._loop is not None and self._drain_task is not None and self.lifecycle.phase is Phase.DRAINING:
                 self._loop.call_soon_threadsafe(self.lifecycle.abandon)
-                if sig == 2:
+                if sig == signal.SIGINT:  # as uvicorn: a second Ctrl-C also stops waiting for connections
                     self.force_exit = True
             return
         self.lifecycle.begin_drain()

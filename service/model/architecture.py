@@ -9,6 +9,7 @@ from enum import StrEnum
 from typing import Any
 
 from service.errors import CheckpointError
+from service.model.json_files import naming
 
 
 class Architecture(StrEnum):
@@ -131,10 +132,8 @@ class DeiTConfig:
         Every value is checked for its type and range here, so that a broken file is refused at load with the
         field named, rather than failing later as an arithmetic or shape error inside the model.
         """
-        try:
+        with naming(source):
             return cls._from_hf_dict(raw)
-        except CheckpointError as e:
-            raise CheckpointError(f"{source}: {e.message}") from e
 
     @classmethod
     def _from_hf_dict(cls, raw: dict[str, Any]) -> DeiTConfig:

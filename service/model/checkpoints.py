@@ -2,7 +2,7 @@
 
 HF directories may hold ``save_pretrained``'s weights, a state dict saved by hand from transformers ≥ 5 (its
 in-memory names), or a TensorFlow ``tf_model.h5``; the writer-specific renames live beside the model
-(``hf_names``, ``tf_checkpoints``, ``timm_convert``) and this module only reads files and loads strictly.
+(``hf_names``, ``tf``, ``timm``) and this module only reads files and loads strictly.
 
 Loading never executes code from a checkpoint (safetensors, or ``torch.load(weights_only=True)``), is strict
 (every missing, unexpected or mis-shaped tensor is an error naming key and file), and builds the model on the
@@ -26,8 +26,9 @@ from torch import Tensor
 
 from service.errors import CheckpointError
 from service.model.architecture import Architecture, DeiTConfig
-from service.model.deit import DeiT
+from service.model.deit import DeiT, build_deit
 from service.model.hf_names import from_transformers5_names, has_transformers5_names
+from service.model.json_files import read_json_object
 from service.model.preprocessing import PreprocessConfig
 from service.model.tf import H5_SUFFIXES, TF_WEIGHTS_NAME, is_tf_state_dict, read_keras_h5, tf_to_hf
 from service.model.timm import is_timm_state_dict, timm_to_hf
@@ -240,7 +241,7 @@ def build_model(
 ) -> DeiT:
     """Create the model on ``meta`` and assign the checkpoint's tensors, converted once to ``dtype`` on ``device``."""
     with torch.device("meta"):
-        model = DeiT(config)
+        model = build_deit(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -297,13 +298,7 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu", dtype: str |
 
 def _load_hf_directory(directory: Path, device: torch.device, dtype: torch.dtype) -> LoadedCheckpoint:
     config_path = directory / "config.json"
-    try:
-        raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from e
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{config_path}: expected a JSON object")
-    config = DeiTConfig.from_hf_dict(raw, source=str(config_path))
+    config = DeiTConfig.from_hf_dict(read_json_object(config_path), source=str(config_path))
     state, weights_path = _read_hf_weights(directory)
     state = _add_missing_prefix(to_saved_layout(state, weights_path), config)
     if config.architecture is Architecture.BARE and f"{config.prefix}pooler.dense.weight" in state:

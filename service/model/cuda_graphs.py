@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from service.model.deit import DeiT
-from service.model.pooling import LOGITS
+from service.model.pooling import LOGITS, serving_outputs
 
 
 def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
@@ -73,21 +73,20 @@ class GraphedModel(nn.Module):
                 side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side):
                     for _ in range(2):  # kernel selection and allocator warm-up happen outside the capture
-                        model.outputs(static_in)
+                        serving_outputs(model, static_in)
                 torch.cuda.current_stream(device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    static_out = model.outputs(static_in)  # every output serving reads (logits, features)
+                    static_out = serving_outputs(model, static_in)  # every output serving reads
                 pool = graph.pool()
                 self._graphs[size] = (graph, static_in, static_out)
         torch.cuda.synchronize(device)
 
     def outputs(self, pixel_values: Tensor) -> dict[str, Tensor]:
-        """``model.outputs`` of the batch: replayed from the graph of its bucket (padded), or eagerly."""
+        """``serving_outputs`` of the batch: replayed from the graph of its bucket (padded), or eagerly."""
         n = pixel_values.shape[0]
         if tuple(pixel_values.shape[1:]) != self.image_shape or n > self.buckets[-1]:
-            outputs: dict[str, Tensor] = self.model.outputs(pixel_values)
-            return outputs
+            return serving_outputs(self.model, pixel_values)
         with self._lock:
             stream = torch.cuda.current_stream(pixel_values.device)
             if self._replayed is not None:  # the last replay, maybe from another thread's stream, has read and

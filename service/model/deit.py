@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from service.model.architecture import Architecture, DeiTConfig
-from service.model.pooling import LOGITS, Pooling, feature_names
 
 
 class PatchEmbeddings(nn.Module):
@@ -210,16 +209,21 @@ class Backbone(nn.Module):
 
 
 class DeiT(nn.Module):
-    """Any of the four DeiT architectures behind one interface.
+    """Any of the DeiT architectures behind one interface, split as timm splits its models:
+    ``forward_features`` gives the final-normed token sequence and ``forward_head`` a classifier's logits from it
+    (``DistilledDeiT`` overrides only the head). Pooling tokens into embeddings is the caller's
+    (``service.model.pooling``).
 
-    ``forward`` returns classification logits for the classifiers (for the distilled model, the mean of the CLS
-    and distillation heads), the final hidden states for the bare model, and the reconstruction for MIM.
+    ``forward`` returns classification logits for the classifiers, the final hidden states for the bare model, and
+    the reconstruction for MIM.
     """
 
     def __init__(self, config: DeiTConfig) -> None:
         super().__init__()
         self.config = config
         arch = config.architecture
+        if arch is Architecture.DISTILLED and not isinstance(self, DistilledDeiT):
+            raise TypeError("a distilled config builds a DistilledDeiT (build_deit), whose two heads it needs")
         backbone = Backbone(
             config,
             add_pooling_layer=config.add_pooling_layer and arch is Architecture.BARE,
@@ -228,10 +232,7 @@ class DeiT(nn.Module):
         # Registered under "deit" or "vit" so parameter names match the checkpoint's.
         self.backbone_name = config.model_type
         self.add_module(self.backbone_name, backbone)
-        if arch is Architecture.DISTILLED:
-            self.cls_classifier = nn.Linear(config.hidden_size, config.num_labels)
-            self.distillation_classifier = nn.Linear(config.hidden_size, config.num_labels)
-        elif arch is Architecture.SINGLE_HEAD:
+        if arch is Architecture.SINGLE_HEAD:
             self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         elif arch is Architecture.MASKED_IMAGE_MODELING:
             stride = config.encoder_stride
@@ -246,11 +247,21 @@ class DeiT(nn.Module):
         assert isinstance(module, Backbone)
         return module
 
+    def forward_features(self, pixel_values: Tensor, bool_masked_pos: Tensor | None = None) -> Tensor:
+        """The final-normed token sequence ``[N, prefix + patches, hidden_size]``."""
+        return self.backbone(pixel_values, bool_masked_pos)
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        """Class logits from the token sequence: the single head reads the CLS token."""
+        if not self.config.architecture.classifies:
+            raise ValueError(f"a {self.config.architecture.value} has no classification head")
+        return self.classifier(features[:, 0])
+
     def forward(self, pixel_values: Tensor, bool_masked_pos: Tensor | None = None) -> Tensor:
-        seq = self.backbone(pixel_values, bool_masked_pos)
+        seq = self.forward_features(pixel_values, bool_masked_pos)
         arch = self.config.architecture
         if arch.classifies:
-            return self._logits(seq)
+            return self.forward_head(seq)
         if arch is Architecture.MASKED_IMAGE_MODELING:
             patches = seq[:, self.config.num_prefix_tokens :]
             grid_h = pixel_values.shape[-2] // self.config.patch_size
@@ -258,30 +269,6 @@ class DeiT(nn.Module):
             grid = patches.transpose(1, 2).reshape(patches.shape[0], -1, grid_h, grid_w)
             return self.decoder(grid)
         return seq
-
-    def _logits(self, seq: Tensor) -> Tensor:
-        if self.config.architecture is Architecture.DISTILLED:
-            return (self.cls_classifier(seq[:, 0]) + self.distillation_classifier(seq[:, 1])) / 2
-        return self.classifier(seq[:, 0])
-
-    def outputs(self, pixel_values: Tensor) -> dict[str, Tensor]:
-        """What serving needs of one pass, per image: the logits (classifiers) and the final-normed token features
-        every pooling is made from (``service.model.pooling``), so one pass answers classify and embed alike."""
-        backbone = self.backbone
-        seq = backbone(pixel_values)
-        out: dict[str, Tensor] = {}
-        if self.config.architecture.classifies:
-            out[LOGITS] = self._logits(seq)
-        for name in feature_names(self.config):
-            if name is Pooling.CLS:
-                out[name] = seq[:, 0]
-            elif name is Pooling.DISTILLATION:
-                out[name] = seq[:, 1]
-            elif name is Pooling.MEAN:
-                out[name] = seq[:, self.config.num_prefix_tokens :].mean(dim=1)
-            elif name is Pooling.POOLER and backbone.pooler is not None:
-                out[name] = backbone.pooler(seq)
-        return out
 
     def fuse_attention_projections(self) -> DeiT:
         """Fuse every block's q/k/v projections (``SelfAttention.fuse``); the outputs stay equal up to fp32 rounding.
@@ -295,10 +282,7 @@ class DeiT(nn.Module):
 
     def head_logits(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
         """The distilled model's CLS-head and distillation-head logits, separately (for evaluation)."""
-        if self.config.architecture is not Architecture.DISTILLED:
-            raise ValueError("head_logits needs a distilled (two-head) model")
-        seq = self.backbone(pixel_values)
-        return self.cls_classifier(seq[:, 0]), self.distillation_classifier(seq[:, 1])
+        raise ValueError("head_logits needs a distilled (two-head) model")
 
     def pooled(self, pixel_values: Tensor) -> Tensor:
         """Pooler output of a bare model that has a pooler."""
@@ -306,3 +290,24 @@ class DeiT(nn.Module):
         if backbone.pooler is None:
             raise ValueError("this model has no pooler")
         return backbone.pooler(backbone(pixel_values))
+
+
+class DistilledDeiT(DeiT):
+    """DeiT with a distillation token: two heads, CLS and distillation, whose logits it averages."""
+
+    def __init__(self, config: DeiTConfig) -> None:
+        super().__init__(config)
+        self.cls_classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.distillation_classifier = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        return (self.cls_classifier(features[:, 0]) + self.distillation_classifier(features[:, 1])) / 2
+
+    def head_logits(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
+        seq = self.forward_features(pixel_values)
+        return self.cls_classifier(seq[:, 0]), self.distillation_classifier(seq[:, 1])
+
+
+def build_deit(config: DeiTConfig) -> DeiT:
+    """The model class of ``config``'s architecture (on the current default device)."""
+    return DistilledDeiT(config) if config.architecture is Architecture.DISTILLED else DeiT(config)

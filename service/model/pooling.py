@@ -1,7 +1,8 @@
 """Embeddings: which token poolings a model offers, its natural one, and pooling the forward pass's features.
 
-The forward pass gives, per image, the final-normed token features every pooling is made from (``FEATURES``),
-so that one pass serves classification and embedding requests alike; pooling them is then a few vector sums.
+The serving forward pass (``serving_outputs``) gives, per image, a classifier's logits and the final-normed token
+features every pooling is made from (``FEATURES``), so that one pass serves classification and embedding requests
+alike; pooling them is then a few vector sums. The model itself only gives tokens and logits.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from service.model.architecture import Architecture, DeiTConfig
+from service.model.deit import DeiT
 
 LOGITS = "logits"  # the classifiers' class logits, beside the features in the forward pass's outputs
 
@@ -73,3 +75,28 @@ def pool(features: Mapping[str, Tensor], pooling: Pooling, normalize: bool = Fal
     else:
         vectors = features[pooling]
     return F.normalize(vectors, dim=-1) if normalize else vectors
+
+
+def token_features(model: DeiT, tokens: Tensor) -> dict[str, Tensor]:
+    """The features of ``feature_names`` from the final-normed token sequence ``[N, T, hidden_size]``."""
+    config = model.config
+    out: dict[str, Tensor] = {}
+    for name in feature_names(config):
+        if name is Pooling.CLS:
+            out[name] = tokens[:, 0]
+        elif name is Pooling.DISTILLATION:
+            out[name] = tokens[:, 1]
+        elif name is Pooling.MEAN:
+            out[name] = tokens[:, config.num_prefix_tokens :].mean(dim=1)
+        elif name is Pooling.POOLER and model.backbone.pooler is not None:
+            out[name] = model.backbone.pooler(tokens)
+    return out
+
+
+def serving_outputs(model: DeiT, pixel_values: Tensor) -> dict[str, Tensor]:
+    """What serving reads of one pass, per image: the logits (classifiers) and the token features every pooling is
+    made from, so that one pass answers classify and embed alike."""
+    tokens = model.forward_features(pixel_values)
+    out = {LOGITS: model.forward_head(tokens)} if model.config.architecture.classifies else {}
+    out.update(token_features(model, tokens))
+    return out

@@ -6,7 +6,6 @@ composited on white) → bicubic resize → center crop → ×rescale_factor →
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from torch import Tensor
 
 from service.errors import CheckpointError, ImageTooLarge
 from service.model.decoding import to_rgb
+from service.model.json_files import naming, read_json_object
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -103,22 +103,14 @@ class PreprocessConfig:
         path = directory / "preprocessor_config.json"
         if not path.is_file():
             return cls.for_image_size(default_size)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: invalid preprocessor config ({e})") from e
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_json_object(path), source=str(path))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "preprocessor_config.json") -> PreprocessConfig:
         """Read the fields ``DeiTImageProcessor`` uses; others (processor type, …) are ignored. A field of the
         wrong type or out of range is a ``CheckpointError`` naming ``source`` and the field."""
-        try:
+        with naming(source):
             return cls._from_dict(raw)
-        except CheckpointError as e:
-            raise CheckpointError(f"{source}: {e.message}") from e
 
     @classmethod
     def _from_dict(cls, raw: dict[str, Any]) -> PreprocessConfig:

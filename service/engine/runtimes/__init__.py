@@ -16,13 +16,15 @@ from torch import Tensor, nn
 from service.engine.runner import Forward
 from service.engine.runtimes.cache import default_cache_dir
 from service.model.deit import DeiT
+from service.model.pooling import serving_outputs
 
 TORCH, OPENVINO, ONNXRUNTIME, AUTO = "torch", "openvino", "onnxruntime", "auto"
 RUNTIMES = (TORCH, OPENVINO, ONNXRUNTIME)
 FLOAT32, BFLOAT16, FLOAT16, INT8 = "float32", "bfloat16", "float16", "int8"
 INPUT_NAME = "pixel_values"
 # Bumped whenever the exported graph changes for the same weights, so that cached artefacts are not reused.
-EXPORT_VERSION = "1"
+# 2: traced through forward_features/forward_head and pooling.serving_outputs (was DeiT.outputs).
+EXPORT_VERSION = "2"
 
 
 class RuntimeUnavailable(Exception):
@@ -60,7 +62,8 @@ class RuntimeOptions:
 
 
 class OutputsModule(nn.Module):
-    """``DeiT.outputs`` as a module returning a tuple in a fixed order: what exporters trace."""
+    """``serving_outputs`` of the model (logits and token features) as a module returning a tuple in a fixed order:
+    what exporters trace."""
 
     def __init__(self, model: DeiT, names: Sequence[str]) -> None:
         super().__init__()
@@ -68,7 +71,7 @@ class OutputsModule(nn.Module):
         self.names = list(names)
 
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
-        out = self.model.outputs(pixel_values)
+        out = serving_outputs(self.model, pixel_values)
         return tuple(out[name] for name in self.names)
 
 
@@ -76,7 +79,7 @@ def output_names(model: DeiT, image_shape: tuple[int, int, int]) -> list[str]:
     """The names of the outputs the engine uses, in the order an exported graph returns them."""
     with torch.inference_mode():
         example = torch.zeros((1, *image_shape), dtype=next(model.parameters()).dtype)
-        return [str(name) for name in model.outputs(example)]
+        return [str(name) for name in serving_outputs(model, example)]
 
 
 def stack(pixels: Sequence[Tensor]) -> Tensor:

@@ -1,5 +1,6 @@
 """The end-to-end benchmark compares like with like: every server it drives answers the same top-k for the same
-upload as transformers itself, and its load generator measures what it claims."""
+upload as transformers itself, and its load generator measures what it claims. (Beside the benchmarks, which it
+checks; collected with the test suite.)"""
 
 from __future__ import annotations
 
@@ -14,8 +15,17 @@ from PIL import Image
 
 from benchmarks.e2e import server_spec
 from benchmarks.loadgen import multipart, run_closed_loop, running
+from harness.inputs import write_tiny_model
 
 pytest.importorskip("litserve")
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model store with one random-weight distilled DeiT named ``tiny``."""
+    store = tmp_path_factory.mktemp("store")
+    write_tiny_model(store / "tiny")
+    return store
 
 
 def _photo(seed: int) -> bytes:

@@ -40,13 +40,19 @@ def _env(runtime: str, cache: Path) -> dict[str, str]:
             "DEIT_RUNTIME": runtime, "DEIT_RUNTIME_CACHE": str(cache)}  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def runtime_cache(servers: SharedServers) -> Path:
+    """One artefact cache for every server of this module, as long-lived as the shared servers (whose settings name
+    it): a checkpoint already exported for a runtime is read, not exported again, by the next server that loads it."""
+    return servers.workdir / "runtime-cache"
+
+
 @pytest.fixture
-def runtime_servers(servers: SharedServers, tiny_store: Path) -> dict[str, ServerProcess]:
+def runtime_servers(servers: SharedServers, tiny_store: Path, runtime_cache: Path) -> dict[str, ServerProcess]:
     """One server per runtime (torch the reference) on the suite's tiny store, from the shared servers: these checks
-    neither change the store nor stop a server. The cache lives as long as the shared servers do."""
-    cache = servers.workdir / "runtime-cache"
+    neither change the store nor stop a server."""
     return {
-        runtime: servers.get(tiny_store, _env(runtime, cache), ready_timeout=READY_S)
+        runtime: servers.get(tiny_store, _env(runtime, runtime_cache), ready_timeout=READY_S)
         for runtime in ("torch", *RUNTIMES)
     }
 
@@ -150,14 +156,14 @@ def test_the_runtime_is_reported_in_models_metadata_config_and_metrics(
 
 @pytest.fixture(scope="module", params=RUNTIMES)
 def unwarmed(
-    request: pytest.FixtureRequest, tiny_store: Path, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, tiny_store: Path, runtime_cache: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     """A server per runtime without warm-up, its store holding ``tiny`` and ``broken`` (logits that overflow), into
     which the memory check puts a big model."""
     root = tmp_path_factory.mktemp(f"unwarmed-{request.param}")
     shutil.copytree(tiny_store / "tiny", root / "store" / "tiny")
     overflowing_head(shutil.copytree(tiny_store / "tiny", root / "store" / "broken"))
-    env = {**_env(request.param, root / "cache"), "DEIT_WARMUP": "false"}
+    env = {**_env(request.param, runtime_cache), "DEIT_WARMUP": "false"}
     with run_server(root / "store", root, env=env, ready_timeout=READY_S) as server:
         yield server
 
@@ -183,21 +189,26 @@ def test_unloading_a_runtime_model_gives_its_memory_back(unwarmed: ServerProcess
         _scores(server, IMAGES[:1], model="tiny")
     before = settled_rss(pid)
     shutil.copytree(staged, store / "big")
-    for attempt in (1, 2):  # the second load reads the exported artefact from the cache
+    reads = []
+    for attempt in (1, 2):  # the first load exports big, the second reads the exported artefact from the cache
         assert _repository(server, "big", "load").status_code == 200
+        reads.append(_cache_reads(server))
         for _ in range(3):
             _scores(server, IMAGES[:2], model="big")
         loaded = settled_rss(pid)
         assert _repository(server, "big", "unload").status_code == 200
         wait_until(lambda n=attempt: _unloads(server) == n, what=f"unload {attempt}")  # type: ignore[misc]
     after = settled_rss(pid)
-    records = [r for r in server.log_records() if r.get("message") == "runtime artefact read from the cache"]
-    assert records, "the second load of big reads the cache"
+    assert reads[1] == reads[0] + 1, "the second load of big reads the cache"
     grown = loaded - before
     print(f"{runtime} rss: before {before / 2**20:.1f} MiB, loaded {loaded / 2**20:.1f} MiB, "
           f"after unload {after / 2**20:.1f} MiB")  # fmt: skip
     assert grown > 30 * 2**20, "the big model should show in the RSS"
     assert after <= before * 1.10, f"RSS after unload {after} is not within 10% of {before}"
+
+
+def _cache_reads(server: ServerProcess) -> int:
+    return sum(r.get("message") == "runtime artefact read from the cache" for r in server.log_records())
 
 
 def _unloads(server: ServerProcess) -> int:

@@ -54,12 +54,13 @@ RUN ({ [ -n "${WHEELS_DIR}" ] && pip install --no-index --find-links "${WHEELS_D
 
 WORKDIR /src
 
-# The service's dependencies, resolved from pyproject.toml alone (an empty stand-in package), so that editing the
+# The service's dependencies, with the OpenVINO and ONNX Runtime runtimes (--runtime, README "Runtimes"), resolved
+# from pyproject.toml alone (an empty stand-in package), so that editing the
 # service's code does not reinstall them. Versions are pyproject.toml's ranges (hence DL3013 off here).
 COPY pyproject.toml ./
 # hadolint ignore=DL3013
 RUN mkdir service && touch README.md service/__init__.py \
- && pip install ".[fast,hub,grpc,tracing]" \
+ && pip install ".[fast,hub,grpc,tracing,openvino,onnxruntime]" \
  && pip uninstall --yes deit-serve \
  && rm -rf service README.md build ./*.egg-info
 
@@ -101,6 +102,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     DEIT_PORT=8000 \
     DEIT_GRPC_PORT=8001 \
     DEIT_MODEL_STORE=/models \
+    DEIT_RUNTIME_CACHE=/tmp/deit-serve-runtimes \
     HF_HOME=/cache/huggingface
 
 USER 10001:10001

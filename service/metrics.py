@@ -120,8 +120,8 @@ class Metrics:
         )  # fmt: skip
         self.model_info = Gauge(
             "deit_model_info",
-            "Loaded model versions (value 1)",
-            ["model", "version", "architecture", "dtype", "device", "hub_id", "revision"],
+            "Loaded model versions (value 1), their hub model, the runtime serving each and its precision",
+            ["model", "version", "architecture", "dtype", "device", "hub_id", "revision", "runtime", "precision"],
             registry=r,
         )
         self.inflight = Gauge("deit_inflight_requests", "Requests being handled", registry=r)

@@ -56,6 +56,20 @@ class Settings(BaseSettings):
         description="int8: dynamic int8 weights and activations for the encoder's Linear layers (CPU, float32 "
         "elsewhere); faster on CPUs without native bf16, top-1 may change on close calls",
     )
+    runtime: Literal["torch", "openvino", "onnxruntime", "auto"] = Field(
+        "torch",
+        description="what runs the forward pass on the CPU: torch (our module), openvino or onnxruntime (the module "
+        "exported at load, extras of the same names), or auto: the fastest installed one whose outputs agree with "
+        "float32 torch, measured at load; CUDA always runs torch",
+    )
+    runtime_cache: Path | None = Field(
+        None,
+        description="where exported OpenVINO/ONNX artefacts are kept between starts (default: "
+        "$XDG_CACHE_HOME/deit-serve/runtimes, else ~/.cache/deit-serve/runtimes)",
+    )
+    runtime_measure_s: float = Field(
+        0.5, gt=0, le=30, description="with --runtime auto: seconds each candidate runtime is timed at load"
+    )
     cuda_graphs: bool = Field(
         False,
         description="replay the forward pass from CUDA graphs captured per bucketed batch size (powers of two up to "

@@ -83,13 +83,14 @@ def wait_until(
 @contextmanager
 def run_server(
     store: Path, tmp_path: Path, env: Mapping[str, str] | None = None, args: list[str] | None = None,
-    wait: bool = True,
+    wait: bool = True, ready_timeout: float = 120.0,
 ) -> Iterator[ServerProcess]:  # fmt: skip
-    """Start ``python -m service`` on a free port with ``DEIT_*`` settings; always stopped afterwards."""
+    """Start ``python -m service`` on a free port with ``DEIT_*`` settings; always stopped afterwards. A start
+    that exports its models to another runtime (``DEIT_RUNTIME``) may need a longer ``ready_timeout``."""
     port = free_port()
     with running(
         service_argv(*(args or [])), port=port, log_path=tmp_path / f"server-{port}.log",
-        env=service_env(port, store, env), ready_path="/readyz" if wait else None,
+        env=service_env(port, store, env), ready_path="/readyz" if wait else None, ready_timeout=ready_timeout,
     ) as server:  # fmt: skip
         yield server
 
@@ -105,7 +106,9 @@ class SharedServers:
         self._running: dict[tuple[str, tuple[tuple[str, str], ...], tuple[str, ...]], ExitStack] = {}
         self._servers: dict[tuple[str, tuple[tuple[str, str], ...], tuple[str, ...]], ServerProcess] = {}
 
-    def get(self, store: Path, env: Mapping[str, str] | None = None, args: Sequence[str] = ()) -> ServerProcess:
+    def get(
+        self, store: Path, env: Mapping[str, str] | None = None, args: Sequence[str] = (), ready_timeout: float = 120.0
+    ) -> ServerProcess:
         key = (str(store), tuple(sorted((env or {}).items())), tuple(args))
         if key in self._servers:
             self._servers[key] = self._servers.pop(key)  # most recently asked for last
@@ -116,7 +119,9 @@ class SharedServers:
             self._servers.pop(oldest)
             self._running.pop(oldest).close()
         stack = ExitStack()
-        self._servers[key] = stack.enter_context(run_server(store, self.workdir, env, list(args)))
+        self._servers[key] = stack.enter_context(
+            run_server(store, self.workdir, env, list(args), ready_timeout=ready_timeout)
+        )
         self._running[key] = stack
         return self._servers[key]
 
@@ -217,6 +222,45 @@ def write_slow_model(directory: Path, seed: int = 0) -> Path:
     preprocess = {"size": size, "crop_size": size, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
     (directory / "preprocessor_config.json").write_text(json.dumps(preprocess))
     return directory
+
+
+def overflowing_head(model: Path) -> None:
+    """Finite weights whose logits overflow float32 to ±infinity, so that every softmax is NaN (a tiny model's
+    directory, changed in place)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = model / "model.safetensors"
+    state = load_file(str(path))
+    for name in ("cls_classifier.weight", "distillation_classifier.weight"):
+        state[name] = torch.full_like(state[name], 3e38)
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+def write_big_model(directory: Path) -> Path:
+    """A random-weight DeiT with ~10 M parameters (~42 MB in float32) on a 32-pixel input: cheap to run, big
+    enough that its memory shows in the process's RSS."""
+    import torch
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
+
+    torch.manual_seed(0)
+    labels = {i: f"class_{i}" for i in range(10)}
+    config = DeiTConfig(image_size=32, patch_size=8, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
+                        intermediate_size=1536, num_labels=10, id2label=labels,
+                        label2id={v: k for k, v in labels.items()})  # fmt: skip
+    DeiTForImageClassificationWithTeacher(config).eval().save_pretrained(directory)
+    preprocess = {"size": 36, "crop_size": 32, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    (directory / "preprocessor_config.json").write_text(json.dumps(preprocess))
+    return directory
+
+
+def settled_rss(pid: int) -> int:
+    """RSS once it stops moving (the smallest of a few readings a moment apart)."""
+    readings = []
+    for _ in range(5):
+        time.sleep(0.2)
+        readings.append(rss_bytes(pid))
+    return min(readings)
 
 
 def multipart(images: list[bytes], prefix: str = "img") -> list[tuple[str, tuple[str, bytes, str]]]:

@@ -29,7 +29,15 @@ from service.metrics import Metrics
 from service.model.architecture import DeiTConfig
 from service.model.preprocessing import MAX_CONFIG_SIDE, PreprocessConfig
 from service.settings import Settings
-from tests.serving import Scrape, ServerProcess, image_bytes, multipart, run_server, write_tiny_model
+from tests.serving import (
+    Scrape,
+    ServerProcess,
+    image_bytes,
+    multipart,
+    overflowing_head,
+    run_server,
+    write_tiny_model,
+)
 
 GOOD, BROKEN = "a-good", "b-broken"  # loaded in name order: the good model is loaded first
 EXIT_BOUND_S = 90.0  # a tiny store loads (or fails) in seconds; 90 s leaves room for a loaded machine
@@ -48,15 +56,6 @@ def _config(**changes: Any) -> Callable[[Path], None]:
 
 def _preprocess(**changes: Any) -> Callable[[Path], None]:
     return lambda model: _edit_json(model / "preprocessor_config.json", **changes)
-
-
-def _overflowing_head(model: Path) -> None:
-    """Finite weights whose logits overflow float32 to ±infinity, so that every softmax is NaN."""
-    path = model / "model.safetensors"
-    state = load_file(str(path))
-    for name in ("cls_classifier.weight", "distillation_classifier.weight"):
-        state[name] = torch.full_like(state[name], 3e38)
-    save_file(state, str(path), metadata={"format": "pt"})
 
 
 def _nan_weights(model: Path) -> None:
@@ -90,7 +89,7 @@ BROKEN_STORES: dict[str, tuple[Callable[[Path], None], str, str]] = {
     "zero image_std": (_preprocess(image_std=[0, 0, 0]), "preprocessor_config.json", "image_std"),
     # Passes every field check, fails inside the forward pass (an unexpected RuntimeError): warm-up catches it.
     "crop smaller than a patch": (_preprocess(crop_size=2), "preprocessor_config.json", "Kernel size"),
-    "logits overflow to NaN": (_overflowing_head, "preprocessor_config.json", "non-finite scores"),
+    "logits overflow to NaN": (overflowing_head, "preprocessor_config.json", "non-finite scores"),
 }
 
 
@@ -133,7 +132,7 @@ def test_a_broken_model_ends_start_up_with_a_named_error_and_a_non_zero_exit(
 def test_non_finite_scores_are_a_json_500_never_a_null_score(tiny_model_dir: Path, tmp_path: Path) -> None:
     """Without warm-up nothing runs the model before requests: the batcher's check is the one that answers."""
     store = tmp_path / "store"
-    _overflowing_head(shutil.copytree(tiny_model_dir, store / BROKEN))
+    overflowing_head(shutil.copytree(tiny_model_dir, store / BROKEN))
     with run_server(store, tmp_path, env={**SERVER_ENV, "DEIT_WARMUP": "false"}) as server:
         response = httpx.post(f"{server.url}/classify", files=multipart([image_bytes()]), timeout=60)
         assert response.status_code == 500, response.text

@@ -4,7 +4,6 @@ Open Inference Protocol repository extension, reloads under load, memory given b
 from __future__ import annotations
 
 import base64
-import json
 import shutil
 import threading
 import time
@@ -21,9 +20,10 @@ from tests.serving import (
     Scrape,
     ServerProcess,
     noise_image_bytes,
-    rss_bytes,
     run_server,
+    settled_rss,
     wait_until,
+    write_big_model,
     write_tiny_model,
 )
 
@@ -276,32 +276,6 @@ def test_reloads_and_unload_under_load_answer_every_request(tmp_path: Path) -> N
 
 
 # --- memory ---------------------------------------------------------------------------------------------------
-
-
-def write_big_model(directory: Path) -> Path:
-    """A random-weight DeiT with ~10 M parameters (~42 MB in float32) on a 32-pixel input: cheap to run, big
-    enough that its memory shows in the process's RSS."""
-    import torch
-    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
-
-    torch.manual_seed(0)
-    labels = {i: f"class_{i}" for i in range(10)}
-    config = DeiTConfig(image_size=32, patch_size=8, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
-                        intermediate_size=1536, num_labels=10, id2label=labels,
-                        label2id={v: k for k, v in labels.items()})  # fmt: skip
-    DeiTForImageClassificationWithTeacher(config).eval().save_pretrained(directory)
-    preprocess = {"size": 36, "crop_size": 32, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
-    (directory / "preprocessor_config.json").write_text(json.dumps(preprocess))
-    return directory
-
-
-def settled_rss(pid: int) -> int:
-    """RSS once it stops moving (the smallest of a few readings a moment apart)."""
-    readings = []
-    for _ in range(5):
-        time.sleep(0.2)
-        readings.append(rss_bytes(pid))
-    return min(readings)
 
 
 def test_unloading_gives_the_memory_back(tmp_path: Path) -> None:

@@ -253,6 +253,7 @@ def test_model_endpoints(client: TestClient) -> None:
     [model] = listing.json()["models"]
     assert model.items() >= expected.items()
     assert model["parameters"] > 0
+    assert model["runtime"] == {"name": "torch", "precision": "float32", "reason": "--runtime torch"}  # the default
     one = client.get("/v1/models/tiny")
     assert one.status_code == 200
     assert one.json() == model
@@ -285,7 +286,7 @@ def test_metrics_cover_every_declared_metric_with_sensible_values(client: TestCl
     assert scrape.value("deit_preprocess_duration_seconds_count", **tiny) >= images
     assert scrape.has_sample("deit_queue_depth", **tiny)
     assert scrape.value("deit_queue_depth", **tiny) == 0
-    info = {"architecture": Architecture.DISTILLED.value, "dtype": "float32", "device": "cpu"}
+    info = {"architecture": Architecture.DISTILLED.value, "dtype": "float32", "device": "cpu", "runtime": "torch"}
     assert scrape.value("deit_model_info", **tiny, **info) == 1
     assert scrape.value("deit_ready") == 1
     assert scrape.value("deit_inflight_requests") == 1  # the scrape itself
@@ -346,16 +347,8 @@ def test_openapi_documents_the_protocol_routes_with_typed_schemas(client: TestCl
             operation = next(iter(paths[prefix + suffix].values()))
             versions = [p["in"] for p in operation["parameters"] if p["name"] == "model_version"]
             assert versions == (["path"] if "{model_version}" in prefix else []), prefix + suffix
-    assert set(schemas["ModelMetadata"]["properties"]) == {
-        "name",
-        "versions",
-        "platform",
-        "inputs",
-        "outputs",
-        "tasks",
-        "hub_id",
-        "revision",
-    }
+    metadata_fields = {"name", "versions", "platform", "inputs", "outputs", "tasks", "hub_id", "revision", "runtime"}
+    assert set(schemas["ModelMetadata"]["properties"]) == metadata_fields
     assert ok("/v2/repository/index", "post") == {
         "type": "array",
         "items": {"$ref": "#/components/schemas/RepositoryIndexEntry"},

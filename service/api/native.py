@@ -10,7 +10,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api import results
 from service.api.admission import Authorized, MetricsAuthorized, State, TimeoutHeader, accepting_model, admit
-from service.api.schemas import ClassifyResponse, EmbedResponse, ErrorBody, Health, ModelInfo, ModelList
+from service.api.schemas import (
+    ClassifyResponse,
+    EmbedResponse,
+    ErrorBody,
+    Health,
+    ModelInfo,
+    ModelList,
+    RuntimeReport,
+)
 from service.engine.lifecycle import Phase
 from service.engine.served import CLASSIFY, ServedModel
 from service.errors import InvalidParameter, NotReady
@@ -166,6 +174,9 @@ def _model_info(served: ServedModel, default: str | None, ready: bool, versions:
         input_size=served.preprocessor.cfg.output_size,
         dtype=str(cp.dtype).removeprefix("torch."),
         device=str(cp.device),
+        runtime=RuntimeReport(
+            name=served.runtime.name, precision=served.runtime.precision, reason=served.runtime.reason
+        ),
         parameters=cp.num_parameters,
         ready=ready,
         default=served.name == default,

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from service.api.schemas import RuntimeReport
+
 # A tensor's data: a flat or nested list of numbers or base64 strings (nested lists follow the shape).
 TensorData = list[Any]
 
@@ -51,6 +53,7 @@ class ModelMetadata(BaseModel):
     tasks: list[str] = Field(description="what the model serves: classify, embed")
     hub_id: str | None = Field(None, description="the Hugging Face hub repository it was loaded from, if any")
     revision: str | None = Field(None, description="the hub commit served, pinned for the life of the process")
+    runtime: RuntimeReport
 
 
 class ConfigTensor(BaseModel):
@@ -76,6 +79,9 @@ class ModelConfig(BaseModel):
     output: list[ConfigTensor]
     dynamic_batching: dict[str, Any]
     version_policy: VersionPolicy
+    parameters: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="Triton's string parameters: runtime, precision, runtime_reason"
+    )
 
 
 # --- Open Inference Protocol: inference ---------------------------------------------------------------------------

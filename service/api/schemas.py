@@ -37,6 +37,14 @@ class EmbedResponse(BaseModel):
     results: list[Embedding]
 
 
+class RuntimeReport(BaseModel):
+    """What runs a model's forward pass (``--runtime``), at which precision, and why it was chosen."""
+
+    name: str = Field(description="torch, openvino or onnxruntime")
+    precision: str = Field(description="float32, bfloat16, float16 or int8")
+    reason: str = Field(description="--runtime as asked, or what auto measured")
+
+
 class ModelInfo(BaseModel):
     name: str
     architecture: str
@@ -48,6 +56,7 @@ class ModelInfo(BaseModel):
     input_size: tuple[int, int] = Field(description="(height, width) of the preprocessed input")
     dtype: str
     device: str
+    runtime: RuntimeReport
     parameters: int
     ready: bool = Field(description="the service takes work: models loaded and warm, not draining")
     default: bool

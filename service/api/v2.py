@@ -42,7 +42,7 @@ from service.api.protocol_schemas import (
     VersionPolicy,
     inline_schema,
 )
-from service.api.schemas import PlainErrorBody
+from service.api.schemas import PlainErrorBody, RuntimeReport
 from service.api.v2_codec import (
     CLASSIFICATION_OUTPUTS,
     EMBEDDING_OUTPUT,
@@ -186,6 +186,7 @@ def metadata_of(served: ServedModel, versions: list[str]) -> ModelMetadata:
         tasks=served.tasks,
         hub_id=served.origin.ref.repo_id if served.origin else None,
         revision=served.origin.commit if served.origin else None,
+        runtime=_runtime(served),
     )
 
 
@@ -195,7 +196,7 @@ def config_of(served: ServedModel, max_batch_size: int, versions: list[str]) -> 
     return ModelConfig(
         name=served.name,
         platform=PLATFORM,
-        backend="pytorch",
+        backend=_BACKENDS.get(served.runtime.name, served.runtime.name),
         max_batch_size=max_batch_size,
         input=[
             ConfigTensor(name=IMAGE_INPUT, data_type="TYPE_STRING", dims=[1], optional=True),
@@ -207,7 +208,20 @@ def config_of(served: ServedModel, max_batch_size: int, versions: list[str]) -> 
         ],
         dynamic_batching={},
         version_policy=VersionPolicy(specific={"versions": [int(v) for v in versions]}),
+        parameters={
+            "runtime": {"string_value": served.runtime.name},
+            "precision": {"string_value": served.runtime.precision},
+            "runtime_reason": {"string_value": served.runtime.reason},
+        },
     )
+
+
+_BACKENDS = {"torch": "pytorch"}  # Triton's backend names; openvino and onnxruntime are the same in both
+
+
+def _runtime(served: ServedModel) -> RuntimeReport:
+    info = served.runtime
+    return RuntimeReport(name=info.name, precision=info.precision, reason=info.reason)
 
 
 @router.get("/v2/models/{model_name}", summary="Model metadata", **_MODEL)

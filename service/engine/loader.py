@@ -1,5 +1,6 @@
-"""Building a served model from one version's files: load, check the weights and input channels, wire its runner,
-batcher and decoding, then probe its preprocessing and warm it up. Blocking: run off the event loop."""
+"""Building a served model from one version's files: load, check the weights and input channels, choose the runtime
+that runs its forward pass (``--runtime``, ``service.engine.runtimes``), wire its runner, batcher and decoding, then
+probe its preprocessing and warm it up. Blocking: run off the event loop."""
 
 from __future__ import annotations
 
@@ -12,14 +13,17 @@ import torch
 
 from service.engine.batching import Batcher
 from service.engine.decode_pool import DecodePool
-from service.engine.runner import ModelRunner, checkpoint_forward, default_forward_workers
+from service.engine.runner import ModelRunner, default_forward_workers
+from service.engine.runtimes import TORCH, RuntimeOptions
+from service.engine.runtimes.cache import default_cache_dir
+from service.engine.runtimes.selection import load_dtype, load_quantize, prepare_runtime, runtime_probes
 from service.engine.served import ServedModel
 from service.engine.store_files import VersionSource
 from service.errors import CheckpointError, ModelLoadFailed, ServiceError
 from service.metrics import Metrics
-from service.model.checkpoints import LoadedCheckpoint
+from service.model.checkpoints import LoadedCheckpoint, resolve_device
 from service.model.device_decoding import device_decoding_for
-from service.model.hub import HUB_SUFFIX, HubRef, Snapshot, read_store_entry, resolve
+from service.model.hub import HUB_SUFFIX, HubRef, read_store_entry, resolve
 from service.model.prepare import load_for_serving
 from service.model.preprocessing import Preprocessor
 from service.settings import Settings
@@ -44,12 +48,16 @@ def check_weights(checkpoint: LoadedCheckpoint) -> None:
             raise CheckpointError(f"{source}: tensor {name!r} holds NaN or infinite values")
 
 
-def info_labels(checkpoint: LoadedCheckpoint, origin: Snapshot | None) -> tuple[str, str, str, str, str]:
-    """The ``deit_model_info`` labels after model and version: architecture, dtype, device, and the hub id and
-    commit it was loaded from (empty when not loaded by hub id)."""
+def info_labels(served: ServedModel) -> tuple[str, ...]:
+    """The ``deit_model_info`` labels after model and version: architecture, dtype, device, the hub id and commit it
+    was loaded from (empty when not loaded by hub id), the runtime serving it and its precision."""
+    checkpoint, origin, runtime = served.checkpoint, served.origin, served.runtime
     dtype = str(checkpoint.dtype).removeprefix("torch.")
     hub_id, revision = (origin.ref.repo_id, origin.commit) if origin else ("", "")
-    return checkpoint.config.architecture.value, dtype, str(checkpoint.device), hub_id, revision
+    return (
+        checkpoint.config.architecture.value, dtype, str(checkpoint.device), hub_id, revision, runtime.name,
+        runtime.precision,
+    )  # fmt: skip
 
 
 def version_label(name: str, version: int) -> str:
@@ -78,6 +86,19 @@ class Loader:
                 version_label(name, version), str(source.path), f"loading failed: {type(e).__name__}: {e}"
             ) from e
 
+    def runtime_options(self) -> RuntimeOptions:
+        s = self.settings
+        return RuntimeOptions(
+            runtime=s.runtime,
+            dtype=s.dtype,
+            quantize=s.quantize,
+            threads=self.threads,
+            streams=s.forward_workers or 1,
+            cache_dir=s.runtime_cache or default_cache_dir(),
+            measure_s=s.runtime_measure_s,
+            max_batch_size=s.max_batch_size,
+        )
+
     def _build(self, name: str, version: int, source: VersionSource) -> ServedModel:
         s = self.settings
         started = time.perf_counter()
@@ -86,11 +107,12 @@ class Loader:
         if ref is not None:  # a complete snapshot at the commit this process serves, or an error naming the fix
             snapshot = resolve(ref, self.pins.get(ref))
             path = snapshot.path
+        options, device = self.runtime_options(), resolve_device(s.device)
         checkpoint = load_for_serving(
             path,
             device=s.device,
-            dtype=s.dtype,
-            quantize=s.quantize,
+            dtype=load_dtype(options, device),
+            quantize=load_quantize(options, device),
             cuda_graphs=s.cuda_graphs,
             max_batch_size=s.max_batch_size,
         )
@@ -102,10 +124,15 @@ class Loader:
         check_weights(checkpoint)
         on_cpu = checkpoint.device.type == "cpu"
         metrics = self.metrics.for_version(str(version))
+        preprocessor = Preprocessor(checkpoint.preprocess, jpeg_draft=s.jpeg_draft)
+        runtime = prepare_runtime(checkpoint, options, runtime_probes(preprocessor))
+        # A runtime with a thread pool of its own runs one batch at a time on all the threads, not torch's two
+        # single-threaded slots (runner.py): its pool splits each pass without OpenMP's second-team cost.
+        workers = default_forward_workers(checkpoint.device, self.threads) if runtime.info.name == TORCH else 1
         runner = ModelRunner(
             name,
-            checkpoint_forward(checkpoint),
-            forward_workers=s.forward_workers or default_forward_workers(checkpoint.device, self.threads),
+            runtime.forward,
+            forward_workers=s.forward_workers or workers,
             intra_op_threads=self.threads if on_cpu else None,
         )
         batcher = Batcher(
@@ -116,11 +143,10 @@ class Loader:
             max_queue_size=s.max_queue_size,
             metrics=metrics,
             attributes={
-                "version": str(version), "runtime": "torch", "device": str(checkpoint.device),
+                "version": str(version), "runtime": runtime.info.name, "device": str(checkpoint.device),
                 "dtype": str(checkpoint.dtype).removeprefix("torch."),
             },
         )  # fmt: skip
-        preprocessor = Preprocessor(checkpoint.preprocess, jpeg_draft=s.jpeg_draft)
         device_decoding = None
         if s.preprocess_device == "cuda":
             device_decoding = device_decoding_for(preprocessor, checkpoint.device, name)
@@ -137,6 +163,7 @@ class Loader:
             device_decoding=device_decoding,
             fingerprint=source.fingerprint,
             origin=snapshot,
+            runtime=runtime.info,
         )
         if s.warmup:
             served.warm_up(s.max_batch_size)
@@ -144,7 +171,7 @@ class Loader:
             served.probe()
         if snapshot is not None:
             self.pins[snapshot.ref] = snapshot.commit
-        self.metrics.model_info.labels(name, str(version), *info_labels(checkpoint, snapshot)).set(1)
+        self.metrics.model_info.labels(name, str(version), *info_labels(served)).set(1)
         log.info(
             "model loaded",
             extra={
@@ -153,6 +180,8 @@ class Loader:
                 "architecture": checkpoint.config.architecture.value,
                 "parameters": checkpoint.num_parameters,
                 "dtype": str(checkpoint.dtype).removeprefix("torch."),
+                "runtime": f"{runtime.info.name} {runtime.info.precision}",
+                "runtime_reason": runtime.info.reason,
                 "device": str(checkpoint.device),
                 "labels": checkpoint.config.num_labels,
                 "load_s": round(served.load_seconds, 3),

@@ -22,6 +22,7 @@ from torch import Tensor
 from service.engine.batching import Batcher
 from service.engine.context import RequestContext
 from service.engine.decode_pool import DecodePool
+from service.engine.runtimes import RuntimeInfo
 from service.engine.store_files import Fingerprint
 from service.errors import ClientGone, InvalidParameter, ModelStoreError, ServiceError, ShuttingDown, TaskNotSupported
 from service.images import EncodedImage
@@ -76,6 +77,7 @@ class ServedModel:
     device_decoding: DeviceDecoding | None = None  # --preprocess-device cuda
     fingerprint: Fingerprint = ()  # of the files it was loaded from: a reload of unchanged files is skipped
     origin: Snapshot | None = None  # the hub model and commit it was loaded from, when loaded by hub id
+    runtime: RuntimeInfo = field(default_factory=RuntimeInfo)  # what runs its forward pass, and why
     labels: list[str] = field(init=False)
 
     def __post_init__(self) -> None:

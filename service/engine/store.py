@@ -149,11 +149,8 @@ class ModelStore:
         self._holds.pop(served, None)
         self._released.pop(served, None)
         self._live.pop(served, None)
-        labels = info_labels(served.checkpoint, served.origin)
-        shown = any(
-            (m.name, m.version, info_labels(m.checkpoint, m.origin)) == (served.name, served.version, labels)
-            for m in self._live
-        )
+        labels = info_labels(served)
+        shown = any((m.name, m.version, info_labels(m)) == (served.name, served.version, labels) for m in self._live)
         if not shown:  # a reload of the same files keeps its info series; one from another hub id or dtype does not
             with contextlib.suppress(KeyError):
                 self.metrics.model_info.remove(served.name, str(served.version), *labels)

@@ -1,0 +1,106 @@
+"""ONNX Runtime: the module exported with ``torch.onnx.export`` (dynamic batch) into the artefact cache, run by
+one CPU session on the service's threads; int8 is the session over ONNX Runtime's dynamic quantization of it."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from service.engine.runner import Forward, Outputs
+from service.engine.runtimes import (
+    EXPORT_VERSION,
+    FLOAT32,
+    INPUT_NAME,
+    INT8,
+    ONNXRUNTIME,
+    OutputsModule,
+    RuntimeUnavailable,
+    stack,
+)
+from service.engine.runtimes.cache import ArtefactCache, entry_key
+from service.model.deit import DeiT
+
+OPSET = 17
+
+
+def version() -> str:
+    try:
+        return metadata.version("onnxruntime")
+    except metadata.PackageNotFoundError:
+        raise RuntimeUnavailable("onnxruntime is not installed (pip install 'deit-serve[onnxruntime]')") from None
+
+
+def build(
+    model: DeiT,
+    names: Sequence[str],
+    image_shape: tuple[int, int, int],
+    *,
+    digest: str,
+    precision: str,
+    threads: int,
+    streams: int,
+    cache: ArtefactCache,
+) -> Forward:
+    """Export (or read from the cache) and open a session; raises RuntimeUnavailable on any failure."""
+    ort_version = version()
+    if precision not in (FLOAT32, INT8):
+        raise RuntimeUnavailable(f"ONNX Runtime serves float32 or int8 on the CPU, not {precision}")
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise RuntimeUnavailable(f"onnxruntime does not import: {e}") from e
+
+    def export(directory: Path) -> list[str]:
+        wrapper = OutputsModule(model, names).eval()
+        axes = {name: {0: "batch"} for name in (INPUT_NAME, *names)}
+        # Tracing warns of shape-dependent Python values (the batch is a dynamic axis) and, for ONNX, that the
+        # TorchScript exporter is the older one: it is the one that needs no onnxscript.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                wrapper,
+                (torch.zeros((2, *image_shape)),),
+                str(directory / "model.onnx"),
+                input_names=[INPUT_NAME],
+                output_names=list(names),
+                dynamic_axes=axes,
+                opset_version=OPSET,
+                dynamo=False,
+            )
+        if precision == INT8:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantize_dynamic(directory / "model.onnx", directory / "model.int8.onnx", weight_type=QuantType.QInt8)
+            (directory / "model.onnx").unlink()
+            return ["model.int8.onnx"]
+        return ["model.onnx"]
+
+    key = entry_key(digest, ONNXRUNTIME, ort_version, torch.__version__, EXPORT_VERSION, precision, ",".join(names))
+    try:
+        entry = cache.get_or_build(key, export, f"onnxruntime {ort_version} {precision}")
+    except Exception as e:
+        raise RuntimeUnavailable(f"ONNX export failed: {type(e).__name__}: {e}") from e
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # No spin-waiting between passes: the cores are shared with the decoding threads (as torch's OpenMP policy).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    path = entry / ("model.int8.onnx" if precision == INT8 else "model.onnx")
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        cache.discard(entry)
+        raise RuntimeUnavailable(f"ONNX Runtime could not load {path}: {type(e).__name__}: {e}") from e
+    wanted = list(names)
+
+    def forward(pixels: Sequence[Tensor]) -> Outputs:
+        values = session.run(wanted, {INPUT_NAME: stack(pixels).numpy()})
+        return {name: torch.from_numpy(value).float() for name, value in zip(wanted, values, strict=True)}
+
+    return forward

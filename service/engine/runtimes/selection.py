@@ -1,0 +1,302 @@
+"""Choosing the runtime of one model at load time: the one asked for, or (``auto``) the fastest of those installed
+whose outputs agree with float32 torch, measured on the model's real input shape on the service's threads.
+
+Agreement, on the warm-up probes (the probe photo and seeded noise images): the top-1 class is the same and every
+class probability within ``PROBABILITY_TOLERANCE`` of float32 torch's; without a classification head, every
+feature within ``FEATURE_TOLERANCE`` × max(1, its largest magnitude). A runtime that is not installed, fails to
+export or load, or disagrees is skipped with a log line: ``auto`` never fails a start that torch would pass.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+from service.engine.runner import Forward, Outputs, checkpoint_forward
+from service.engine.runtimes import (
+    AUTO,
+    BFLOAT16,
+    FLOAT32,
+    INT8,
+    ONNXRUNTIME,
+    OPENVINO,
+    TORCH,
+    Runtime,
+    RuntimeInfo,
+    RuntimeOptions,
+    RuntimeUnavailable,
+    output_names,
+)
+from service.engine.runtimes import eager as torch_runtime
+from service.engine.runtimes import onnxruntime as ort_runtime
+from service.engine.runtimes import openvino as ov_runtime
+from service.engine.runtimes.cache import ArtefactCache, model_digest
+from service.engine.served import PROBE_JPEG, PROBE_PIXELS
+from service.errors import CheckpointError
+from service.model.checkpoints import LoadedCheckpoint, cpu_supports_bf16
+from service.model.decoding import decode_image
+from service.model.pooling import LOGITS
+from service.model.preprocessing import Preprocessor
+
+log = logging.getLogger("deit_serve.runtimes")
+
+PROBABILITY_TOLERANCE = {FLOAT32: 1e-4, BFLOAT16: 2e-2, INT8: 5e-2}
+FEATURE_TOLERANCE = {FLOAT32: 1e-3, BFLOAT16: 5e-2, INT8: 1e-1}
+MEASURE_BATCH = 16  # at most: the batch size timed (the service's max_batch_size when smaller)
+T = TypeVar("T")
+
+
+def runtime_probes(preprocessor: Preprocessor) -> list[Tensor]:
+    """The warm-up probe photo, preprocessed as uploads are; none when preprocessing fails (the warm-up that
+    follows reports that, named)."""
+    try:
+        return [preprocessor(decode_image(PROBE_JPEG, PROBE_PIXELS, preprocessor.draft_size))]
+    except Exception:
+        return []
+
+
+def load_dtype(options: RuntimeOptions, device: torch.device) -> str:
+    """The dtype to load the torch module in: float32 when another runtime is exported from it or measured
+    against it, else what ``--dtype`` asks."""
+    if device.type == "cpu" and options.runtime != TORCH:
+        return FLOAT32
+    return options.dtype
+
+
+def load_quantize(options: RuntimeOptions, device: torch.device) -> str:
+    """Quantize the torch module at load only when torch alone serves it: the exported runtimes quantize their own
+    export, and ``auto`` quantizes a copy for torch's candidate."""
+    if device.type == "cpu" and options.runtime != TORCH:
+        return "none"
+    return options.quantize
+
+
+def precisions(runtime: str, options: RuntimeOptions) -> list[str]:
+    """The precisions ``runtime`` serves for ``--dtype``/``--quantize`` on this CPU (auto: float32, and bf16 where
+    the CPU has it natively); raises RuntimeUnavailable when it serves none of them."""
+    if options.quantize == INT8:
+        if runtime == OPENVINO:
+            raise RuntimeUnavailable("--quantize int8 is served by torch or onnxruntime; not by openvino yet")
+        return [INT8]
+    if options.dtype == "auto":
+        native = BFLOAT16 if cpu_supports_bf16() else FLOAT32
+        if runtime == ONNXRUNTIME:
+            return [FLOAT32]
+        if runtime == OPENVINO and options.runtime == AUTO and native == BFLOAT16:
+            return [BFLOAT16, FLOAT32]  # measured both: bf16 is usually faster, float32 the closer
+        return [native]
+    if runtime == ONNXRUNTIME and options.dtype != FLOAT32:
+        raise RuntimeUnavailable(f"onnxruntime serves float32 (or --quantize int8) on the CPU, not {options.dtype}")
+    if runtime == OPENVINO and options.dtype == BFLOAT16 and not cpu_supports_bf16():
+        raise RuntimeUnavailable("openvino serves bfloat16 only on CPUs with native bf16 (AVX512-BF16 or AMX)")
+    if runtime == OPENVINO and options.dtype not in (FLOAT32, BFLOAT16):
+        raise RuntimeUnavailable(f"openvino serves float32 or bfloat16 on the CPU, not {options.dtype}")
+    return [options.dtype]
+
+
+@dataclass
+class _Candidate:
+    name: str
+    precision: str
+    forward: Forward
+    owns_weights: bool
+    agreement: str = ""
+    images_per_s: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.precision}"
+
+
+def prepare_runtime(checkpoint: LoadedCheckpoint, options: RuntimeOptions, probes: Sequence[Tensor]) -> Runtime:
+    """The runtime serving ``checkpoint``, per ``options``; frees the torch weights when it holds its own.
+
+    Raises CheckpointError when the runtime asked for by name cannot serve (``auto`` falls back instead)."""
+    if checkpoint.device.type != "cpu":
+        if options.runtime in (OPENVINO, ONNXRUNTIME):
+            raise CheckpointError(f"--runtime {options.runtime} runs on the CPU; on {checkpoint.device} torch serves")
+        precision = torch_runtime.precision_of(checkpoint)
+        reason = "auto: torch serves CUDA devices" if options.runtime == AUTO else "--runtime torch"
+        return Runtime(RuntimeInfo(TORCH, precision, reason), checkpoint_forward(checkpoint), owns_weights=False)
+    if options.runtime == TORCH:
+        precision = torch_runtime.precision_of(checkpoint)
+        return Runtime(RuntimeInfo(TORCH, precision, "--runtime torch"), checkpoint_forward(checkpoint), False)
+    with ThreadPoolExecutor(
+        1, "runtime-measure", initializer=torch.set_num_threads, initargs=(options.threads,)
+    ) as pool:
+
+        def on_thread(fn: Callable[[], T]) -> T:
+            return pool.submit(fn).result()
+
+        chosen = _choose(checkpoint, options, probes, on_thread)
+    if chosen.owns_weights:
+        _ = checkpoint.num_parameters  # counted before the weights go
+        checkpoint.model.to(device="meta")  # the runtime holds its own copy: free torch's
+        gc.collect()
+    return chosen
+
+
+def _choose(
+    checkpoint: LoadedCheckpoint,
+    options: RuntimeOptions,
+    probes: Sequence[Tensor],
+    on_thread: Callable[[Callable[[], Outputs]], Outputs],
+) -> Runtime:
+    image_shape = (checkpoint.config.num_channels, *checkpoint.preprocess.output_size)
+    batch = _probe_batch(probes, image_shape)
+    reference = on_thread(lambda: checkpoint_forward(checkpoint)(batch))
+    names = output_names(checkpoint.model, image_shape)
+    digest = model_digest(checkpoint.model)
+    cache = ArtefactCache(options.cache_dir)
+    comparable = all(bool(torch.isfinite(value).all()) for value in reference.values())
+    if options.runtime == AUTO and not comparable:  # the non-finite guard answers for such weights
+        reason = "auto: torch's float32 outputs on the probes are not finite: no runtime to compare with it"
+        log.warning("runtime chosen: %s", reason, extra={"runtime": TORCH})
+        precision = torch_runtime.precision_of(checkpoint)
+        return Runtime(RuntimeInfo(TORCH, precision, reason), checkpoint_forward(checkpoint), owns_weights=False)
+    wanted = [options.runtime] if options.runtime != AUTO else [TORCH, OPENVINO, ONNXRUNTIME]
+    candidates: list[_Candidate] = []
+    for runtime in wanted:
+        try:
+            for precision in precisions(runtime, options):
+                candidate = _build(checkpoint, runtime, precision, names, image_shape, digest, options, cache)
+                candidates.append(candidate)
+        except Exception as e:  # not installed, a precision it lacks, a failed export or load
+            why = str(e) if isinstance(e, RuntimeUnavailable) else f"{type(e).__name__}: {e}"
+            if options.runtime != AUTO:
+                raise CheckpointError(f"--runtime {runtime}: {why}") from e
+            log.warning("runtime skipped: %s", why, extra={"runtime": runtime})
+    agreeing: list[_Candidate] = []
+    for candidate in candidates:
+        try:
+            outputs = on_thread(lambda c=candidate: c.forward(batch))  # type: ignore[misc]
+            problem = _disagreement(outputs, reference, candidate.precision) if comparable else None
+        except Exception as e:  # a runtime that cannot run the probes is skipped, never a failed start
+            problem = f"the probes failed: {type(e).__name__}: {e}"
+        if problem is not None:
+            if options.runtime != AUTO:
+                raise CheckpointError(f"--runtime {candidate.name} {candidate.precision}: {problem}")
+            log.warning("runtime skipped: %s", problem, extra={"runtime": candidate.label})
+            continue
+        candidate.agreement = _agreement(outputs, reference) if comparable else "not compared: not finite"
+        agreeing.append(candidate)
+    if options.runtime != AUTO:
+        only = agreeing[0]
+        reason = f"--runtime {only.name}; " + (
+            f"agrees with torch float32 on the probes ({only.agreement})"
+            if comparable
+            else "not compared with torch: its float32 outputs on the probes are not finite"
+        )
+        return Runtime(RuntimeInfo(only.name, only.precision, reason), only.forward, only.owns_weights)
+    if not agreeing:  # torch float32, the reference itself, is never wrong by this measure
+        reason = "auto: no candidate agreed with torch float32 on the probes; it serves"
+        log.warning("runtime chosen: %s", reason, extra={"runtime": TORCH})
+        return Runtime(RuntimeInfo(TORCH, FLOAT32, reason), checkpoint_forward(checkpoint), owns_weights=False)
+    if len(agreeing) == 1:
+        only = agreeing[0]
+        return Runtime(RuntimeInfo(only.name, only.precision, f"auto: only {only.label} available"), only.forward,
+                       only.owns_weights)  # fmt: skip
+    timed = _probe_batch(probes, image_shape, min(MEASURE_BATCH, options.max_batch_size))
+    for candidate in agreeing:
+        candidate.images_per_s = _measure(candidate.forward, timed, options.measure_s, on_thread)
+    agreeing.sort(key=lambda c: c.images_per_s, reverse=True)
+    best = agreeing[0]
+    others = ", ".join(f"{c.label} {c.images_per_s:.1f}" for c in agreeing[1:])
+    reason = (
+        f"auto: fastest at batch {len(timed)} on {options.threads} threads: {best.label} {best.images_per_s:.1f} "
+        f"img/s (then {others}); agrees with torch float32 ({best.agreement})"
+    )
+    log.info("runtime chosen: %s", reason, extra={"runtime": best.label})
+    return Runtime(RuntimeInfo(best.name, best.precision, reason), best.forward, best.owns_weights)
+
+
+def _build(
+    checkpoint: LoadedCheckpoint,
+    runtime: str,
+    precision: str,
+    names: list[str],
+    image_shape: tuple[int, int, int],
+    digest: str,
+    options: RuntimeOptions,
+    cache: ArtefactCache,
+) -> _Candidate:
+    if runtime == TORCH:
+        return _Candidate(TORCH, precision, torch_runtime.build(checkpoint, precision), owns_weights=False)
+    builder = ov_runtime.build if runtime == OPENVINO else ort_runtime.build
+    forward = builder(
+        checkpoint.model,
+        names,
+        image_shape,
+        digest=digest,
+        precision=precision,
+        threads=options.threads,
+        streams=options.streams,
+        cache=cache,
+    )
+    return _Candidate(runtime, precision, forward, owns_weights=True)
+
+
+def _probe_batch(probes: Sequence[Tensor], image_shape: tuple[int, int, int], size: int = 0) -> list[Tensor]:
+    """The probes and seeded noise images (4 at least), repeated up to ``size``."""
+    generator = torch.Generator().manual_seed(0)
+    images = list(probes) + [torch.randn(image_shape, generator=generator) for _ in range(max(0, 4 - len(probes)))]
+    if size:
+        images = [images[i % len(images)] for i in range(size)]
+    return images
+
+
+def _disagreement(outputs: Outputs, reference: Outputs, precision: str) -> str | None:
+    """None when ``outputs`` agree with float32 torch's (module docstring), else how they differ."""
+    if set(outputs) != set(reference):
+        return f"outputs {sorted(outputs)} differ from torch's {sorted(reference)}"
+    for name, want in reference.items():
+        got = outputs[name]
+        if got.shape != want.shape:
+            return f"output {name} has shape {tuple(got.shape)}, not {tuple(want.shape)}"
+        if not bool(torch.isfinite(got).all()):
+            return f"output {name} holds NaN or infinite values"
+    if LOGITS in reference:
+        got_p, want_p = outputs[LOGITS].softmax(-1), reference[LOGITS].softmax(-1)
+        if not torch.equal(got_p.argmax(-1), want_p.argmax(-1)):
+            return "its top-1 class differs from torch float32's"
+        delta = float((got_p - want_p).abs().max())
+        if delta > PROBABILITY_TOLERANCE[precision]:
+            return f"max |Δp| {delta:.2e} above the {precision} tolerance {PROBABILITY_TOLERANCE[precision]:.0e}"
+        return None
+    for name, want in reference.items():
+        delta = float((outputs[name] - want).abs().max())
+        bound = FEATURE_TOLERANCE[precision] * max(1.0, float(want.abs().max()))
+        if delta > bound:
+            return f"output {name}: max |Δ| {delta:.2e} above {bound:.2e}"
+    return None
+
+
+def _agreement(outputs: Outputs, reference: Outputs) -> str:
+    if LOGITS in reference:
+        delta = float((outputs[LOGITS].softmax(-1) - reference[LOGITS].softmax(-1)).abs().max())
+        return f"top-1 equal, max |Δp| {delta:.1e}"
+    delta = max(float((outputs[n] - reference[n]).abs().max()) for n in reference)
+    return f"max |Δ features| {delta:.1e}"
+
+
+def _measure(
+    forward: Forward, batch: list[Tensor], budget_s: float, on_thread: Callable[[Callable[[], Outputs]], Outputs]
+) -> float:
+    """Images per second: the median of passes run for ``budget_s`` (one at least) after one untimed pass."""
+    on_thread(lambda: forward(batch))
+    times: list[float] = []
+    started = time.perf_counter()
+    while not times or time.perf_counter() - started < budget_s:
+        t = time.perf_counter()
+        on_thread(lambda: forward(batch))
+        times.append(time.perf_counter() - t)
+    return len(batch) / max(statistics.median(times), 1e-9)

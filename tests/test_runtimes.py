@@ -1,0 +1,209 @@
+"""The runtimes behind the engine, in process: every checkpoint kind and writer exported to OpenVINO and ONNX
+Runtime gives torch's float32 outputs within 1e-4, at any batch size; artefacts are cached and verified; ``auto``
+serves an agreeing runtime and says why; a runtime that cannot export is skipped, never a failed load."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.engine.runner import Outputs, checkpoint_forward
+from service.engine.runtimes import AUTO, ONNXRUNTIME, OPENVINO, TORCH, Runtime, RuntimeOptions
+from service.engine.runtimes.cache import MANIFEST
+from service.engine.runtimes.selection import prepare_runtime, runtime_probes
+from service.errors import CheckpointError
+from service.model.checkpoints import LoadedCheckpoint, cpu_supports_bf16
+from service.model.prepare import load_for_serving
+from service.model.preprocessing import Preprocessor
+from tests.factories import hf_model, save_hf, save_timm
+
+EXPORTED = (OPENVINO, ONNXRUNTIME)
+TOLERANCE = 1e-4
+
+
+def _load(path: Path) -> LoadedCheckpoint:
+    return load_for_serving(path, device="cpu", dtype="float32")
+
+
+def _prepare(checkpoint: LoadedCheckpoint, runtime: str, cache: Path, **options: object) -> Runtime:
+    values: dict[str, object] = {"runtime": runtime, "dtype": "float32", "threads": 1, "cache_dir": cache,
+                                 "measure_s": 0.05, "max_batch_size": 4, **options}  # fmt: skip
+    probes = runtime_probes(Preprocessor(checkpoint.preprocess))
+    return prepare_runtime(checkpoint, RuntimeOptions(**values), probes)  # type: ignore[arg-type]
+
+
+def _assert_close(got: Outputs, want: Outputs) -> None:
+    assert set(got) == set(want)
+    for name, value in want.items():
+        assert got[name].dtype == torch.float32
+        assert got[name].shape == value.shape, name
+        assert torch.allclose(got[name], value, atol=TOLERANCE, rtol=0), (name, (got[name] - value).abs().max())
+
+
+@pytest.mark.parametrize("runtime", EXPORTED)
+@pytest.mark.parametrize("kind", ["distilled", "single_head", "vit", "mim", "bare", "timm"])
+def test_an_exported_runtime_gives_torchs_float32_outputs(
+    runtime: str, kind: str, pixel_values: torch.Tensor, tmp_path: Path
+) -> None:
+    if kind == "timm":  # a timm file names no head count: a width of 64 reads as one head
+        model = hf_model("distilled", seed=3, hidden_size=64, num_attention_heads=1)
+    else:
+        model = hf_model(kind, seed=3)  # type: ignore[arg-type]
+    path = save_timm(model, tmp_path / "timm.pth") if kind == "timm" else save_hf(model, tmp_path / kind)
+    reference = _load(path)
+    want = checkpoint_forward(reference)(list(pixel_values))
+    served = _prepare(_load(path), runtime, tmp_path / "cache")
+    assert (served.info.name, served.info.precision) == (runtime, "float32")
+    assert "agrees with torch float32" in served.info.reason
+    _assert_close(served.forward(list(pixel_values)), want)
+    # the batch dimension is dynamic: one image, and more than the export's example batch
+    _assert_close(served.forward([pixel_values[1]]), {k: v[1:2] for k, v in want.items()})
+    five = [pixel_values[i % 3] for i in range(5)]
+    _assert_close(served.forward(five), {k: v[[i % 3 for i in range(5)]] for k, v in want.items()})
+
+
+@pytest.mark.parametrize("runtime", EXPORTED)
+def test_the_torch_weights_are_freed_once_the_runtime_holds_its_own(
+    runtime: str, distilled_dir: Path, tmp_path: Path
+) -> None:
+    checkpoint = _load(distilled_dir)
+    parameters = checkpoint.num_parameters
+    _prepare(checkpoint, runtime, tmp_path / "cache")
+    assert all(p.device.type == "meta" for p in checkpoint.model.parameters())
+    assert checkpoint.num_parameters == parameters  # still reported
+
+
+@pytest.mark.parametrize("runtime", EXPORTED)
+def test_a_second_load_reads_the_cache_and_a_damaged_entry_is_rebuilt(
+    runtime: str, distilled_dir: Path, pixel_values: torch.Tensor, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = tmp_path / "cache"
+    want = checkpoint_forward(_load(distilled_dir))(list(pixel_values))
+    caplog.set_level(logging.INFO, logger="deit_serve.runtimes")
+    _prepare(_load(distilled_dir), runtime, cache)
+    assert [r.message for r in caplog.records].count("runtime artefact exported to the cache") == 1
+    (entry,) = [p for p in cache.iterdir() if (p / MANIFEST).is_file()]
+    caplog.clear()
+    again = _prepare(_load(distilled_dir), runtime, cache)
+    messages = [r.message for r in caplog.records]
+    assert "runtime artefact read from the cache" in messages
+    assert "runtime artefact exported to the cache" not in messages
+    _assert_close(again.forward(list(pixel_values)), want)
+
+    # Flip bytes in the middle of the largest file (the weights): the manifest's digest no longer matches.
+    weights = max((p for p in entry.iterdir() if p.name != MANIFEST), key=lambda p: p.stat().st_size)
+    data = bytearray(weights.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    weights.write_bytes(bytes(data))
+    caplog.clear()
+    rebuilt = _prepare(_load(distilled_dir), runtime, cache)
+    records = caplog.records
+    assert any(r.message.startswith("runtime cache entry is damaged") for r in records)
+    assert any(r.message == "runtime artefact exported to the cache" for r in records)
+    _assert_close(rebuilt.forward(list(pixel_values)), want)
+
+    # A manifest that is not JSON is damage too, not a crash.
+    (entry / MANIFEST).write_text("{not json")
+    caplog.clear()
+    _prepare(_load(distilled_dir), runtime, cache)
+    assert any("manifest unreadable" in r.message for r in caplog.records)
+
+
+def test_auto_serves_an_agreeing_runtime_and_says_why(
+    distilled_dir: Path, pixel_values: torch.Tensor, tmp_path: Path
+) -> None:
+    want = checkpoint_forward(_load(distilled_dir))(list(pixel_values))
+    served = _prepare(_load(distilled_dir), AUTO, tmp_path / "cache")  # float32: the same candidates on any CPU
+    assert served.info.name in (TORCH, *EXPORTED)
+    reason = served.info.reason
+    assert reason.startswith("auto: fastest at batch 4 on 1 threads: ")
+    for runtime in (TORCH, *EXPORTED):  # every installed runtime was measured and is named with its speed
+        assert f"{runtime} float32 " in reason
+    assert "img/s" in reason
+    assert "agrees with torch float32 (top-1 equal, max |Δp|" in reason
+    _assert_close(served.forward(list(pixel_values)), want)
+
+
+def test_auto_skips_a_runtime_that_cannot_export_and_still_loads(
+    distilled_dir: Path, pixel_values: torch.Tensor, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the cache directory should be")
+    caplog.set_level(logging.WARNING, logger="deit_serve.runtimes")
+    checkpoint = _load(distilled_dir)
+    want = checkpoint_forward(checkpoint)(list(pixel_values))
+    served = _prepare(checkpoint, AUTO, blocked)
+    assert served.info.name == TORCH
+    assert served.info.reason == "auto: only torch float32 available"
+    skipped = [r for r in caplog.records if r.message.startswith("runtime skipped: ")]
+    assert {getattr(r, "runtime", None) for r in skipped} == set(EXPORTED)
+    assert all("export failed" in r.message for r in skipped)
+    _assert_close(served.forward(list(pixel_values)), want)
+    assert all(p.device.type == "cpu" for p in checkpoint.model.parameters())  # torch serves: its weights stay
+
+
+@pytest.mark.parametrize("runtime", EXPORTED)
+def test_a_runtime_asked_for_by_name_that_cannot_export_fails_the_load_naming_why(
+    runtime: str, distilled_dir: Path, tmp_path: Path
+) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    with pytest.raises(CheckpointError, match=rf"--runtime {runtime}: .*export failed"):
+        _prepare(_load(distilled_dir), runtime, blocked)
+
+
+@pytest.mark.parametrize(
+    ("runtime", "dtype", "message"),
+    [
+        (ONNXRUNTIME, "bfloat16", "onnxruntime serves float32"),
+        (OPENVINO, "float16", "openvino serves float32 or bfloat16"),
+    ],
+)
+def test_a_precision_a_runtime_does_not_serve_is_refused_by_name(
+    runtime: str, dtype: str, message: str, distilled_dir: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(CheckpointError, match=message):
+        _prepare(_load(distilled_dir), runtime, tmp_path / "cache", dtype=dtype)
+
+
+def test_onnxruntime_int8_quantizes_its_own_export_and_agrees_on_top1(
+    distilled_dir: Path, pixel_values: torch.Tensor, tmp_path: Path
+) -> None:
+    served = _prepare(_load(distilled_dir), ONNXRUNTIME, tmp_path / "cache", quantize="int8")
+    assert (served.info.name, served.info.precision) == (ONNXRUNTIME, "int8")
+    assert "agrees with torch float32" in served.info.reason
+    (entry,) = [p for p in (tmp_path / "cache").iterdir() if (p / MANIFEST).is_file()]
+    assert sorted(p.name for p in entry.iterdir()) == [MANIFEST, "model.int8.onnx"]
+    want = checkpoint_forward(_load(distilled_dir))(list(pixel_values))
+    got = served.forward(list(pixel_values))
+    assert torch.equal(got["logits"].argmax(-1), want["logits"].argmax(-1))
+
+
+def test_auto_with_int8_measures_torch_and_onnxruntime_int8_only(
+    distilled_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="deit_serve.runtimes")
+    served = _prepare(_load(distilled_dir), AUTO, tmp_path / "cache", dtype="auto", quantize="int8")
+    assert served.info.precision == "int8"
+    skipped = {getattr(r, "runtime", ""): r.message for r in caplog.records if r.message.startswith("runtime skipped")}
+    assert (
+        skipped.pop(OPENVINO)
+        == "runtime skipped: --quantize int8 is served by torch or onnxruntime; not by openvino yet"
+    )
+    # Each int8 candidate was measured, or (int8 kernels differ by CPU) skipped for disagreeing, with its reason.
+    for label in ("torch int8", "onnxruntime int8"):
+        assert f"{label} " in served.info.reason or label in skipped
+
+
+def test_openvino_serves_bfloat16_only_where_the_cpu_has_it_natively(distilled_dir: Path, tmp_path: Path) -> None:
+    """Detected from the CPU's flags, never assumed: on AVX512-BF16/AMX it serves bf16 within bf16's tolerance."""
+    if not cpu_supports_bf16():
+        with pytest.raises(CheckpointError, match="openvino serves bfloat16 only on CPUs with native bf16"):
+            _prepare(_load(distilled_dir), OPENVINO, tmp_path / "cache", dtype="bfloat16")
+        return
+    served = _prepare(_load(distilled_dir), OPENVINO, tmp_path / "cache", dtype="bfloat16")
+    assert (served.info.name, served.info.precision) == (OPENVINO, "bfloat16")

@@ -84,6 +84,8 @@ def test_the_page_classifies_like_the_api_and_shows_its_errors(
     answer = httpx.post(f"{server.url}/classify", files=files, headers={"X-API-Key": KEY}, timeout=30).json()
     assert shown == [r["predictions"][0]["label"] for r in answer["results"]]
     assert "deit-tiny-digits v1" in browser.find_element(By.ID, "status").text
+    model_info = browser.find_element(By.ID, "model-info").text
+    assert "runtime torch " in model_info, model_info  # the runtime by name and precision, not an object
     screenshot = tmp_path / "ui.png"
     assert browser.save_screenshot(str(screenshot))
     if os.environ.get("DEIT_UI_SCREENSHOT"):

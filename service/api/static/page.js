@@ -62,6 +62,11 @@
     return state.models.find((m) => m.name === $("model").value);
   }
 
+  function runtimeText(runtime) {
+    // /v1/models describes the runtime as {name, precision, reason}
+    return typeof runtime === "string" ? runtime : runtime.name + " " + runtime.precision;
+  }
+
   function describeModel() {
     const m = currentModel();
     if (!m) return;
@@ -75,7 +80,7 @@
       m.input_size.join("×") + " px",
       m.dtype + " on " + m.device,
     ];
-    if (m.runtime) parts.push("runtime " + m.runtime);
+    if (m.runtime) parts.push("runtime " + runtimeText(m.runtime));
     if (m.hub_id) parts.push(m.hub_id + "@" + (m.revision || "").slice(0, 12));
     $("model-info").textContent = parts.join(" · ");
   }
@@ -181,7 +186,7 @@
       results.appendChild(div);
     });
     if (task === "embed") $("similarity").appendChild(similarity(files, body.results.map((r) => r.embedding)));
-    const runtime = currentModel() && currentModel().runtime ? " · runtime " + currentModel().runtime : "";
+    const runtime = currentModel() && currentModel().runtime ? " · runtime " + runtimeText(currentModel().runtime) : "";
     $("status").textContent =
       body.model + " v" + currentModel().version + runtime + " · " + files.length + " image(s) in " + latency.toFixed(0) + " ms";
     $("status").dataset.latencyMs = latency.toFixed(1);

@@ -345,3 +345,45 @@ def multipart_body(images: list[bytes], boundary: str | None = None) -> tuple[by
         for i, data in enumerate(images)
     ]
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def classify_probabilities(
+    url: str, images: Sequence[bytes], num_labels: int, headers: Mapping[str, str] | None = None
+) -> Any:
+    """Every class probability of ``images`` (JPEGs) as ``POST /classify`` answers them, ``[N, labels]`` float32."""
+    import numpy as np
+
+    files = [("file", (f"img{i}.jpg", data, "image/jpeg")) for i, data in enumerate(images)]
+    r = httpx.post(f"{url}/classify", params={"top_k": num_labels}, files=files, headers=headers, timeout=30)
+    r.raise_for_status()
+    probs = np.zeros((len(images), num_labels), dtype=np.float32)
+    for row, result in enumerate(r.json()["results"]):
+        for p in result["predictions"]:
+            probs[row, p["index"]] = p["score"]
+    return probs
+
+
+def preprocessed_pixels(model_dir: Path, images: Sequence[bytes]) -> Any:
+    """``images`` preprocessed by the service's own Preprocessor for the model at ``model_dir``, ``[N, 3, H, W]``
+    float32."""
+    import numpy as np
+
+    from service.model.checkpoints import load_checkpoint
+    from service.model.decoding import decode_image
+    from service.model.preprocessing import Preprocessor
+
+    preprocess = Preprocessor(load_checkpoint(model_dir, device="cpu", dtype="float32").preprocess)
+    return np.stack([preprocess(decode_image(data, 10**8)).numpy() for data in images]).astype(np.float32)
+
+
+class EndlessBody:
+    """A chunked request body of ``chunks`` chunks of ``filler`` (128 MiB by default) that counts the bytes the
+    server pulled from it: iterate it as httpx's ``content``."""
+
+    def __init__(self, filler: bytes = bytes(65536), chunks: int = 2048) -> None:
+        self.filler, self.chunks, self.pulled = filler, chunks, 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for _ in range(self.chunks):
+            self.pulled += len(self.filler)
+            yield self.filler

@@ -24,10 +24,15 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from harness.launcher import free_port
-from service.model.checkpoints import load_checkpoint
-from service.model.decoding import decode_image
-from service.model.preprocessing import Preprocessor
-from tests.serving import Scrape, ServerProcess, SharedServers, run_server, wait_until
+from tests.serving import (
+    Scrape,
+    ServerProcess,
+    SharedServers,
+    classify_probabilities,
+    preprocessed_pixels,
+    run_server,
+    wait_until,
+)
 
 KEY = "grpc-test-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -82,18 +87,14 @@ def _post(server: ServerProcess, path: str, top_k: int = NUM_LABELS) -> dict[str
 
 @pytest.fixture(scope="module")
 def classify_probs(server: ServerProcess) -> np.ndarray:
-    """All class probabilities of IMAGES as POST /classify answers them, ``[N, labels]``."""
-    probs = np.zeros((len(IMAGES), NUM_LABELS), dtype=np.float32)
-    for row, result in enumerate(_post(server, "/classify")["results"]):
-        for p in result["predictions"]:
-            probs[row, p["index"]] = p["score"]
+    probs: np.ndarray = classify_probabilities(server.url, IMAGES, NUM_LABELS, {"X-API-Key": KEY})
     return probs
 
 
 @pytest.fixture(scope="module")
 def pixels(tiny_store: Path) -> np.ndarray:
-    preprocess = Preprocessor(load_checkpoint(tiny_store / "tiny", device="cpu", dtype="float32").preprocess)
-    return np.stack([preprocess(decode_image(data, 10**8)).numpy() for data in IMAGES]).astype(np.float32)
+    pixels: np.ndarray = preprocessed_pixels(tiny_store / "tiny", IMAGES)
+    return pixels
 
 
 def bytes_input(images: list[bytes]) -> triton.InferInput:

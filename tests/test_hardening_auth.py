@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.serving import EDGE_KEY, EDGE_LIMITS, ServerProcess, SharedServers, image_bytes
+from tests.serving import EDGE_KEY, EDGE_LIMITS, EndlessBody, ServerProcess, SharedServers, image_bytes
 
 KEYS = ("k1-secret", "k2-secret")
 
@@ -72,18 +71,11 @@ def test_probes_and_metrics_stay_open_by_default(keyed: ServerProcess, path: str
 
 
 def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(keyed: ServerProcess) -> None:
-    pulled = 0
-
-    def body() -> Iterator[bytes]:
-        nonlocal pulled
-        for _ in range(2048):  # 128 MiB offered
-            pulled += 65536
-            yield bytes(65536)
-
-    response = httpx.post(f"{keyed.url}/classify", content=body(), headers={"Content-Type": "image/png"}, timeout=30)
+    body = EndlessBody()  # 128 MiB offered
+    response = httpx.post(f"{keyed.url}/classify", content=body, headers={"Content-Type": "image/png"}, timeout=30)
     assert response.status_code == 401
     assert response.headers["connection"] == "close"
-    assert pulled < 32 * 2**20
+    assert body.pulled < 32 * 2**20
 
 
 def test_metrics_need_a_key_when_protected(tiny_store: Path, servers: SharedServers) -> None:

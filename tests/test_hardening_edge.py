@@ -29,6 +29,7 @@ from tests.factories import edit_config_json
 from tests.serving import (
     EDGE_KEY,
     EDGE_LIMITS,
+    EndlessBody,
     Scrape,
     ServerProcess,
     SharedServers,
@@ -117,17 +118,10 @@ def test_the_repository_index_answers_401_before_reading_a_declared_body(edge: S
 
 
 def test_the_repository_index_refuses_a_chunked_body_without_a_key_unread(edge: ServerProcess) -> None:
-    pulled = 0
-
-    def body() -> Iterator[bytes]:
-        nonlocal pulled
-        for _ in range(2048):  # 128 MiB offered
-            pulled += 65536
-            yield b" " * 65536
-
-    response = httpx.post(f"{edge.url}/v2/repository/index", content=body(), timeout=30)
+    body = EndlessBody(b" " * 65536)  # 128 MiB offered
+    response = httpx.post(f"{edge.url}/v2/repository/index", content=body, timeout=30)
     assert plain_error(response, 401).startswith("an API key is required")
-    assert pulled < 32 * 2**20
+    assert body.pulled < 32 * 2**20
 
 
 def test_malformed_json_without_a_key_is_401_not_a_parse_error(edge: ServerProcess) -> None:

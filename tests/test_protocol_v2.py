@@ -21,10 +21,17 @@ from PIL import Image
 from transformers import DeiTForImageClassificationWithTeacher
 from tritonclient.utils import InferenceServerException
 
-from service.model.checkpoints import load_checkpoint
-from service.model.decoding import decode_image
-from service.model.preprocessing import Preprocessor
-from tests.serving import SMALL_UPLOADS, Scrape, ServerProcess, SharedServers, plain_error, run_server, wait_until
+from tests.serving import (
+    SMALL_UPLOADS,
+    Scrape,
+    ServerProcess,
+    SharedServers,
+    classify_probabilities,
+    plain_error,
+    preprocessed_pixels,
+    run_server,
+    wait_until,
+)
 
 MAX_FILES = int(SMALL_UPLOADS["DEIT_MAX_FILES"])
 NUM_LABELS = 10
@@ -56,21 +63,15 @@ def client(server: ServerProcess) -> Iterator[triton.InferenceServerClient]:
 @pytest.fixture(scope="module")
 def classify_probs(server: ServerProcess) -> np.ndarray:
     """All class probabilities of IMAGES as POST /classify answers them, ``[N, labels]``."""
-    files = [("file", (f"img{i}.jpg", data, "image/jpeg")) for i, data in enumerate(IMAGES)]
-    r = httpx.post(f"{server.url}/classify", params={"top_k": NUM_LABELS}, files=files, timeout=30)
-    r.raise_for_status()
-    probs = np.zeros((len(IMAGES), NUM_LABELS), dtype=np.float32)
-    for row, result in enumerate(r.json()["results"]):
-        for p in result["predictions"]:
-            probs[row, p["index"]] = p["score"]
+    probs: np.ndarray = classify_probabilities(server.url, IMAGES, NUM_LABELS)
     return probs
 
 
 @pytest.fixture(scope="module")
 def pixels(tiny_store: Path) -> np.ndarray:
     """IMAGES preprocessed by the service's own Preprocessor, ``[N, 3, H, W]`` float32."""
-    preprocess = Preprocessor(load_checkpoint(tiny_store / "tiny", device="cpu", dtype="float32").preprocess)
-    return np.stack([preprocess(decode_image(data, 10**8)).numpy() for data in IMAGES]).astype(np.float32)
+    pixels: np.ndarray = preprocessed_pixels(tiny_store / "tiny", IMAGES)
+    return pixels
 
 
 def _bytes_input(images: list[bytes], binary: bool = True) -> triton.InferInput:

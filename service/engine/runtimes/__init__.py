@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -29,6 +30,16 @@ EXPORT_VERSION = "2"
 
 class RuntimeUnavailable(Exception):
     """A runtime that is not installed, cannot serve the precision asked for, or failed to export or load."""
+
+
+def installed_version(distribution: str) -> str:
+    """The installed version of a runtime's package; RuntimeUnavailable naming the extra that brings it."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        raise RuntimeUnavailable(
+            f"{distribution} is not installed (pip install 'deit-serve[{distribution}]')"
+        ) from None
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from service.engine.runtimes import (
     ONNXRUNTIME,
     OutputsModule,
     RuntimeUnavailable,
+    installed_version,
     stack,
 )
 from service.engine.runtimes.cache import ArtefactCache, entry_key
@@ -29,10 +29,7 @@ OPSET = 17
 
 
 def version() -> str:
-    try:
-        return metadata.version("onnxruntime")
-    except metadata.PackageNotFoundError:
-        raise RuntimeUnavailable("onnxruntime is not installed (pip install 'deit-serve[onnxruntime]')") from None
+    return installed_version("onnxruntime")
 
 
 def build(

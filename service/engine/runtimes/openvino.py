@@ -7,7 +7,6 @@ from __future__ import annotations
 import threading
 import warnings
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from service.engine.runtimes import (
     OPENVINO,
     OutputsModule,
     RuntimeUnavailable,
+    installed_version,
     stack,
 )
 from service.engine.runtimes.cache import ArtefactCache, entry_key
@@ -32,10 +32,7 @@ _PRECISIONS = {FLOAT32: "f32", BFLOAT16: "bf16"}
 
 
 def version() -> str:
-    try:
-        return metadata.version("openvino")
-    except metadata.PackageNotFoundError:
-        raise RuntimeUnavailable("openvino is not installed (pip install 'deit-serve[openvino]')") from None
+    return installed_version("openvino")
 
 
 def build(

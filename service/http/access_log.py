@@ -173,8 +173,8 @@ def record_request(
         extra.update(
             images=stats.images,
             batch_size=list(stats.batch_sizes),
-            queue_ms=round(stats.queue_ms, 2),
-            inference_ms=round(stats.inference_ms, 2),
+            queue_ms=round(stats.queue_ms, 3),
+            inference_ms=round(stats.inference_ms, 3),
         )
     if record.error_code is not None:
         extra["error"] = record.error_code

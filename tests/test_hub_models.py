@@ -236,6 +236,7 @@ def test_a_start_by_hub_id_that_cannot_serve_fails_with_one_error(
     with serve_hub(hub) as endpoint:
         error = _start_fails(["--model", model], _env(tmp_path / "hf", endpoint), store)
     assert needle in error["message"], error
+    assert "force_download" not in error["message"]  # the start resumes a cut download; it never forces one
     assert error["repo_id"] == model.split("@")[0]
     assert error["code"] == "model_load_failed"
     snapshots = tmp_path / "hf" / "hub" / f"models--{model.split('@')[0].replace('/', '--')}" / "snapshots"
@@ -253,6 +254,16 @@ def test_offline_without_the_model_cached_names_the_cache_and_the_command(tmp_pa
     assert error["command"] == "deit-serve --download-only --model facebook/deit-base-distilled-patch16-224"
     assert error["cache"] in error["message"]
     assert error["command"] in error["message"]
+
+
+def test_an_unreachable_hub_without_the_model_cached_fails_in_json_lines_only(tmp_path: Path) -> None:
+    """The hub client's retry notes go through the service's JSON log (``_start_fails`` checks every line)."""
+    store = tmp_path / "store"
+    store.mkdir()
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    error = _start_fails(["--model", "acme/deit-distilled"], _env(tmp_path / "hf", closed), store)
+    assert error["repo_id"] == "acme/deit-distilled"
+    assert error["code"] == "model_load_failed"
 
 
 def test_download_only_fills_the_cache_for_an_offline_start(hub: LoopbackHub, tmp_path: Path) -> None:

@@ -111,6 +111,7 @@ def read_store_entry(path: Path) -> HubRef:
 def _client() -> ModuleType:
     try:
         import huggingface_hub
+        import huggingface_hub.utils.logging  # adds a stderr handler when first imported: before it is removed below
         from huggingface_hub.utils.tqdm import disable_progress_bars
     except ImportError as e:
         raise ImportError(
@@ -180,8 +181,11 @@ def resolve(ref: HubRef, pinned: str | None = None) -> Snapshot:
         log.info("downloading from the hub", extra={"hub_id": str(ref), "revision": commit, "cache": cache_dir()})
         path = Path(hub.snapshot_download(ref.repo_id, revision=commit, allow_patterns=patterns))
     except Exception as e:
+        # The client's first line says what failed; its advice after it (a forced download from scratch) is not what
+        # a start does: it resumes.
+        detail = (str(e).splitlines() or [""])[0]
         raise HubError(
-            f"downloading {ref} (commit {commit}) failed: {type(e).__name__}: {e}; nothing of it is served, "
+            f"downloading {ref} (commit {commit}) failed: {type(e).__name__}: {detail}; nothing of it is served, "
             "and the next start resumes the download",
             repo_id=ref.repo_id,
             cache=cache_dir(),

@@ -279,7 +279,10 @@ class InProcessServer:
 
 @contextmanager
 def serve_in_process(settings: Settings) -> Iterator[InProcessServer]:
-    """Serve ``create_app(settings)`` on ``settings.port`` from a background thread; stopped (drained) afterwards."""
+    """Serve ``create_app(settings)`` on ``settings.port`` from a background thread; stopped (drained) afterwards.
+    The gRPC port is off unless ``settings`` sets one, as for every server the harness starts."""
+    if "grpc_port" not in settings.model_fields_set:
+        settings = settings.model_copy(update={"grpc_port": 0})
     app = create_app(settings)
     config = uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_config=None, access_log=False)
     server = uvicorn.Server(config)

@@ -55,7 +55,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> LoopbackHub:
 
 def _env(hf_home: Path, endpoint: str | None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
-    env |= {"HF_HOME": str(hf_home), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env |= {"HF_HOME": str(hf_home), "HF_HUB_DISABLE_TELEMETRY": "1", "DEIT_GRPC_PORT": "0"}
     if endpoint is not None:
         env["HF_ENDPOINT"] = endpoint
     return env | extra

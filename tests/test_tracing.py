@@ -134,6 +134,11 @@ def test_rest_request_spans_are_children_of_the_clients(traced: ServerProcess, r
     wait_until(logged, what="the access-log line")
     (line,) = [r for r in traced.log_records() if r.get("request_id") == "traced-rest-1"]
     assert line["trace_id"] == trace_id
+    # The launcher's readiness polls (GET /readyz) came first and were exported no later: probes are not traced.
+    httpx.get(f"{traced.url}/healthz", timeout=10)
+    with receiver.lock:
+        names = {s.name for s in receiver.spans}
+    assert not names & {"GET /readyz", "GET /healthz", "GET /metrics"}, names
 
 
 def test_grpc_call_spans_are_children_of_the_clients(traced: ServerProcess, receiver: Receiver) -> None:

@@ -18,6 +18,9 @@ from service.http.front_door import protocol_of
 from service.metrics import Metrics
 from service.tracing import PROPAGATED, RequestTrace, Tracing
 
+# Health and metrics probes: counted, but neither logged nor traced.
+PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
+
 log = logging.getLogger("deit_serve.access")
 
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -100,7 +103,7 @@ class AccessLogMiddleware:
         scope.setdefault("state", {})["record"] = record
         status = 500
         unread_large_body = _large_or_unknown_body(headers)
-        if self.tracing is not None:
+        if self.tracing is not None and scope["path"] not in PROBES:  # a probe every few seconds is no trace
             carrier = {
                 name: headers[name.encode()].decode("latin-1") for name in PROPAGATED if name.encode() in headers
             }
@@ -154,7 +157,7 @@ def record_request(
     metrics.request_duration.labels(model, version, endpoint, protocol).observe(elapsed)
     if record.inference:
         metrics.inference_duration.labels(model, version, protocol, str(status)).observe(elapsed)
-    if not access_log or endpoint in ("/healthz", "/readyz", "/metrics"):
+    if not access_log or endpoint in PROBES:
         return
     stats = record.batching
     extra: dict[str, Any] = {

@@ -420,3 +420,19 @@ def test_drain_refuses_new_calls_and_finishes_those_in_flight(slow: ServerProces
         result = call.result(timeout=120)
         assert result.as_numpy("probabilities").shape == (64, 10)
     assert slow.wait(timeout=60) == 0
+
+
+def test_a_load_by_hub_id_is_refused_unless_the_operator_allows_it(
+    server: ServerProcess, generated: tuple[ModuleType, ModuleType]
+) -> None:
+    """The load's ``hub_id`` parameter is the REST load's: off without ``--allow-hub-ids``, refused before anything
+    is fetched, as PERMISSION_DENIED."""
+    pb, stubs = generated
+    with grpc.insecure_channel(grpc_address(server)) as channel:
+        stub = stubs.GRPCInferenceServiceStub(channel)
+        request = pb.RepositoryModelLoadRequest(model_name="other")
+        request.parameters["hub_id"].string_param = "acme/deit"
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.RepositoryModelLoad(request, metadata=(("x-api-key", KEY),), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "--allow-hub-ids" in (caught.value.details() or "")

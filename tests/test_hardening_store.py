@@ -106,7 +106,13 @@ def _wait_for_exit(server: ServerProcess, bound_s: float) -> tuple[int | None, f
     return None, time.monotonic() - started, statuses
 
 
-@pytest.mark.parametrize("case", list(BROKEN_STORES))
+# One case refused by a field check of a checkpoint file, one that passes every check and fails inside warm-up with
+# an unexpected error (whose traceback goes inside the one JSON line): the two ways a load fails, through the
+# process's whole exit path. Every case's error is checked in process below, through the same start-up load.
+IN_A_PROCESS = ["zero attention heads", "crop smaller than a patch"]
+
+
+@pytest.mark.parametrize("case", IN_A_PROCESS)
 def test_a_broken_model_ends_start_up_with_a_named_error_and_a_non_zero_exit(
     case: str, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -127,6 +133,29 @@ def test_a_broken_model_ends_start_up_with_a_named_error_and_a_non_zero_exit(
         assert error["source"] == str(store / BROKEN)
         assert f"{BROKEN}/{file_name}" in error["message"]
         assert detail in error["message"]
+
+
+@pytest.mark.parametrize("case", list(BROKEN_STORES))
+def test_every_broken_model_fails_the_start_up_load_naming_model_file_and_detail(
+    case: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The load start-up runs (``Repository.load_all``, warm-up on, the process's settings): the error it raises
+    is what start-up logs as its one error line, with its model and source as the line's fields."""
+    corrupt, file_name, detail = BROKEN_STORES[case]
+    store = _store(tiny_model_dir, tmp_path, corrupt)
+    values: dict[str, Any] = {"model_store": store, "device": "cpu", "dtype": "float32", "torch_threads": 1,
+                              "max_batch_size": 4}  # fmt: skip
+    settings = Settings(**values)  # SERVER_ENV's settings
+    assert settings.warmup
+    repository = Repository.open(settings, Metrics(settings.max_batch_size), DecodePool(1))
+    with pytest.raises(ModelLoadFailed) as caught:
+        repository.load_all()
+    print(f"{case}: {caught.value.message}")
+    assert caught.value.model == BROKEN
+    assert caught.value.source == str(store / BROKEN)
+    assert f"{BROKEN}/{file_name}" in caught.value.message
+    assert detail in caught.value.message
+    assert sorted(repository.store.models) == [GOOD]  # loaded first, in name order: the broken one alone fails
 
 
 def test_non_finite_scores_are_a_json_500_never_a_null_score(tiny_model_dir: Path, tmp_path: Path) -> None:

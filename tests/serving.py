@@ -139,13 +139,14 @@ def spawn_server(store: Path, tmp_path: Path, port: int, env: Mapping[str, str] 
     return launch(service_argv(), port=port, log_path=log_path, env=service_env(port, store, env))
 
 
-def noise_image_bytes(seed: int, size: tuple[int, int] = (40, 36)) -> bytes:
-    """A PNG of seeded random pixels: distinct seeds give distinct predictions, unlike flat colours."""
+def noise_image_bytes(seed: int, size: tuple[int, int] = (40, 36), image_format: str = "PNG") -> bytes:
+    """An image of seeded random pixels (PNG, or JPEG at quality 90): distinct seeds give distinct predictions,
+    unlike flat colours."""
     import numpy as np
 
     pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
+    Image.fromarray(pixels).save(buf, format=image_format, **({"quality": 90} if image_format == "JPEG" else {}))
     return buf.getvalue()
 
 

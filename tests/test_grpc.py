@@ -5,7 +5,6 @@ and the request's deadline, cancellation, queue limit and drain carried over fro
 from __future__ import annotations
 
 import importlib
-import io
 import signal
 import subprocess
 import sys
@@ -20,7 +19,6 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from harness.launcher import free_port
@@ -29,6 +27,7 @@ from tests.serving import (
     ServerProcess,
     SharedServers,
     classify_probabilities,
+    noise_image_bytes,
     preprocessed_pixels,
     run_server,
     wait_until,
@@ -43,10 +42,7 @@ PROTO = Path(__file__).resolve().parent.parent / "service" / "api" / "grpc" / "i
 
 
 def jpeg(seed: int, size: tuple[int, int] = (44, 38)) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+    return noise_image_bytes(seed, size, "JPEG")
 
 
 IMAGES = [jpeg(seed) for seed in (1, 2, 3)]

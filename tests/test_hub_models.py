@@ -61,6 +61,12 @@ def _env(hf_home: Path, endpoint: str | None, **extra: str) -> dict[str, str]:
     return env | extra
 
 
+def _load_by_id(url: str, name: str, hub_id: str) -> httpx.Response:
+    """``POST /v2/repository/models/{name}/load`` with the model's hub id, with the key."""
+    body = {"parameters": {"hub_id": hub_id}}
+    return httpx.post(f"{url}/v2/repository/models/{name}/load", json=body, headers={"X-API-Key": KEY}, timeout=60)
+
+
 def _models(url: str) -> dict[str, dict[str, Any]]:
     body = httpx.get(f"{url}/v1/models", headers={"X-API-Key": KEY}, timeout=10).json()
     return {m["name"]: m for m in body["models"]}
@@ -126,21 +132,11 @@ def test_hub_ids_download_pin_and_then_serve_offline(hub: LoopbackHub, hf_home: 
             assert _models(server.url)["single"]["revision"] == commits["acme/deit-single"] != new_commit
 
             # With --allow-hub-ids and a key, the repository API loads a model by id at run time.
-            load = httpx.post(
-                f"{server.url}/v2/repository/models/late/load",
-                json={"parameters": {"hub_id": "acme/vit-tiny"}},
-                headers={"X-API-Key": KEY},
-                timeout=60,
-            )
+            load = _load_by_id(server.url, "late", "acme/vit-tiny")
             assert load.status_code == 200, load.text
             assert _models(server.url)["late"]["hub_id"] == "acme/vit-tiny"
             # Loading another id under the name replaces it, and its info series with it once the old one retired.
-            replace = httpx.post(
-                f"{server.url}/v2/repository/models/late/load",
-                json={"parameters": {"hub_id": "acme/deit-bare"}},
-                headers={"X-API-Key": KEY},
-                timeout=60,
-            )
+            replace = _load_by_id(server.url, "late", "acme/deit-bare")
             assert replace.status_code == 200, replace.text
             assert _models(server.url)["late"]["hub_id"] == "acme/deit-bare"
             wait_until(
@@ -150,12 +146,7 @@ def test_hub_ids_download_pin_and_then_serve_offline(hub: LoopbackHub, hf_home: 
                 every=0.25,
             )
             # A failed load by id is a 400 naming the problem; what served still serves, nothing is added.
-            broken = httpx.post(
-                f"{server.url}/v2/repository/models/late/load",
-                json={"parameters": {"hub_id": "acme/bert"}},
-                headers={"X-API-Key": KEY},
-                timeout=60,
-            )
+            broken = _load_by_id(server.url, "late", "acme/bert")
             assert broken.status_code == 400
             assert "not a DeiT/ViT image model" in broken.json()["error"]
             assert _models(server.url)["late"]["hub_id"] == "acme/deit-bare"
@@ -178,11 +169,7 @@ def test_hub_ids_download_pin_and_then_serve_offline(hub: LoopbackHub, hf_home: 
             answer = httpx.post(f"{server.url}/classify?model=single", files=files, headers={"X-API-Key": KEY})
             assert answer.status_code == 200, answer.text
             # Without --allow-hub-ids no client makes the server download, key or not.
-            refused = httpx.post(
-                f"{server.url}/v2/repository/models/other/load",
-                json={"parameters": {"hub_id": "acme/vit-tiny"}},
-                headers={"X-API-Key": KEY},
-            )
+            refused = _load_by_id(server.url, "other", "acme/vit-tiny")
             assert refused.status_code == 403
             assert "--allow-hub-ids" in refused.json()["error"]
             # The load request's body is bounded and checked like every other.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import gzip
-import io
 import json
 import struct
 from collections.abc import Iterator
@@ -17,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.http as triton
-from PIL import Image
 from transformers import DeiTForImageClassificationWithTeacher
 from tritonclient.utils import InferenceServerException
 
@@ -27,6 +25,7 @@ from tests.serving import (
     ServerProcess,
     SharedServers,
     classify_probabilities,
+    noise_image_bytes,
     plain_error,
     preprocessed_pixels,
     run_server,
@@ -39,10 +38,7 @@ SIZE = 32  # the tiny model's input size
 
 
 def jpeg(seed: int, size: tuple[int, int] = (44, 38)) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+    return noise_image_bytes(seed, size, "JPEG")
 
 
 IMAGES = [jpeg(seed) for seed in (1, 2, 3)]

@@ -156,8 +156,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def exit_process(code: int) -> typing.NoReturn:
     """Exit once the server has stopped, whatever a thread is still doing. A model load abandoned at its timeout
-    or by the drain may run a warm-up for hours on its threads (an executor's, which the interpreter joins at
-    exit); the server has answered every request and holds nothing that needs writing back, so nothing waits."""
+    or by the drain may run a warm-up for hours on its thread and torch's pool (threads a normal interpreter exit
+    may wait for); the server has answered every request and holds nothing that needs writing back, so nothing waits."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -232,6 +232,8 @@ def test_metrics_and_access_log_name_the_grpc_front_door(
     client: triton.InferenceServerClient, server: ServerProcess
 ) -> None:
     client.infer("tiny", [bytes_input(IMAGES[:1])], headers={**AUTH, "x-request-id": "grpc-log-1"})
+    unknown = grpc_error(lambda: client.infer("nope", [bytes_input(IMAGES[:1])], headers=AUTH))
+    assert unknown.status() == "StatusCode.NOT_FOUND"
     endpoint = "/inference.GRPCInferenceService/ModelInfer"
     metrics = scrape(server)
     assert metrics.value("deit_requests_total", protocol="grpc", endpoint=endpoint, status="200", model="tiny") >= 1
@@ -243,6 +245,7 @@ def test_metrics_and_access_log_name_the_grpc_front_door(
     after = scrape(server)
     assert after.value(inference, protocol="native", model="tiny", status="200") >= 1
     assert not after.has_sample(inference, protocol="grpc", status="401")  # refused before naming a model to run
+    assert not after.has_sample(inference, protocol="grpc", status="404")  # refused before admission, as over REST
 
     def logged() -> bool:
         return any(r.get("request_id") == "grpc-log-1" for r in server.log_records())

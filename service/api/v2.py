@@ -354,11 +354,12 @@ async def repository_index(request: Request, state: State) -> list[RepositoryInd
     dependencies=[Authorized],
     responses={
         200: {"description": "loaded, or already loaded and unchanged"},
-        **_errors(400, 401, 403, 404, 413, 503),
+        **_errors(400, 401, 403, 404, 408, 413, 503),
     },
     openapi_extra={"requestBody": {"content": {"application/json": {"schema": inline_schema(RepositoryLoadRequest)}}}},
 )
 async def repository_load(request: Request, state: State, model_name: str) -> Response:
+    state.lifecycle.check_accepting()  # before the body is read (the load checks again once it has it)
     body = _load_request(await read_control_json(request, state, "the load request"))
     await load_model(state, model_name, body.parameters.hub_id)
     return Response(status_code=200)

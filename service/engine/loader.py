@@ -169,9 +169,6 @@ class Loader:
             served.warm_up(s.max_batch_size)
         else:
             served.probe()
-        if snapshot is not None:
-            self.pins[snapshot.ref] = snapshot.commit
-        self.metrics.model_info.labels(name, str(version), *info_labels(served)).set(1)
         log.info(
             "model loaded",
             extra={

@@ -18,7 +18,7 @@ import torch
 
 from service.engine.daemon_thread import run_in_daemon_thread
 from service.engine.decode_pool import DecodePool
-from service.engine.loader import Loader, version_label
+from service.engine.loader import Loader, info_labels, version_label
 from service.engine.served import ServedModel
 from service.engine.store import ModelStore
 from service.engine.store_files import Fingerprint, StoreContents, VersionSource, hub_source, scan_model, scan_store
@@ -90,6 +90,11 @@ class Repository:
         self.store.preferred = list(models)  # the first one loaded answers requests that name no model
 
     def _installed(self, served: ServedModel) -> None:
+        """Serve a loaded version; only now is it shown (``deit_model_info``) and its hub commit pinned: a load
+        abandoned on its timeout, which may still finish on its thread, leaves no trace."""
+        if served.origin is not None:
+            self.loader.pins[served.origin.ref] = served.origin.commit
+        self.loader.metrics.model_info.labels(served.name, str(served.version), *info_labels(served)).set(1)
         self.store.install(served)
         self.entries.setdefault(served.name, {})[served.version] = VersionEntry(READY, fingerprint=served.fingerprint)
 
@@ -116,7 +121,7 @@ class Repository:
             self._set_hub_models({**self.hub_models, name: ref})
             try:
                 await self._apply(name, {1: hub_source(ref)}, retry=True)
-            except RepositoryLoadFailed:  # what served before (if anything) still serves, under its own id
+            except BaseException:  # failed or cancelled: what served before (if anything) still serves, its own id
                 if previous is not None:
                     self._set_hub_models({**self.hub_models, name: previous})
                 elif name not in self.store.models:
@@ -138,8 +143,8 @@ class Repository:
     async def sync(self, contents: StoreContents) -> None:
         """Bring the store in line with the files (the poller): load what is new or changed, unload what is gone.
         A version that failed, or that was unloaded, is left alone until its files change."""
-        contents = self.with_hub_models(contents)
         async with self._lock:
+            contents = self.with_hub_models(contents)  # under the lock: a load by hub id may have changed them
             for name in sorted(set(self.store.versions) | set(self.entries)):
                 if name not in contents:
                     for version in list(self.store.loaded(name)):

@@ -19,7 +19,7 @@ from service.metrics import Metrics
 from service.tracing import PROPAGATED, RequestTrace, Tracing
 
 # Health and metrics probes: counted, but neither logged nor traced.
-PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
+PROBES = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
 log = logging.getLogger("deit_serve.access")
 

@@ -49,6 +49,7 @@ log = logging.getLogger("deit_serve.grpc")
 
 SERVICE = "inference.GRPCInferenceService"
 OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ServerMetadata"})  # no API key, as their REST routes
+PROBE_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
 
 
 @dataclass
@@ -137,9 +138,9 @@ class InferenceServicer:
         """The REST V2 infer route's steps: refusals before anything is read, admission with the call's deadline
         (the server's default when it has none), then the request under it; a call that ends first cancels it."""
         state, record = self.state, call.record
-        record.inference = True
         served = accepting_model(state, request.model_name, request.model_version or None)
         record.model, record.version = served.name, str(served.version)
+        record.inference = True  # as over REST: a call refused before admission is not an inference
         remaining = context.time_remaining()  # the call's deadline; None: the server's default
         timeout = None if remaining is None else max(remaining, 1e-6)
         with admission(state, served, arrived=record.arrived, timeout_s=timeout, trace=record.trace) as admitted:
@@ -207,7 +208,7 @@ class InferenceServicer:
             metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
             record = RequestRecord(request_id_of(metadata.get("x-request-id", "")), time.monotonic())
             call = Call(name, metadata, record, time.perf_counter())
-            if state.tracing is not None:
+            if state.tracing is not None and name not in PROBE_METHODS:  # probes are not traced, as over REST
                 attributes = {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": name}
                 record.trace = state.tracing.start_request(f"{SERVICE}/{name}", metadata, attributes)
             try:

@@ -127,12 +127,11 @@ def test_a_valid_request_id_is_echoed_and_logged_once_with_batching_details(keye
     assert line["path"] == "/classify"
     assert line["batch_size"]
     assert all(1 <= b <= 2 for b in line["batch_size"])
-    # Times in milliseconds within the request's own. The forward pass is timed in the thread that runs it, so it
-    # is never zero, even where it ends before the event loop looks at its result (a fast CPU, a tiny model).
+    # Times in milliseconds within the request's own (a forward pass may take well under a millisecond; that it is
+    # timed in its own thread is checked against the pass's own clock in tests/test_forward_workers.py).
     for phase in ("queue_ms", "inference_ms"):
         assert isinstance(line[phase], float | int), line
         assert 0 <= line[phase] <= line["duration_ms"], line
-    assert line["inference_ms"] > 0, line
     assert line["level"] == "info"
 
 

@@ -13,10 +13,8 @@ and random inputs of the peaked random models, and held-out accuracy of the trai
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +25,7 @@ from torch import Tensor, nn
 
 from benchmarks import assets
 from benchmarks.quantization import DIGITS_MODEL, eval_inputs
+from benchmarks.rounds import timed
 from harness.inputs import training_script
 from service.model.checkpoints import cpu_supports_bf16, load_checkpoint
 from service.model.prepare import load_for_serving
@@ -99,29 +98,6 @@ def contestants(path: Path, directory: Path, threads: int) -> dict[str, Forward]
     }
 
 
-def timed(models: dict[str, Forward], x: Tensor, rounds: int, round_time: float) -> dict[str, tuple[float, float]]:
-    """Per model: median img/s, and the median per-round ratio of the first model's time to its time."""
-    names = list(models)
-
-    def seconds(fn: Forward, iters: int) -> float:
-        start = time.perf_counter()
-        for _ in range(iters):
-            fn(x)
-        return (time.perf_counter() - start) / iters
-
-    estimate = max(seconds(models[n], 1) for n in names)  # also the warm-up
-    iters = max(1, round(round_time / estimate))
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(rounds):
-        for n in names[i % len(names) :] + names[: i % len(names)]:
-            times[n].append(seconds(models[n], iters))
-    first = times[names[0]]
-    return {
-        n: (len(x) / statistics.median(t), statistics.median(a / b for a, b in zip(first, t, strict=True)))
-        for n, t in times.items()
-    }
-
-
 def agreement_cells(models: dict[str, Forward], inputs: Tensor) -> dict[str, str]:
     outputs = {n: torch.softmax(fn(inputs), dim=-1) for n, fn in models.items()}
     reference = outputs[next(iter(models))]
@@ -172,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             for batch in args.batches:
                 x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
-                result = timed(models, x, args.rounds, args.round_time)
+                result = timed(models, x, len(x), args.rounds, args.round_time, same_iterations=True)
                 row = [f"{result[n][0]:.1f} ({result[n][1]:.2f})" for n in names]
                 print(f"| {size} | {batch} | " + " | ".join(row) + " |", flush=True)
             del models

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import re
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from torch import Tensor
 
 from benchmarks import assets
 from benchmarks.quantization import DIGITS_MODEL, eval_inputs
+from benchmarks.rounds import timed
 from harness.inputs import training_script
 from service.engine.runner import Forward
 from service.engine.runtimes import BFLOAT16, FLOAT32, RuntimeUnavailable, output_names
@@ -65,30 +64,6 @@ def contestants(checkpoint: LoadedCheckpoint, threads: int, cache: ArtefactCache
         except RuntimeUnavailable as e:
             print(f"# {name} skipped: {e}", file=sys.stderr)
     return out
-
-
-def timed(
-    models: dict[str, Forward], batch: list[Tensor], rounds: int, round_time: float
-) -> dict[str, tuple[float, float]]:
-    """Per contestant: median img/s, and the median per-round ratio of the first one's time to its time."""
-    names = list(models)
-
-    def seconds(forward: Forward, iters: int) -> float:
-        start = time.perf_counter()
-        for _ in range(iters):
-            forward(batch)
-        return (time.perf_counter() - start) / iters
-
-    times: dict[str, list[float]] = {n: [] for n in names}
-    iters = {n: max(1, round(round_time / seconds(models[n], 1))) for n in names}  # also the warm-up
-    for i in range(rounds):
-        for n in names[i % len(names) :] + names[: i % len(names)]:
-            times[n].append(seconds(models[n], iters[n]))
-    first = times[names[0]]
-    return {
-        n: (len(batch) / statistics.median(t), statistics.median(a / b for a, b in zip(first, t, strict=True)))
-        for n, t in times.items()
-    }
 
 
 def probabilities(forward: Forward, inputs: Tensor) -> Tensor:
@@ -200,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             agreements.append(f"| {size}: top-1 agree, max abs Δp vs torch float32 | " + " | ".join(
                 agree.get(n, "—") for n in names) + " |")  # fmt: skip
             batch = list(torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(args.batch)))
-            result = timed(models, batch, args.rounds, args.round_time)
+            result = timed(models, batch, len(batch), args.rounds, args.round_time)
             row = [f"{result[n][0]:.1f} ({result[n][1]:.2f}×)" if n in result else "—" for n in names]
             print(f"| {size} | " + " | ".join(row) + " |", flush=True)
             del models, checkpoint

@@ -174,9 +174,7 @@ def _model_info(served: ServedModel, default: str | None, ready: bool, versions:
         input_size=served.preprocessor.cfg.output_size,
         dtype=str(cp.dtype).removeprefix("torch."),
         device=str(cp.device),
-        runtime=RuntimeReport(
-            name=served.runtime.name, precision=served.runtime.precision, reason=served.runtime.reason
-        ),
+        runtime=RuntimeReport.of(served),
         parameters=cp.num_parameters,
         ready=ready,
         default=served.name == default,

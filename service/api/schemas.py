@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:
+    from service.engine.served import ServedModel
 
 
 class Prediction(BaseModel):
@@ -43,6 +48,11 @@ class RuntimeReport(BaseModel):
     name: str = Field(description="torch, openvino or onnxruntime")
     precision: str = Field(description="float32, bfloat16, float16 or int8")
     reason: str = Field(description="--runtime as asked, or what auto measured")
+
+    @classmethod
+    def of(cls, served: ServedModel) -> RuntimeReport:
+        info = served.runtime
+        return cls(name=info.name, precision=info.precision, reason=info.reason)
 
 
 class ModelInfo(BaseModel):

@@ -16,6 +16,7 @@ from torch import Tensor
 from service import __version__
 from service.api import results
 from service.api.admission import (
+    Admission,
     AppState,
     Authorized,
     State,
@@ -48,13 +49,14 @@ from service.api.v2_codec import (
     EMBEDDING_OUTPUT,
     IMAGE_INPUT,
     PIXELS_INPUT,
+    ParsedInferRequest,
     RequestedOutput,
     build_infer_response,
     embedding_output,
     parse_infer_request,
 )
 from service.engine.lifecycle import Phase
-from service.engine.served import Inference, ServedModel
+from service.engine.served import Inference, Inputs, ServedModel
 from service.errors import (
     BadRequest,
     InvalidParameter,
@@ -153,6 +155,23 @@ def output_widths(served: ServedModel) -> dict[str, int]:
     return widths
 
 
+async def infer_parsed(admitted: Admission, parsed: ParsedInferRequest, arrived: float) -> tuple[Inference, Pooling]:
+    """An infer request once parsed, over any transport: its ``timeout`` parameter shortens the deadline (from
+    ``arrived``), its images or pixels go through the one engine call; the pooling its embedding output asks for
+    comes back with the outputs."""
+    if parsed.timeout_s is not None:
+        admitted.context.shorten(arrived + parsed.timeout_s)
+    embedding = embedding_output(parsed.outputs)
+    pooling = admitted.served.pooling(embedding.pooling if embedding is not None else None)
+    inputs: Inputs
+    if parsed.images is not None:
+        inputs = [EncodedImage(f"image {i}", data) for i, data in enumerate(parsed.images)]
+    else:
+        assert parsed.pixels is not None
+        inputs = parsed.pixels
+    return await admitted.infer(inputs), pooling
+
+
 def output_tensors(inference: Inference, requested: Sequence[RequestedOutput], pooling: Pooling) -> dict[str, Tensor]:
     """The protocol's output tensors from one forward pass (REST and gRPC alike): the class scores of a classifier
     (logits and their softmax), and the requested embedding (``pooling`` of the token features)."""
@@ -186,7 +205,7 @@ def metadata_of(served: ServedModel, versions: list[str]) -> ModelMetadata:
         tasks=served.tasks,
         hub_id=served.origin.ref.repo_id if served.origin else None,
         revision=served.origin.commit if served.origin else None,
-        runtime=_runtime(served),
+        runtime=RuntimeReport.of(served),
     )
 
 
@@ -217,11 +236,6 @@ def config_of(served: ServedModel, max_batch_size: int, versions: list[str]) -> 
 
 
 _BACKENDS = {"torch": "pytorch"}  # Triton's backend names; openvino and onnxruntime are the same in both
-
-
-def _runtime(served: ServedModel) -> RuntimeReport:
-    info = served.runtime
-    return RuntimeReport(name=info.name, precision=info.precision, reason=info.reason)
 
 
 @router.get("/v2/models/{model_name}", summary="Model metadata", **_MODEL)
@@ -297,15 +311,7 @@ async def infer(
                 offered=list(output_widths(served)),
             ),
         )  # fmt: skip
-        if parsed.timeout_s is not None:
-            admitted.context.shorten(request_arrival(request) + parsed.timeout_s)
-        embedding = embedding_output(parsed.outputs)
-        pooling = served.pooling(embedding.pooling if embedding is not None else None)
-        if parsed.images is not None:
-            inference = await admitted.infer([EncodedImage(f"image {i}", d) for i, d in enumerate(parsed.images)])
-        else:
-            assert parsed.pixels is not None
-            inference = await admitted.infer(parsed.pixels)
+        inference, pooling = await infer_parsed(admitted, parsed, request_arrival(request))
     tensors = output_tensors(inference, parsed.outputs, pooling)
     content, json_length = build_infer_response(
         served.name, str(served.version), parsed.id, parsed.outputs, tensors, served.labels

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from service.api import results
 from service.api.pixels import check_pixels, pixels_from_json
 from service.errors import BadRequest, TaskNotSupported, TooManyFiles
 from service.http.json_body import loads_bounded
@@ -277,7 +278,7 @@ def _pixels(tensor: InputTensor, size: tuple[int, int], max_elements: int) -> Te
         array = pixels_from_json(_flat(tensor.data, PIXELS_INPUT), PIXELS_INPUT)
         if array.size != count:
             raise BadRequest(f"input {PIXELS_INPUT!r} has shape {tensor.shape} but holds {array.size} values")
-    return torch.from_numpy(array.astype(np.float32)).reshape(n, 3, h, w)
+    return torch.from_numpy(array.astype(np.float32, copy=False)).reshape(n, 3, h, w)
 
 
 def _outputs(raw: Any, binary_default: bool, offered: Sequence[str]) -> list[RequestedOutput]:
@@ -329,11 +330,7 @@ def embedding_output(requested: Sequence[RequestedOutput]) -> RequestedOutput | 
 
 def classification_strings(values: Tensor, k: int, labels: Sequence[str]) -> list[list[str]]:
     """The classification extension: per row the top ``k`` (capped at the labels) as ``"score:index:label"``."""
-    scores, indices = values.topk(min(k, values.shape[-1]), dim=-1)
-    return [
-        [f"{s:f}:{i}:{labels[i]}" for s, i in zip(row_s, row_i, strict=True)]
-        for row_s, row_i in zip(scores.tolist(), indices.tolist(), strict=True)
-    ]
+    return [[f"{c.score:f}:{c.index}:{c.label}" for c in row] for row in results.top_k(values, k, labels)]
 
 
 def join_bytes_elements(values: Sequence[bytes]) -> bytes:

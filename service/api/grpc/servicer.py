@@ -26,24 +26,23 @@ from service.api.admission import Admission, AppState, accepting_model, admissio
 from service.api.control import load_model, unload_model
 from service.api.grpc import inference_pb2 as pb
 from service.api.grpc.codec import build_response, parse_request
-from service.api.grpc.status import HTTP_STATUS, status_of
+from service.api.grpc.status import CLIENT_CLOSED_STATUS, status_of
 from service.api.statistics import model_statistics
 from service.api.v2 import (
     EXTENSIONS,
     config_of,
+    infer_parsed,
     loaded_versions,
     metadata_of,
     output_tensors,
     output_widths,
     resolve_model,
 )
-from service.api.v2_codec import embedding_output
 from service.engine.lifecycle import Phase
-from service.engine.served import Inputs, ServedModel
+from service.engine.served import ServedModel
 from service.errors import ClientGone, ServiceError
 from service.http.access_log import RequestRecord, record_request, request_id_of
 from service.http.auth import check_key, key_of
-from service.images import EncodedImage
 
 log = logging.getLogger("deit_serve.grpc")
 
@@ -166,17 +165,7 @@ class InferenceServicer:
                 offered=list(output_widths(served)),
             ),
         )  # fmt: skip
-        if parsed.timeout_s is not None:
-            context.shorten(arrived + parsed.timeout_s)
-        embedding = embedding_output(parsed.outputs)
-        pooling = served.pooling(embedding.pooling if embedding is not None else None)
-        inputs: Inputs
-        if parsed.images is not None:
-            inputs = [EncodedImage(f"image {i}", data) for i, data in enumerate(parsed.images)]
-        else:
-            assert parsed.pixels is not None
-            inputs = parsed.pixels
-        inference = await admitted.infer(inputs)
+        inference, pooling = await infer_parsed(admitted, parsed, arrived)
         tensors = output_tensors(inference, parsed.outputs, pooling)
         return build_response(served.name, str(served.version), parsed.id, parsed.outputs, tensors, served.labels)
 
@@ -222,7 +211,7 @@ class InferenceServicer:
                 await context.abort(status_of(e), e.message, trailing_metadata=(("deit-error-code", e.code),))
                 raise  # abort raises; never reached
             except asyncio.CancelledError:
-                self._record(call, HTTP_STATUS[grpc.StatusCode.CANCELLED], "client_closed_request")
+                self._record(call, CLIENT_CLOSED_STATUS, "client_closed_request")
                 raise
             except grpc.aio.AbortError:
                 raise

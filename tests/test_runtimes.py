@@ -13,7 +13,7 @@ import torch
 from service.engine.runner import Outputs, checkpoint_forward
 from service.engine.runtimes import AUTO, ONNXRUNTIME, OPENVINO, TORCH, Runtime, RuntimeOptions
 from service.engine.runtimes.cache import MANIFEST
-from service.engine.runtimes.selection import prepare_runtime, runtime_probes
+from service.engine.runtimes.selection import prepare_runtime
 from service.errors import CheckpointError
 from service.model.checkpoints import LoadedCheckpoint, cpu_supports_bf16
 from service.model.prepare import load_for_serving
@@ -31,8 +31,7 @@ def _load(path: Path) -> LoadedCheckpoint:
 def _prepare(checkpoint: LoadedCheckpoint, runtime: str, cache: Path, **options: object) -> Runtime:
     values: dict[str, object] = {"runtime": runtime, "dtype": "float32", "threads": 1, "cache_dir": cache,
                                  "measure_s": 0.05, "max_batch_size": 4, **options}  # fmt: skip
-    probes = runtime_probes(Preprocessor(checkpoint.preprocess))
-    return prepare_runtime(checkpoint, RuntimeOptions(**values), probes)  # type: ignore[arg-type]
+    return prepare_runtime(checkpoint, RuntimeOptions(**values), Preprocessor(checkpoint.preprocess))  # type: ignore[arg-type]
 
 
 def _assert_close(got: Outputs, want: Outputs) -> None:

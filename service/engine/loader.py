@@ -16,7 +16,7 @@ from service.engine.decode_pool import DecodePool
 from service.engine.runner import ModelRunner, default_forward_workers
 from service.engine.runtimes import TORCH, RuntimeOptions
 from service.engine.runtimes.cache import default_cache_dir
-from service.engine.runtimes.selection import load_dtype, load_quantize, prepare_runtime, runtime_probes
+from service.engine.runtimes.selection import load_dtype, load_quantize, prepare_runtime
 from service.engine.served import ServedModel
 from service.engine.store_files import VersionSource
 from service.errors import CheckpointError, ModelLoadFailed, ServiceError
@@ -125,7 +125,7 @@ class Loader:
         on_cpu = checkpoint.device.type == "cpu"
         metrics = self.metrics.for_version(str(version))
         preprocessor = Preprocessor(checkpoint.preprocess, jpeg_draft=s.jpeg_draft)
-        runtime = prepare_runtime(checkpoint, options, runtime_probes(preprocessor))
+        runtime = prepare_runtime(checkpoint, options, preprocessor)
         # A runtime with a thread pool of its own runs one batch at a time on all the threads, not torch's two
         # single-threaded slots (runner.py): its pool splits each pass without OpenMP's second-team cost.
         workers = default_forward_workers(checkpoint.device, self.threads) if runtime.info.name == TORCH else 1

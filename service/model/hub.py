@@ -279,14 +279,5 @@ def _cached(hub: ModuleType, ref: HubRef, revision: str, raise_missing: bool = F
             raise
         return None
     check_complete(ref, path)
-    if _shallow_config_type(path) not in IMAGE_MODEL_TYPES:
-        check_image_model(ref, path / "config.json")
+    check_image_model(ref, path / "config.json")
     return Snapshot(ref, path, path.name)
-
-
-def _shallow_config_type(path: Path) -> object:
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return raw.get("model_type") if isinstance(raw, dict) else None

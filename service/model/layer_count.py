@@ -34,10 +34,8 @@ def check_layer_count(config: DeiTConfig, state: Mapping[str, Tensor], source: P
 
 
 def _ranges(indices: set[int]) -> str:
-    """``0..11`` for a contiguous run from 0, else the first few indices."""
+    """``0..11`` for a contiguous run from 0, else the first few indices (``indices`` is never empty)."""
     ordered = sorted(indices)
-    if not ordered:
-        return "none"
     if ordered == list(range(len(ordered))):
         return f"0..{len(ordered) - 1}"
     shown = ", ".join(map(str, ordered[:6]))

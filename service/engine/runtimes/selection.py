@@ -34,7 +34,6 @@ from service.engine.runtimes import (
     RuntimeInfo,
     RuntimeOptions,
     RuntimeUnavailable,
-    output_names,
 )
 from service.engine.runtimes import eager as torch_runtime
 from service.engine.runtimes import onnxruntime as ort_runtime
@@ -117,8 +116,9 @@ class _Candidate:
         return f"{self.name} {self.precision}"
 
 
-def prepare_runtime(checkpoint: LoadedCheckpoint, options: RuntimeOptions, probes: Sequence[Tensor]) -> Runtime:
-    """The runtime serving ``checkpoint``, per ``options``; frees the torch weights when it holds its own.
+def prepare_runtime(checkpoint: LoadedCheckpoint, options: RuntimeOptions, preprocessor: Preprocessor) -> Runtime:
+    """The runtime serving ``checkpoint``, per ``options``; frees the torch weights when it holds its own. The
+    probes it compares runtimes on are preprocessed with ``preprocessor``, only when there is a choice to make.
 
     Raises CheckpointError when the runtime asked for by name cannot serve (``auto`` falls back instead)."""
     if checkpoint.device.type != "cpu":
@@ -137,7 +137,7 @@ def prepare_runtime(checkpoint: LoadedCheckpoint, options: RuntimeOptions, probe
         def on_thread(fn: Callable[[], T]) -> T:
             return pool.submit(fn).result()
 
-        chosen = _choose(checkpoint, options, probes, on_thread)
+        chosen = _choose(checkpoint, options, runtime_probes(preprocessor), on_thread)
     if chosen.owns_weights:
         _ = checkpoint.num_parameters  # counted before the weights go
         checkpoint.model.to(device="meta")  # the runtime holds its own copy: free torch's
@@ -154,15 +154,15 @@ def _choose(
     image_shape = (checkpoint.config.num_channels, *checkpoint.preprocess.output_size)
     batch = _probe_batch(probes, image_shape)
     reference = on_thread(lambda: checkpoint_forward(checkpoint)(batch))
-    names = output_names(checkpoint.model, image_shape)
-    digest = model_digest(checkpoint.model)
-    cache = ArtefactCache(options.cache_dir)
     comparable = all(bool(torch.isfinite(value).all()) for value in reference.values())
     if options.runtime == AUTO and not comparable:  # the non-finite guard answers for such weights
         reason = "auto: torch's float32 outputs on the probes are not finite: no runtime to compare with it"
         log.warning("runtime chosen: %s", reason, extra={"runtime": TORCH})
         precision = torch_runtime.precision_of(checkpoint)
         return Runtime(RuntimeInfo(TORCH, precision, reason), checkpoint_forward(checkpoint), owns_weights=False)
+    names = list(reference)  # every output the engine uses, in serving_outputs' order
+    digest = model_digest(checkpoint.model)
+    cache = ArtefactCache(options.cache_dir)
     wanted = [options.runtime] if options.runtime != AUTO else [TORCH, OPENVINO, ONNXRUNTIME]
     candidates: list[_Candidate] = []
     for runtime in wanted:

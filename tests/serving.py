@@ -100,7 +100,7 @@ class SharedServers:
     ``servers`` fixture): a test that neither mutates its store nor stops its server takes one from here instead of
     starting its own. At most ``keep`` stay running; the least recently asked for is stopped first."""
 
-    def __init__(self, workdir: Path, keep: int = 3) -> None:
+    def __init__(self, workdir: Path, keep: int = 6) -> None:
         self.workdir = workdir
         self.keep = keep
         self._running: dict[tuple[str, tuple[tuple[str, str], ...], tuple[str, ...]], ExitStack] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -225,3 +226,40 @@ def test_fused_qkv_matches_transformers_and_the_unfused_model(source: str, tmp_p
         print(f"parity fused {source} {height}x{width}: max |fused - transformers| = {diff:.2e}")
         assert diff < ATOL
         assert against_unfused < ATOL
+
+
+SERVED_FORMS = ["fused", "fused, no q/k/v bias", "DeiT III layer scale", "unfused", "int8"]
+
+
+@pytest.mark.parametrize("form", SERVED_FORMS)
+def test_the_serving_forward_in_place_gives_the_functional_forwards_outputs_exactly(form: str, tmp_path: Path) -> None:
+    """Under ``inference_mode`` (how the engine serves) the blocks write the GELU and residual adds in place and the
+    fused q/k/v and the MLP's hidden layer into one scratch buffer: bit-identical to the plain forward that autograd
+    and the exporters see, and skipped where a Linear cannot take it (int8, unfused q/k/v)."""
+    if form == "DeiT III layer scale":
+        fixture = Path(__file__).parent / "fixtures" / "timm" / "deit3_small_patch16_224"
+        with np.load(fixture.with_suffix(".npz")) as data:
+            heads, x = int(data["num_heads"]), torch.from_numpy(data["pixel_values"])
+        model: DeiT = load_checkpoint(fixture.with_suffix(".pth"), num_heads=heads).model
+        assert model.config.layer_scale
+    else:
+        reference = hf_model("distilled", seed=23, qkv_bias=form != "fused, no q/k/v bias")
+        model = load_checkpoint(save_hf(reference, tmp_path / "ckpt", "safetensors")).model
+        x = _inputs(*NATIVE)
+    if form != "unfused":
+        model.fuse_attention_projections()
+    if form == "int8":
+        from service.model.quantization import quantize_int8
+
+        model = quantize_int8(model)
+    layers = model.backbone.encoder.layer
+    widths = [block.scratch_width() for block in layers]  # type: ignore[operator]
+    assert all((width > 0) == (form not in ("unfused", "int8")) for width in widths)
+    with torch.no_grad():
+        functional = model(x)
+    with torch.inference_mode():
+        served = model(x)
+        again = model(x)  # the scratch of one forward does not leak into the next
+    _assert_nontrivial(functional)
+    assert torch.equal(served, functional)
+    assert torch.equal(again, functional)

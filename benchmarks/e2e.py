@@ -65,6 +65,7 @@ TARGET_VS_LITSERVE = 2.0
 TARGET_VS_LIMIT = 0.85
 TARGET_P99_BATCHES = 2.0
 TARGET_C1_LATENCY = 1.2
+TARGET_VS_OPENVINO_FORWARD = 0.85  # DeiT-small: end to end against OpenVINO's forward alone (no decoding, no HTTP)
 
 
 @dataclass
@@ -295,8 +296,32 @@ def e2e_table(runs: Sequence[ServerRun], limits: dict[tuple[str, str], PipelineR
     return "\n".join(lines)
 
 
-def targets(runs: Sequence[ServerRun], limits: dict[tuple[str, str], PipelineResult], c_ref: int) -> str:
+def run_ceiling(model: str, batch: int, out: Path) -> float | None:
+    """``benchmarks/runtime_ceiling.py`` in a child process: OpenVINO's forward alone, img/s; None without OpenVINO."""
+    argv = python_module("benchmarks.runtime_ceiling", "--model", model, "--batch", str(batch), "--json", str(out))
+    if subprocess.run(argv, cwd=Path(__file__).resolve().parent.parent).returncode != 0:
+        return None
+    img_s: float = json.loads(out.read_text())["img_s"]
+    return img_s
+
+
+def targets(
+    runs: Sequence[ServerRun],
+    limits: dict[tuple[str, str], PipelineResult],
+    c_ref: int,
+    ceilings: dict[str, float] | None = None,
+) -> str:
     lines = []
+    for model, ceiling in (ceilings or {}).items():
+        for run in (r for r in runs if r.server == "ours" and r.model == model):
+            if (at_ceiling := run.at(c_ref)) is None:
+                continue
+            share = at_ceiling.img_s / ceiling
+            verdict = "met" if share >= TARGET_VS_OPENVINO_FORWARD else "MISSED"
+            lines.append(
+                f"| {model} | {run.dtype} | img/s vs OpenVINO's forward alone ({ceiling:.1f} img/s) at c={c_ref} "
+                f"| {share:.2f} | ≥ {TARGET_VS_OPENVINO_FORWARD} | {verdict} |"
+            )
     for (model, dtype), limit in limits.items():
         by_server = {r.server: r for r in runs if (r.model, r.dtype) == (model, dtype)}
         ours = by_server.get("ours")
@@ -387,6 +412,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--no-pipeline", dest="pipeline", action="store_false", help="skip the pipeline limit")
     parser.add_argument("--quick", action="store_true", help="tiny at the auto dtype, c=1,32, short windows")
+    parser.add_argument(
+        "--ceiling", action="store_true", help="also time OpenVINO's forward alone per model and hold ours to it"
+    )
     parser.add_argument("--json", type=Path, help="results file (default: in the benchmark cache directory)")
     args = parser.parse_args(argv)
 
@@ -410,6 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     limits: dict[tuple[str, str], PipelineResult] = {}
+    ceilings: dict[str, float] = {}
     runs: list[ServerRun] = []
 
     started = time.monotonic()
@@ -441,6 +470,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 limits[(model, case.dtype)] = run_pipeline_limit(
                     model, case.dtype, args.image_size, settings, case.scope, out
                 )
+        if args.ceiling:
+            print(f"\n## OpenVINO's forward alone, DeiT-{model} (benchmarks/runtime_ceiling.py) {clock()}", flush=True)
+            quiet()
+            batch = int(settings.get("max_batch_size", DEFAULTS["max_batch_size"]))
+            if (ceiling := run_ceiling(model, batch, out_dir / f"ceiling-{model}.json")) is not None:
+                ceilings[model] = ceiling
         print(f"\n## end to end, DeiT-{model} {clock()}", flush=True)
         for case in model_cases:
             busy = quiet()
@@ -459,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n## end to end ({args.image_size} JPEG, one image per request; img/s, p50 ms, p99 ms)\n")
     print(e2e_table(runs, limits))
     c_ref = 32 if 32 in args.concurrency else max(args.concurrency)
-    checks = targets(runs, limits, c_ref)
+    checks = targets(runs, limits, c_ref, ceilings)
     if checks:
         print("\n## targets\n")
         print(checks)

@@ -119,16 +119,16 @@ class InferenceServicer:
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Any, call: Call
     ) -> pb.RepositoryModelLoadResponse:
-        call.record.model = request.model_name
         hub_id = request.parameters["hub_id"].string_param if "hub_id" in request.parameters else None
         await load_model(self.state, request.model_name, hub_id)
+        call.record.model = request.model_name  # only a name the repository took labels the metrics (bounded)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any, call: Call
     ) -> pb.RepositoryModelUnloadResponse:
-        call.record.model = request.model_name
         await unload_model(self.state, request.model_name)
+        call.record.model = request.model_name  # as for a load: never a name the repository refused
         return pb.RepositoryModelUnloadResponse()
 
     # --- inference ----------------------------------------------------------------------------------------------

@@ -52,13 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_settings(argv: Sequence[str] | None = None) -> Settings:
+def parse_command(argv: Sequence[str] | None = None) -> tuple[Settings, bool]:
+    """The settings (flags over ``DEIT_*`` over defaults), and whether ``--download-only`` was asked for."""
     args = vars(_parser().parse_args(argv))
-    args.pop("download_only")
+    fetch_only = bool(args.pop("download_only"))
     overrides: dict[str, Any] = {k: v for k, v in args.items() if v is not None}
     if isinstance(overrides.get("model"), list):
         overrides["model"] = tuple(overrides["model"])
-    return Settings(**overrides)
+    return Settings(**overrides), fetch_only
 
 
 def download_only(settings: Settings) -> int:
@@ -114,9 +115,8 @@ def http_options(settings: Settings) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    fetch_only = "--download-only" in (sys.argv[1:] if argv is None else argv)
     try:
-        settings = load_settings(argv)
+        settings, fetch_only = parse_command(argv)
     except ValidationError as e:
         for err in e.errors():
             where = ".".join(str(x) for x in err["loc"]) or "settings"

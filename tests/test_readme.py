@@ -15,7 +15,7 @@ import pytest
 
 from harness.launcher import running, service_env
 from service.api.schemas import ModelInfo
-from service.cli import load_settings
+from service.cli import parse_command
 from tests.serving import DEMO_MODEL, REPO, free_port
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
@@ -50,7 +50,18 @@ def test_every_serve_command_of_the_readme_is_a_valid_command_line() -> None:
     lines = re.findall(r"^\$ (?:[A-Z_]+=\S+ )*(?:scripts/serve|deit-serve)(.*)$", README, flags=re.M)
     assert len(lines) >= 3, lines
     for args in lines:
-        load_settings([a for a in shlex.split(args) if a != "--download-only"])
+        _, fetch_only = parse_command(shlex.split(args))
+        assert fetch_only == ("--download-only" in args)
+
+
+def test_download_only_is_read_from_the_parsed_command_line_alone() -> None:
+    """``--download-only`` is a flag of the one parser: accepted wherever argparse accepts it (an unambiguous
+    abbreviation too), never mistaken for another flag's value."""
+    assert parse_command(["--download", "--model", "acme/deit"])[1] is True
+    assert parse_command(["--model", "acme/deit", "--download-only"])[1] is True
+    settings, fetch_only = parse_command(["--model", "acme/deit"])
+    assert fetch_only is False
+    assert settings.model == ("acme/deit",)
 
 
 def test_ci_runs_the_readme_test_command() -> None:

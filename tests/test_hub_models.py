@@ -278,7 +278,7 @@ def test_offline_without_the_model_cached_names_the_cache_and_the_command(tmp_pa
 
 
 def test_an_unreachable_hub_without_the_model_cached_fails_with_its_notes_in_the_log_only(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The hub client's own notes (a retried request) are records of the service's log, which writes JSON lines:
     its stderr handler, added when it is first imported, is gone, and nothing is written raw to stderr."""
@@ -286,7 +286,7 @@ def test_an_unreachable_hub_without_the_model_cached_fails_with_its_notes_in_the
     store.mkdir()
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     hub_log = logging.getLogger("huggingface_hub")
-    hub_log.addHandler(logging.StreamHandler(sys.stderr))  # as in a process that has just imported the client
+    monkeypatch.setattr(hub_log, "handlers", [logging.StreamHandler()])  # as the client's first import leaves it
     capfd.readouterr()
     with _hub_env(tmp_path / "hf", closed):
         error = _hub_error(failed_start(_settings(store, "acme/deit-distilled")))

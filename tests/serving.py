@@ -391,3 +391,64 @@ class EndlessBody:
         for _ in range(self.chunks):
             self.pulled += len(self.filler)
             yield self.filler
+
+
+# --- start-up: a start that must fail, checked in the test process ---------------------------------------------------
+# The tests of start-ups that end in an error (test_hub_models, test_service_process, test_hardening_store,
+# test_device_decoding) check each error here, through the very start-up ``deit-serve`` runs (``create_app`` and its
+# lifespan, the models loading in the background until ``on_fatal``); each way a process exits keeps one test on a
+# real process.
+
+
+@dataclass
+class FailedStart:
+    """What a start-up that failed left: its one error line, as the service's JSON log writes it and parsed."""
+
+    line: str
+    record: dict[str, Any]
+    loaded: list[str]  # the models loaded when it failed (in name order, those before the failing one)
+
+
+def failed_start(settings: Settings, timeout: float = 120.0) -> FailedStart:
+    """Start ``create_app(settings)`` as ``deit-serve`` does (gRPC off unless ``settings`` sets a port) and wait
+    for its start-up to fail: asserts that the load ended by calling ``on_fatal`` once (the CLI then exits 1), that
+    the service never became ready, and that exactly one error line was logged, one line of JSON."""
+    import asyncio
+    import logging
+
+    from service.engine.lifecycle import Phase
+    from service.logs import JsonFormatter
+
+    if "grpc_port" not in settings.model_fields_set:
+        settings = settings.model_copy(update={"grpc_port": 0})
+    fatal: list[bool] = []
+    app = create_app(settings, on_fatal=lambda: fatal.append(True))
+    errors: list[logging.LogRecord] = []
+
+    class Errors(logging.Handler):  # every error record, of any logger, while the start-up runs
+        def emit(self, record: logging.LogRecord) -> None:
+            errors.append(record)
+
+    handler = Errors(logging.ERROR)
+
+    phases: list[Phase] = []
+    loaded: list[str] = []
+
+    async def start() -> None:
+        async with app.router.lifespan_context(app):
+            await asyncio.wait_for(app.state.loading, timeout)
+            phases.append(app.state.lifecycle.phase)
+            loaded.extend(sorted(app.state.deit.repository.store.models))
+
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        asyncio.run(start())
+    finally:
+        root.removeHandler(handler)
+    assert fatal == [True], "the start-up did not fail"
+    assert phases == [Phase.FAILED]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    line = JsonFormatter().format(errors[0])
+    assert "\n" not in line, line
+    return FailedStart(line, json.loads(line), loaded)

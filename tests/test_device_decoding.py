@@ -8,7 +8,6 @@ after the decode; nvJPEG itself is compared on CUDA in ``test_cuda_parity.py`` a
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ from service.model.device_decoding import (
 )
 from service.model.preprocessing import PreprocessConfig, Preprocessor
 from service.settings import Settings
-from tests.serving import run_server, write_tiny_model
+from tests.serving import failed_start, write_tiny_model
 
 CPU = torch.device("cpu")
 MAX_PIXELS = 40_000_000
@@ -186,15 +185,14 @@ def test_cuda_runs_two_forward_slots_so_copies_overlap_forward_passes() -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-def test_a_server_asked_for_gpu_decoding_without_a_gpu_exits_naming_the_setting(tmp_path: Path) -> None:
+def test_a_start_asking_for_gpu_decoding_without_a_gpu_fails_naming_the_setting(tmp_path: Path) -> None:
+    """The start-up ``deit-serve`` runs, in this process (``failed_start``: one JSON error line, never ready)."""
     store = tmp_path / "store"
     write_tiny_model(store / "tiny")
-    env = {"DEIT_DEVICE": "cpu", "DEIT_PREPROCESS_DEVICE": "cuda", "DEIT_TORCH_THREADS": "1"}
-    with run_server(store, tmp_path, env=env, wait=False) as server:
-        code = server.process.wait(timeout=90)
-        lines = [line for line in server.log().splitlines() if line.strip()]
-    assert code != 0
-    assert all(line.startswith("{") for line in lines), lines  # JSON only, no bare traceback
-    errors = [record for record in map(json.loads, lines) if record["level"] in ("error", "critical")]
-    assert len(errors) == 1, errors
-    assert "--preprocess-device cuda needs the model on a CUDA device; the device is cpu" in errors[0]["message"]
+    settings = Settings.model_validate(
+        {"model_store": store, "device": "cpu", "preprocess_device": "cuda", "torch_threads": 1}
+    )
+    failed = failed_start(settings)
+    assert "--preprocess-device cuda needs the model on a CUDA device; the device is cpu" in failed.record["message"]
+    assert failed.record["model"] == "tiny"
+    assert "exception" not in failed.record  # a refusal that says all, no traceback

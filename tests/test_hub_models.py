@@ -1,24 +1,31 @@
 """Models by Hugging Face hub id: the real ``huggingface_hub`` client against a hub on loopback (``HF_ENDPOINT``),
 serving checkpoints written by transformers; then the same start from the cache with the hub gone; and each way a
-start-up by id can fail, on a real process that exits non-zero with one JSON error line."""
+start-up by id can fail, with one JSON error line, through the start-up ``deit-serve`` runs (in this process: that
+such a failure exits the process non-zero with that line alone is checked on a real process in
+``test_hardening_store``)."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from harness.launcher import free_port, launch, service_argv
+from harness.launcher import free_port
 from service.model.hub import HubRef, parse_model_option
+from service.settings import Settings
 from tests.factories import edit_config_json, hf_model, save_hf
 from tests.loopback_hub import LoopbackHub, Repo, read_dir, serve_hub
-from tests.serving import REPO, Scrape, image_bytes, run_server, wait_until
+from tests.serving import FailedStart, Scrape, failed_start, image_bytes, run_server, serve_in_process, wait_until
 
 PREPROCESS = {"size": 34, "crop_size": 30, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
 KEY = "hub-test-key"
@@ -61,6 +68,35 @@ def _env(hf_home: Path, endpoint: str | None, **extra: str) -> dict[str, str]:
     return env | extra
 
 
+@contextmanager
+def _hub_env(hf_home: Path, endpoint: str | None, offline: bool = False) -> Iterator[None]:
+    """This process as ``_env`` sets up a server's: ``huggingface_hub`` reads ``HF_HOME``, ``HF_ENDPOINT`` and
+    ``HF_HUB_OFFLINE`` into its constants when first imported (and reads the constants at each call), so they are
+    read again here, and again after, from the environment restored."""
+    from huggingface_hub import constants
+
+    saved = dict(os.environ)
+    for name in [k for k in os.environ if k.startswith(("HF_", "HUGGING"))]:
+        del os.environ[name]
+    os.environ |= {"HF_HOME": str(hf_home), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    if endpoint is not None:
+        os.environ["HF_ENDPOINT"] = endpoint
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        importlib.reload(constants)
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        importlib.reload(constants)
+
+
+def _settings(store: Path, *models: str, **values: Any) -> Settings:
+    """A start by hub id, without warm-up, as the servers here are started."""
+    return Settings.model_validate({"model_store": store, "model": models, "warmup": False, **values})
+
+
 def _load_by_id(url: str, name: str, hub_id: str) -> httpx.Response:
     """``POST /v2/repository/models/{name}/load`` with the model's hub id, with the key."""
     body = {"parameters": {"hub_id": hub_id}}
@@ -89,21 +125,26 @@ def hf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("hf-home")
 
 
-def test_hub_ids_download_pin_and_then_serve_offline(hub: LoopbackHub, hf_home: Path, tmp_path: Path) -> None:
+def test_hub_ids_and_a_store_entry_download_pin_and_then_serve_offline(
+    hub: LoopbackHub, hf_home: Path, tmp_path: Path
+) -> None:
     store = tmp_path / "store"
     store.mkdir()
+    (store / "vit.hub").write_text("# served by hub id\nacme/vit-tiny@main\n")  # a store entry naming a hub model
     args = [a for m in MODELS for a in ("--model", m)]
     commits = {name: repo.commits[-1][0] for name, repo in hub.repos.items()}
     with serve_hub(hub) as endpoint:
         env = _env(hf_home, endpoint) | {"DEIT_API_KEYS": KEY, "DEIT_ALLOW_HUB_IDS": "true", "DEIT_WARMUP": "false"}
         with run_server(store, tmp_path, env=env, args=args) as server:
             models = _models(server.url)
-            assert sorted(models) == ["bare", "deit-distilled", "single", "vit-tiny"]
+            assert sorted(models) == ["bare", "deit-distilled", "single", "vit", "vit-tiny"]
             assert models["deit-distilled"]["default"]  # the first --model answers requests that name none
             assert models["deit-distilled"]["hub_id"] == "acme/deit-distilled"
             assert models["deit-distilled"]["revision"] == commits["acme/deit-distilled"]
             assert models["single"]["revision"] == commits["acme/deit-single"]
             assert models["bare"]["tasks"] == ["embed"]
+            entry = httpx.get(f"{server.url}/v1/models/vit", headers={"X-API-Key": KEY}, timeout=10).json()
+            assert (entry["hub_id"], entry["revision"]) == ("acme/vit-tiny", commits["acme/vit-tiny"])
             assert models["vit-tiny"]["num_labels"] == models["single"]["num_labels"] == 5
             meta = httpx.get(f"{server.url}/v2/models/single", headers={"X-API-Key": KEY}, timeout=10).json()
             assert (meta["hub_id"], meta["revision"]) == ("acme/deit-single", commits["acme/deit-single"])
@@ -154,55 +195,48 @@ def test_hub_ids_download_pin_and_then_serve_offline(hub: LoopbackHub, hf_home: 
                 f"{server.url}/v2/repository/models/late/load", json={"parameters": {"hub_id": "acme/vit-tiny"}}
             )
             assert refused.status_code == 401
-    # The hub is gone. Offline, and then merely unreachable, the same start serves the same commits from the cache.
-    for extra in ({"HF_HUB_OFFLINE": "1"}, {}):
-        env = _env(hf_home, endpoint, **extra) | {"DEIT_API_KEYS": KEY, "DEIT_WARMUP": "false"}
-        with run_server(store, tmp_path, env=env, args=args) as server:
-            models = _models(server.url)
-            assert {n: m["revision"] for n, m in models.items()} == {
-                "deit-distilled": commits["acme/deit-distilled"],
-                "single": commits["acme/deit-single"],
-                "vit-tiny": commits["acme/vit-tiny"],
-                "bare": commits["acme/deit-bare"],
-            }
-            files = {"file": ("red.png", image_bytes(), "image/png")}
-            answer = httpx.post(f"{server.url}/classify?model=single", files=files, headers={"X-API-Key": KEY})
-            assert answer.status_code == 200, answer.text
-            # Without --allow-hub-ids no client makes the server download, key or not.
-            refused = _load_by_id(server.url, "other", "acme/vit-tiny")
-            assert refused.status_code == 403
-            assert "--allow-hub-ids" in refused.json()["error"]
-            # The load request's body is bounded and checked like every other.
-            load_url = f"{server.url}/v2/repository/models/other/load"
-            huge = httpx.post(load_url, content=b"{" + b" " * 70_000 + b"}", headers={"X-API-Key": KEY})
-            assert huge.status_code == 413
-            malformed = httpx.post(load_url, content=b'{"parameters": 3}', headers={"X-API-Key": KEY})
-            assert malformed.status_code == 422
-            assert "parameters" in malformed.json()["error"]
+    # The hub is gone. Offline (on a real process), and then merely unreachable (the same start-up in this process),
+    # the same start serves the same commits from the cache.
+    env = _env(hf_home, endpoint, HF_HUB_OFFLINE="1") | {"DEIT_API_KEYS": KEY, "DEIT_WARMUP": "false"}
+    with run_server(store, tmp_path, env=env, args=args) as server:
+        _serves_the_pinned_commits_from_the_cache(server.url, commits)
+    settings = _settings(store, *MODELS, api_keys=(KEY,), port=free_port())
+    with _hub_env(hf_home, endpoint), serve_in_process(settings) as in_process:
+        _serves_the_pinned_commits_from_the_cache(in_process.url, commits)
 
 
-def _start_fails(args: list[str], env: dict[str, str], store: Path) -> dict[str, Any]:
-    """Start ``deit-serve`` expecting it to exit non-zero before it is ready; returns its one JSON error line."""
-    port = free_port()
-    env = env | {"DEIT_MODEL_STORE": str(store), "DEIT_HOST": "127.0.0.1", "DEIT_PORT": str(port)}
-    server = launch(
-        service_argv(*args), port=port, log_path=store.parent / "server.log", env=env | {"DEIT_WARMUP": "false"}
-    )
-    try:
-        code = server.wait(timeout=120)
-    finally:
-        server.stop()
-    log = server.log()
-    assert code != 0, log
-    errors = []
-    for line in log.splitlines():
-        assert line.startswith("{"), f"a line that is not JSON: {line!r}"
-        record = json.loads(line)
-        if record["level"] == "error":
-            errors.append(record)
-    assert len(errors) == 1, log
-    assert "Traceback" not in log
-    return errors[0]
+def _serves_the_pinned_commits_from_the_cache(url: str, commits: dict[str, str]) -> None:
+    """What a start of ``MODELS`` (and the store's ``vit.hub``), with a key and without --allow-hub-ids, serves once
+    the hub is out of reach."""
+    models = _models(url)
+    assert {n: m["revision"] for n, m in models.items()} == {
+        "deit-distilled": commits["acme/deit-distilled"],
+        "single": commits["acme/deit-single"],
+        "vit-tiny": commits["acme/vit-tiny"],
+        "vit": commits["acme/vit-tiny"],
+        "bare": commits["acme/deit-bare"],
+    }
+    files = {"file": ("red.png", image_bytes(), "image/png")}
+    answer = httpx.post(f"{url}/classify?model=single", files=files, headers={"X-API-Key": KEY})
+    assert answer.status_code == 200, answer.text
+    # Without --allow-hub-ids no client makes the server download, key or not.
+    refused = _load_by_id(url, "other", "acme/vit-tiny")
+    assert refused.status_code == 403
+    assert "--allow-hub-ids" in refused.json()["error"]
+    # The load request's body is bounded and checked like every other.
+    load_url = f"{url}/v2/repository/models/other/load"
+    huge = httpx.post(load_url, content=b"{" + b" " * 70_000 + b"}", headers={"X-API-Key": KEY})
+    assert huge.status_code == 413
+    malformed = httpx.post(load_url, content=b'{"parameters": 3}', headers={"X-API-Key": KEY})
+    assert malformed.status_code == 422
+    assert "parameters" in malformed.json()["error"]
+
+
+def _hub_error(failed: FailedStart) -> dict[str, Any]:
+    """The one error line of a start by hub id that failed: a load failure, with no traceback beside its message."""
+    assert failed.record["code"] == "model_load_failed", failed.line
+    assert "exception" not in failed.record, failed.line
+    return failed.record
 
 
 @pytest.mark.parametrize(
@@ -220,8 +254,8 @@ def test_a_start_by_hub_id_that_cannot_serve_fails_with_one_error(
 ) -> None:
     store = tmp_path / "store"
     store.mkdir()
-    with serve_hub(hub) as endpoint:
-        error = _start_fails(["--model", model], _env(tmp_path / "hf", endpoint), store)
+    with serve_hub(hub) as endpoint, _hub_env(tmp_path / "hf", endpoint):
+        error = _hub_error(failed_start(_settings(store, model)))
     assert needle in error["message"], error
     assert "force_download" not in error["message"]  # the start resumes a cut download; it never forces one
     assert error["repo_id"] == model.split("@")[0]
@@ -234,8 +268,8 @@ def test_a_start_by_hub_id_that_cannot_serve_fails_with_one_error(
 def test_offline_without_the_model_cached_names_the_cache_and_the_command(tmp_path: Path) -> None:
     store = tmp_path / "store"
     store.mkdir()
-    env = _env(tmp_path / "hf", None, HF_HUB_OFFLINE="1")
-    error = _start_fails(["--model", "facebook/deit-base-distilled-patch16-224"], env, store)
+    with _hub_env(tmp_path / "hf", None, offline=True):
+        error = _hub_error(failed_start(_settings(store, "facebook/deit-base-distilled-patch16-224")))
     assert error["repo_id"] == "facebook/deit-base-distilled-patch16-224"
     assert error["cache"] == str(tmp_path / "hf" / "hub")
     assert error["command"] == "deit-serve --download-only --model facebook/deit-base-distilled-patch16-224"
@@ -243,14 +277,24 @@ def test_offline_without_the_model_cached_names_the_cache_and_the_command(tmp_pa
     assert error["command"] in error["message"]
 
 
-def test_an_unreachable_hub_without_the_model_cached_fails_in_json_lines_only(tmp_path: Path) -> None:
-    """The hub client's retry notes go through the service's JSON log (``_start_fails`` checks every line)."""
+def test_an_unreachable_hub_without_the_model_cached_fails_with_its_notes_in_the_log_only(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub client's own notes (a retried request) are records of the service's log, which writes JSON lines:
+    its stderr handler, added when it is first imported, is gone, and nothing is written raw to stderr."""
     store = tmp_path / "store"
     store.mkdir()
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    error = _start_fails(["--model", "acme/deit-distilled"], _env(tmp_path / "hf", closed), store)
+    hub_log = logging.getLogger("huggingface_hub")
+    monkeypatch.setattr(hub_log, "handlers", [logging.StreamHandler()])  # as the client's first import leaves it
+    capfd.readouterr()
+    with _hub_env(tmp_path / "hf", closed):
+        error = _hub_error(failed_start(_settings(store, "acme/deit-distilled")))
     assert error["repo_id"] == "acme/deit-distilled"
-    assert error["code"] == "model_load_failed"
+    notes = [r.getMessage() for r in caplog.records if r.name.startswith("huggingface_hub")]
+    assert any(note.startswith("Retrying in") for note in notes), notes  # passed on to the service's log
+    assert (hub_log.handlers, hub_log.propagate) == ([], True)
+    assert capfd.readouterr().err == ""
 
 
 def test_download_only_fills_the_cache_for_an_offline_start(hub: LoopbackHub, tmp_path: Path) -> None:
@@ -271,25 +315,13 @@ def test_download_only_fills_the_cache_for_an_offline_start(hub: LoopbackHub, tm
     assert (Path(line["path"]) / "model.safetensors").is_file()
 
 
-def test_without_the_hub_extra_a_hub_id_names_the_extra(tmp_path: Path) -> None:
-    """A Python path where ``import huggingface_hub`` fails, as in an install without the extra."""
-    blocker = tmp_path / "blocker" / "huggingface_hub"
-    blocker.mkdir(parents=True)
-    (blocker / "__init__.py").write_text("raise ImportError('No module named huggingface_hub')\n")
+def test_without_the_hub_extra_a_hub_id_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interpreter where ``import huggingface_hub`` fails, as in an install without the extra."""
     store = tmp_path / "store"
     store.mkdir()
-    env = _env(tmp_path / "hf", None) | {"PYTHONPATH": f"{blocker.parent}{os.pathsep}{REPO}"}
-    error = _start_fails(["--model", "acme/deit-distilled"], env, store)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # None there: its import raises ImportError
+    error = _hub_error(failed_start(_settings(store, "acme/deit-distilled")))
     assert "pip install 'deit-serve[hub]'" in error["message"]
-
-
-def test_a_store_entry_names_a_hub_model(hub: LoopbackHub, tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    store.mkdir()
-    (store / "vit.hub").write_text("# served by hub id\nacme/vit-tiny@main\n")
-    with serve_hub(hub) as endpoint, run_server(store, tmp_path, env=_env(tmp_path / "hf", endpoint)) as server:
-        model = httpx.get(f"{server.url}/v1/models/vit", timeout=10).json()
-    assert (model["hub_id"], model["revision"]) == ("acme/vit-tiny", hub.repos["acme/vit-tiny"].commits[-1][0])
 
 
 def test_model_options_parse_names_ids_and_revisions() -> None:

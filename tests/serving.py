@@ -391,3 +391,41 @@ class EndlessBody:
         for _ in range(self.chunks):
             self.pulled += len(self.filler)
             yield self.filler
+
+
+# --- Profiles of the edge, protocol, checkpoint and runtime tests -------------------------------------------------
+# Each is one server for several test files; a test that needs a profile's key sends it, and counters it reads on
+# these servers are read as deltas.
+
+# Two API keys (sent either way) with the probes and /metrics left open, the access log on (the defaults), a
+# 1-megapixel limit far below every decompression bomb sent to it, float32 on the CPU (what deit_model_info names),
+# and a ``gs`` first on PATH that only records that it ran (Pillow's EPS reader would run it): shared by the API-key
+# and traceability tests, the decoding tests on a real server, the Prometheus scrape, and the runtime tests as their
+# torch reference. ``keyed_server`` starts it.
+KEYED_KEYS = ("k1-secret", "k2-secret")
+KEYED = {
+    "DEIT_DEVICE": "cpu",
+    "DEIT_DTYPE": "float32",
+    "DEIT_API_KEYS": ",".join(KEYED_KEYS),
+    "DEIT_MAX_IMAGE_PIXELS": str(1_000_000),
+}
+KEYED_AUTH = {"Authorization": f"Bearer {KEYED_KEYS[0]}"}
+
+
+def ghostscript_trap(directory: Path) -> Path:
+    """A ``gs`` in ``directory/bin`` that only touches ``directory/gs-ran`` and fails; returns that marker's path."""
+    marker = directory / "gs-ran"
+    fake = directory / "bin" / "gs"
+    if not fake.exists():
+        fake.parent.mkdir(parents=True)
+        fake.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+        fake.chmod(0o755)
+    return marker
+
+
+def keyed_server(servers: SharedServers, tiny_store: Path) -> ServerProcess:
+    """The ``KEYED`` server on the suite's ``tiny_store``; its ghostscript trap lies in the shared servers' folder."""
+    import os
+
+    trap = ghostscript_trap(servers.workdir / "ghostscript").parent / "bin"
+    return servers.get(tiny_store, {**KEYED, "PATH": f"{trap}{os.pathsep}{os.environ['PATH']}"})

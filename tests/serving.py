@@ -511,3 +511,8 @@ def zoo_server(servers: SharedServers) -> ServerProcess:
     """The ``ZOO`` server on ``model_zoo`` in the shared servers' folder."""
     return servers.get(model_zoo(servers.workdir), ZOO)
 
+
+# The demo model behind one API key, float32 on the CPU: shared by the page tests (the page asks for the key) and the
+# quantization tests' float32 reference (an int8 server must answer its samples as it does).
+DEMO_KEY = "page-test-key"
+DEMO_KEYED = {"DEIT_DEVICE": "cpu", "DEIT_DTYPE": "float32", "DEIT_API_KEYS": DEMO_KEY}

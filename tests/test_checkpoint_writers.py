@@ -30,7 +30,16 @@ from service.model.deit import LayerScale, build_deit
 from service.model.preprocessing import Preprocessor
 from service.model.timm import timm_to_hf
 from tests.factories import HFKind, hf_model
-from tests.serving import ServerProcess, SharedServers, noise_image_bytes
+from tests.serving import (
+    ZOO_AUTH,
+    ZOO_WRITERS,
+    ServerProcess,
+    SharedServers,
+    hand_saved,
+    model_zoo,
+    noise_image_bytes,
+    zoo_server,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TF_KINDS = sorted(p.name for p in (FIXTURES / "tf").iterdir() if p.is_dir())
@@ -52,20 +61,6 @@ def _assert_nontrivial(reference: np.ndarray[Any, Any]) -> None:
 
 
 # --- transformers ≥ 5: state dicts saved by hand carry the in-memory names -------------------------------------
-
-
-def _hand_saved(kind: HFKind, directory: Path, suffix: str, seed: int = 3) -> tuple[Any, Path]:
-    """``config.json`` from ``save_pretrained`` beside ``model.state_dict()`` written as the user would."""
-    model = hf_model(kind, seed=seed)
-    model.save_pretrained(directory)
-    (directory / "model.safetensors").unlink()
-    state = model.state_dict()
-    name = {".bin": "pytorch_model.bin", ".pth": "model.pth", ".safetensors": "model.safetensors"}[suffix]
-    if suffix == ".safetensors":
-        save_file({k: v.contiguous() for k, v in state.items()}, str(directory / name))
-    else:
-        torch.save(state, directory / name)
-    return model, directory / name
 
 
 def _reference_output(model: Any, kind: HFKind, x: Tensor) -> Tensor:
@@ -92,7 +87,7 @@ def test_installed_transformers_names_its_modules_differently_in_memory() -> Non
 def test_transformers5_state_dict_matches_transformers(
     kind: HFKind, suffix: str, tmp_path: Path, pixel_values: Tensor
 ) -> None:
-    model, _ = _hand_saved(kind, tmp_path / "ckpt", suffix)
+    model, _ = hand_saved(kind, tmp_path / "ckpt", suffix)
     checkpoint = load_checkpoint(tmp_path / "ckpt")
     reference = _reference_output(model, kind, pixel_values)
     with torch.inference_mode():
@@ -107,7 +102,7 @@ def test_transformers5_state_dict_matches_transformers(
 
 @pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
 def test_transformers5_state_dict_missing_tensor_is_named(suffix: str, tmp_path: Path) -> None:
-    model, path = _hand_saved("distilled", tmp_path / "ckpt", suffix)
+    model, path = hand_saved("distilled", tmp_path / "ckpt", suffix)
     state = {k: v for k, v in model.state_dict().items() if k != "deit.layers.1.attention.k_proj.weight"}
     if suffix == ".safetensors":
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
@@ -118,7 +113,7 @@ def test_transformers5_state_dict_missing_tensor_is_named(suffix: str, tmp_path:
 
 
 def test_transformers5_state_dict_unexpected_tensor_is_named(tmp_path: Path) -> None:
-    model, path = _hand_saved("single_head", tmp_path / "ckpt", ".pth")
+    model, path = hand_saved("single_head", tmp_path / "ckpt", ".pth")
     state = dict(model.state_dict())
     state["deit.layers.0.attention.rotary.weight"] = torch.zeros(3)
     torch.save(state, path)
@@ -127,7 +122,7 @@ def test_transformers5_state_dict_unexpected_tensor_is_named(tmp_path: Path) -> 
 
 
 def test_mixed_old_and_new_names_for_one_tensor_are_refused(tmp_path: Path) -> None:
-    model, path = _hand_saved("distilled", tmp_path / "ckpt", ".pth")
+    model, path = hand_saved("distilled", tmp_path / "ckpt", ".pth")
     state = dict(model.state_dict())
     state["deit.encoder.layer.0.attention.attention.query.weight"] = state["deit.layers.0.attention.q_proj.weight"]
     torch.save(state, path)
@@ -136,7 +131,7 @@ def test_mixed_old_and_new_names_for_one_tensor_are_refused(tmp_path: Path) -> N
 
 
 def test_two_weight_files_beside_a_config_are_ambiguous(tmp_path: Path) -> None:
-    _hand_saved("distilled", tmp_path / "ckpt", ".pth")
+    hand_saved("distilled", tmp_path / "ckpt", ".pth")
     shutil.copy(tmp_path / "ckpt" / "model.pth", tmp_path / "ckpt" / "model-copy.pt")
     with pytest.raises(CheckpointError, match=r"exactly one .*found \['model-copy\.pt', 'model\.pth'\]"):
         load_checkpoint(tmp_path / "ckpt")
@@ -348,28 +343,26 @@ def test_full_size_timm_names_and_shapes_are_accepted(variant: str, headless: bo
 
 
 @pytest.fixture(scope="module")
-def writers_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    store = tmp_path_factory.mktemp("writers-store")
-    for kind in ("deit_with_teacher", "vit_classifier"):
-        shutil.copytree(FIXTURES / "tf" / kind, store / f"tf-{kind}", ignore=shutil.ignore_patterns("pytorch"))
-    _hand_saved("distilled", store / "transformers5-distilled", ".pth", seed=4)
-    return store
+def writers_store(servers: SharedServers) -> Path:
+    """The store of the ``ZOO`` server: among its models, the TensorFlow ``deit_with_teacher`` and
+    ``vit_classifier`` fixtures as ``tf-<kind>`` and a hand-saved distilled DeiT as ``transformers5-distilled``."""
+    return model_zoo(servers.workdir)
 
 
 @pytest.fixture(scope="module")
 def writers_server(writers_store: Path, servers: SharedServers) -> ServerProcess:
-    env = {"DEIT_DEVICE": "cpu", "DEIT_DTYPE": "float32"}
-    return servers.get(writers_store, env)
+    """float32 on the CPU, as the in-process references; shared (``ZOO``), so requests carry its key."""
+    return zoo_server(servers)
 
 
-@pytest.mark.parametrize("name", ["tf-deit_with_teacher", "tf-vit_classifier", "transformers5-distilled"])
+@pytest.mark.parametrize("name", ZOO_WRITERS)
 def test_server_classifies_with_each_writers_checkpoint(
     name: str, writers_store: Path, writers_server: ServerProcess
 ) -> None:
     image = noise_image_bytes(31)
     response = httpx.post(
         f"{writers_server.url}/classify", params={"model": name, "top_k": 5},
-        files=[("file", ("noise.png", image, "image/png"))], timeout=60,
+        files=[("file", ("noise.png", image, "image/png"))], headers=ZOO_AUTH, timeout=60,
     )  # fmt: skip
     assert response.status_code == 200, response.text
     predictions = response.json()["results"][0]["predictions"]
@@ -381,5 +374,5 @@ def test_server_classifies_with_each_writers_checkpoint(
     assert [p["index"] for p in predictions] == expected.indices.tolist()
     assert [p["label"] for p in predictions] == [checkpoint.labels[i] for i in expected.indices.tolist()]
     assert max(abs(p["score"] - s) for p, s in zip(predictions, expected.values.tolist(), strict=True)) < 1e-5
-    info = httpx.get(f"{writers_server.url}/v1/models/{name}", timeout=10).json()
+    info = httpx.get(f"{writers_server.url}/v1/models/{name}", headers=ZOO_AUTH, timeout=10).json()
     assert info["architecture"] == checkpoint.config.architecture.value

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
+import shutil
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 import torch
 from torch import Tensor
-from transformers import DeiTConfig as HFDeiTConfig
 from transformers import DeiTModel, PreTrainedModel
 
 from service.api import results
@@ -30,8 +29,17 @@ from service.model.decoding import decode_image
 from service.model.pooling import LOGITS, Pooling, default_pooling, pool, poolings
 from service.model.preprocessing import Preprocessor
 from service.settings import Settings
-from tests.factories import TINY, HFKind, hf_model, randomize_, save_hf
-from tests.serving import ServerProcess, image_bytes, run_server
+from tests.factories import TINY, hf_model, save_hf
+from tests.serving import (
+    ZOO_AUTH,
+    ZOO_EMBEDDERS,
+    ServerProcess,
+    SharedServers,
+    embedding_reference,
+    image_bytes,
+    model_zoo,
+    zoo_server,
+)
 
 ATOL = 1e-4
 NATIVE = (TINY["image_size"], TINY["image_size"])
@@ -56,12 +64,8 @@ OFFERED = {
 
 
 def _reference_model(kind: str, seed: int) -> PreTrainedModel:
-    if kind == "bare_no_pooler":
-        config = HFDeiTConfig(**TINY, attn_implementation="eager")
-        model: PreTrainedModel = DeiTModel(config, add_pooling_layer=False)
-        randomize_(model, seed)
-        return model.eval()
-    return hf_model(cast(HFKind, kind), seed=seed)
+    model: PreTrainedModel = embedding_reference(kind, seed)
+    return model
 
 
 def _reference_vectors(model: PreTrainedModel, x: Tensor) -> dict[str, Tensor]:
@@ -125,37 +129,31 @@ def test_normalize_gives_unit_vectors_in_the_same_direction(tmp_path: Path) -> N
 
 # --- a real server: one store with a model of every kind --------------------------------------------------------
 
-SERVED = {"distilled": "distilled", "vit": "vit", "bare": "bare", "bare_no_pooler": "bare_no_pooler", "mim": "mim"}
-PREPROCESS = {"size": 34, "crop_size": 30, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+SERVED = {kind: kind for kind in ZOO_EMBEDDERS}  # kind: its name in the store
 IMAGES = [image_bytes((48, 40), (200, 30, 30)), image_bytes((40, 52), (20, 160, 90), "JPEG")]
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, PreTrainedModel]:
-    return {kind: _reference_model(kind, seed=i + 20) for i, kind in enumerate(SERVED)}
+def references() -> dict[str, PreTrainedModel]:
+    """The transformers models the store's embedding models were saved from (the same seeds)."""
+    return {kind: _reference_model(kind, seed=ZOO_EMBEDDERS[kind]) for kind in SERVED}
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory, references: dict[str, PreTrainedModel]) -> Path:
-    root = tmp_path_factory.mktemp("embed-store")
-    for kind, model in references.items():
-        directory = save_hf(model, root / SERVED[kind])
-        (directory / "preprocessor_config.json").write_text(json.dumps(PREPROCESS))
-    return root
+def store(servers: SharedServers) -> Path:
+    """The store of the ``ZOO`` server: among its models, one of every kind named in ``SERVED``."""
+    return model_zoo(servers.workdir)
 
 
 @pytest.fixture(scope="module")
-def server(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    # Warm-up on (the default): headless models must pass it too.
-    with run_server(
-        store, tmp_path_factory.mktemp("embed-logs"), env={"DEIT_DEFAULT_MODEL": "distilled", "DEIT_DTYPE": "float32"}
-    ) as s:
-        yield s
+def server(store: Path, servers: SharedServers) -> ServerProcess:
+    # Warm-up on (the default): headless models must pass it too. Shared (``ZOO``): requests carry its key.
+    return zoo_server(servers)
 
 
 def _embed(server: ServerProcess, model: str, images: list[bytes] = IMAGES, **params: Any) -> httpx.Response:
     files = [("file", (f"img{i}", data)) for i, data in enumerate(images)]
-    headers = params.pop("headers", None)
+    headers = {**ZOO_AUTH, **params.pop("headers", {})}
     return httpx.post(
         f"{server.url}/embed", params={"model": model, **params}, files=files, headers=headers, timeout=60
     )
@@ -168,7 +166,8 @@ def _pixels(store: Path, model: str) -> Tensor:
 
 
 def test_models_list_says_what_each_model_serves(server: ServerProcess) -> None:
-    models = {m["name"]: m for m in httpx.get(f"{server.url}/v1/models", timeout=10).json()["models"]}
+    listed = httpx.get(f"{server.url}/v1/models", headers=ZOO_AUTH, timeout=10).json()["models"]
+    models = {m["name"]: m for m in listed}
     assert models["distilled"]["tasks"] == ["classify", "embed"]
     assert models["vit"]["tasks"] == ["classify", "embed"]
     for headless in ("bare", "bare_no_pooler", "mim"):
@@ -206,13 +205,13 @@ def test_embed_equals_transformers_for_every_kind_and_pooling(
 def test_classify_on_a_headless_model_is_a_400_naming_embed(server: ServerProcess) -> None:
     for name in ("bare", "mim"):
         files = [("file", ("a.png", IMAGES[0]))]
-        r = httpx.post(f"{server.url}/classify", params={"model": name}, files=files, timeout=30)
+        r = httpx.post(f"{server.url}/classify", params={"model": name}, files=files, headers=ZOO_AUTH, timeout=30)
         assert r.status_code == 400, r.text
         error = r.json()["error"]
         assert error["code"] == "task_not_supported"
         assert "/embed" in error["message"]
         assert name in error["message"]
-    ok = httpx.post(f"{server.url}/classify", params={"model": "distilled"}, files=files, timeout=30)
+    ok = httpx.post(f"{server.url}/classify", params={"model": "distilled"}, files=files, headers=ZOO_AUTH, timeout=30)
     assert ok.status_code == 200, ok.text
 
 
@@ -270,7 +269,7 @@ def _v2_infer(server: ServerProcess, model: str, outputs: list[dict[str, Any]] |
     }
     if outputs is not None:
         request["outputs"] = outputs
-    return httpx.post(f"{server.url}/v2/models/{model}/infer", json=request, timeout=60)
+    return httpx.post(f"{server.url}/v2/models/{model}/infer", json=request, headers=ZOO_AUTH, timeout=60)
 
 
 def _v2_output(response: httpx.Response, name: str) -> np.ndarray:
@@ -298,10 +297,10 @@ def test_v2_embedding_output_equals_embed(server: ServerProcess) -> None:
 
 
 def test_v2_headless_model_gives_the_embedding_and_refuses_class_scores(server: ServerProcess) -> None:
-    meta = httpx.get(f"{server.url}/v2/models/bare", timeout=10).json()
+    meta = httpx.get(f"{server.url}/v2/models/bare", headers=ZOO_AUTH, timeout=10).json()
     assert meta["tasks"] == ["embed"]
     assert meta["outputs"] == [{"name": "embedding", "datatype": "FP32", "shape": [-1, TINY["hidden_size"]]}]
-    classifier = httpx.get(f"{server.url}/v2/models/distilled", timeout=10).json()
+    classifier = httpx.get(f"{server.url}/v2/models/distilled", headers=ZOO_AUTH, timeout=10).json()
     assert [o["name"] for o in classifier["outputs"]] == ["probabilities", "logits", "embedding"]
     assert classifier["tasks"] == ["classify", "embed"]
     default = _v2_infer(server, "bare", None)  # none requested: what the model gives
@@ -321,10 +320,11 @@ async def _until(condition: Callable[[], bool], what: str, timeout_s: float = 30
 
 
 @pytest.mark.asyncio
-async def test_classify_and_embed_requests_share_one_forward_pass(store: Path) -> None:
+async def test_classify_and_embed_requests_share_one_forward_pass(store: Path, tmp_path: Path) -> None:
     """While the model is busy, three images to classify and three to embed queue up; they run as ONE batch of six,
     and each request gets what it would alone."""
-    values: dict[str, Any] = {"model_store": store, "device": "cpu", "dtype": "float32", "warmup": False}
+    own = shutil.copytree(store / "distilled", tmp_path / "store" / "distilled").parent  # only the model it runs
+    values: dict[str, Any] = {"model_store": own, "device": "cpu", "dtype": "float32", "warmup": False}
     settings = Settings(**values, forward_workers=1, max_batch_delay_ms=0)
     metrics = Metrics(settings.max_batch_size)
     repository = Repository.open(settings, metrics, DecodePool(1))

@@ -4,21 +4,31 @@
 from __future__ import annotations
 
 import re
+import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.serving import EDGE_KEY, EDGE_LIMITS, EndlessBody, ServerProcess, SharedServers, image_bytes
+from tests.serving import (
+    EDGE_KEY,
+    EDGE_LIMITS,
+    KEYED_KEYS,
+    EndlessBody,
+    ServerProcess,
+    SharedServers,
+    image_bytes,
+    keyed_server,
+)
 
-KEYS = ("k1-secret", "k2-secret")
+KEYS = KEYED_KEYS
 
 
 @pytest.fixture(scope="module")
 def keyed(tiny_store: Path, servers: SharedServers) -> ServerProcess:
-    env = {"DEIT_API_KEYS": ",".join(KEYS)}
-    return servers.get(tiny_store, env)
+    """Two API keys; probes and /metrics open, the access log on (the defaults)."""
+    return keyed_server(servers, tiny_store)
 
 
 def call(server: ServerProcess, method: str, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
@@ -113,7 +123,7 @@ def wait_for_access_line(server: ServerProcess, request_id: str) -> dict[str, An
 
 
 def test_a_valid_request_id_is_echoed_and_logged_once_with_batching_details(keyed: ServerProcess) -> None:
-    request_id = "trace-42.retry:1"
+    request_id = f"trace-{uuid.uuid4().hex[:8]}.retry:1"  # unique: the server is shared
     files = [("file", (f"{i}.png", image_bytes(color=(i, 50, 90)), "image/png")) for i in range(2)]
     response = httpx.post(f"{keyed.url}/classify", files=files, headers={**AUTH, "X-Request-ID": request_id})
     assert response.status_code == 200
@@ -148,16 +158,17 @@ def test_a_missing_or_invalid_request_id_is_replaced(keyed: ServerProcess, incom
 
 
 def test_refused_requests_are_traced_too(keyed: ServerProcess) -> None:
-    unauthorized = httpx.get(f"{keyed.url}/v1/models", headers={"X-Request-ID": "no-key-1"})
+    no_key, text = (f"{what}-{uuid.uuid4().hex[:8]}" for what in ("no-key", "txt"))  # unique: the server is shared
+    unauthorized = httpx.get(f"{keyed.url}/v1/models", headers={"X-Request-ID": no_key})
     unsupported = httpx.post(
         f"{keyed.url}/classify",
         content=b"text",
-        headers={**AUTH, "Content-Type": "text/plain", "X-Request-ID": "txt-1"},
+        headers={**AUTH, "Content-Type": "text/plain", "X-Request-ID": text},
     )
-    assert unauthorized.headers["X-Request-ID"] == "no-key-1"
-    assert unsupported.headers["X-Request-ID"] == "txt-1"
-    assert wait_for_access_line(keyed, "no-key-1")["status"] == 401
-    line = wait_for_access_line(keyed, "txt-1")
+    assert unauthorized.headers["X-Request-ID"] == no_key
+    assert unsupported.headers["X-Request-ID"] == text
+    assert wait_for_access_line(keyed, no_key)["status"] == 401
+    line = wait_for_access_line(keyed, text)
     assert line["status"] == 415
     assert line["error"] == "unsupported_media_type"
     assert line["model"] == "tiny"

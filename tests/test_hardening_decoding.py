@@ -7,16 +7,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import stat
 import struct
 import subprocess
 import threading
 import time
 import warnings
 import zlib
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -26,7 +23,7 @@ from PIL import EpsImagePlugin, Image
 
 from service.errors import ImageTooLarge, InvalidImage, ServiceError, UnsupportedMediaType
 from service.model.decoding import ACCEPTED_FORMATS, decode_image
-from tests.serving import ServerProcess, rss_bytes, run_server
+from tests.serving import KEYED, KEYED_AUTH, ServerProcess, SharedServers, ghostscript_trap, keyed_server, rss_bytes
 
 MAX_PIXELS = 1_000_000  # the server's limit: far below every bomb here, far above every valid image
 RED = (200, 30, 30)
@@ -204,29 +201,18 @@ def test_intact_files_of_other_formats_are_refused_by_name(name: str) -> None:
         decode_image(OTHER_FORMATS[name], MAX_PIXELS)
 
 
-@contextmanager
-def ghostscript_on_path(tmp_path: Path) -> Iterator[Path]:
-    """A ``gs`` first on PATH that only records that it ran; Pillow's EPS reader would call it."""
-    marker = tmp_path / "gs-ran"
-    fake = tmp_path / "bin" / "gs"
-    fake.parent.mkdir()
-    fake.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
-    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
-    yield marker
-
-
 def test_an_eps_upload_never_reaches_ghostscript(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with ghostscript_on_path(tmp_path) as marker:
-        monkeypatch.setenv("PATH", f"{marker.parent / 'bin'}{os.pathsep}{os.environ['PATH']}")
-        monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # forget any earlier lookup
-        with pytest.raises(UnsupportedMediaType, match="EPS"):
-            decode_image(EPS, MAX_PIXELS)
-        assert EpsImagePlugin.gs_binary is None, "Ghostscript was looked for"
-        assert not marker.exists()
-        # The same bytes through Pillow's generic opener do run it: the fake is real.
-        with pytest.raises((subprocess.CalledProcessError, OSError)):
-            Image.open(io.BytesIO(EPS)).load()
-        assert marker.exists()
+    marker = ghostscript_trap(tmp_path)  # a ``gs`` first on PATH that only records that it ran
+    monkeypatch.setenv("PATH", f"{marker.parent / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # forget any earlier lookup
+    with pytest.raises(UnsupportedMediaType, match="EPS"):
+        decode_image(EPS, MAX_PIXELS)
+    assert EpsImagePlugin.gs_binary is None, "Ghostscript was looked for"
+    assert not marker.exists()
+    # The same bytes through Pillow's generic opener do run it: the fake is real.
+    with pytest.raises((subprocess.CalledProcessError, OSError)):
+        Image.open(io.BytesIO(EPS)).load()
+    assert marker.exists()
 
 
 CORRUPT = {
@@ -342,19 +328,15 @@ def test_concurrent_decodes_neither_warn_nor_mix_up_results() -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    directory = tmp_path_factory.mktemp("decoding")
-    with ghostscript_on_path(directory) as marker:
-        env = {
-            "DEIT_MAX_IMAGE_PIXELS": str(MAX_PIXELS),
-            "PATH": f"{marker.parent / 'bin'}{os.pathsep}{os.environ['PATH']}",
-        }
-        with run_server(tiny_store, directory, env=env) as process:
-            yield process
+def server(tiny_store: Path, servers: SharedServers) -> ServerProcess:
+    """The pixel limit ``MAX_PIXELS`` and a ``gs`` first on PATH that only records that it ran (``KEYED``)."""
+    assert int(KEYED["DEIT_MAX_IMAGE_PIXELS"]) == MAX_PIXELS
+    return keyed_server(servers, tiny_store)
 
 
 def classify(server: ServerProcess, name: str, data: bytes) -> httpx.Response:
-    return httpx.post(f"{server.url}/classify", files=[("file", (name, data, "application/octet-stream"))], timeout=60)
+    files = [("file", (name, data, "application/octet-stream"))]
+    return httpx.post(f"{server.url}/classify", files=files, headers=KEYED_AUTH, timeout=60)
 
 
 def classify_measured(server: ServerProcess, name: str, data: bytes) -> tuple[httpx.Response, float, int]:
@@ -428,7 +410,8 @@ def test_server_logs_a_library_warning_as_a_json_record(server: ServerProcess) -
 
 
 def test_server_log_holds_only_json_lines(server: ServerProcess) -> None:
-    """Last in this module: after every hostile upload above, plus an icon with a wrong directory."""
+    """Last in this module: after every hostile upload above (and whatever else the shared server has answered),
+    plus an icon with a wrong directory."""
     assert classify(server, "wrong.ico", ico_holding(encode(PHOTO, "PNG"))).status_code == 200
     lines = [line for line in server.log().splitlines() if line.strip()]
     assert lines

@@ -1,6 +1,7 @@
 """What a client can make the HTTP server hold: request head size and header count, time to send a head, idle and
-keep-alive connections, open connections; every answer the server writes itself is JSON. Plus SIGHUP drain, a
-blank API-key list refused at start-up, X-API-Key with blanks, and HEAD on the health routes."""
+keep-alive connections, open connections; every answer the server writes itself is JSON. Plus SIGHUP drain (on the
+process without httptools), a blank API-key list refused at start-up, X-API-Key with blanks, and HEAD on the health
+routes."""
 
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ from tests.serving import (
     image_bytes,
     multipart,
     noise_image_bytes,
-    run_server,
     wait_until,
 )
 
@@ -280,13 +280,6 @@ def test_head_on_health_routes(server: ServerProcess, path: str, status: int) ->
     assert response.headers["content-type"] == "application/json"
 
 
-def test_sighup_drains_and_exits_0(tiny_store: Path, tmp_path: Path) -> None:
-    with run_server(tiny_store, tmp_path) as process:
-        process.terminate(signal.SIGHUP)
-        assert process.wait(timeout=30) == 0
-        wait_until(lambda: "draining" in process.log(), timeout=5, what="draining log line")
-
-
 def test_api_keys_of_only_separators_is_a_start_up_error(tiny_store: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEIT_")}
     env["DEIT_MODEL_STORE"] = str(tiny_store)
@@ -298,7 +291,11 @@ def test_api_keys_of_only_separators_is_a_start_up_error(tiny_store: Path) -> No
     assert "holds no API key" in result.stderr
 
 
-def test_without_httptools_h11_still_bounds_the_head(tiny_store: Path, tmp_path: Path) -> None:
+def test_without_httptools_h11_still_bounds_the_head_and_sighup_drains_and_exits_0(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    """One process for two independent things: the h11 fallback's head bound, then SIGHUP (handled by our uvicorn
+    server, whichever HTTP parser runs) drains and exits 0."""
     port = free_port()
     env = service_env(port, tiny_store, {"DEIT_MAX_HEADER_BYTES": "8192"})
     launcher = "import sys; sys.modules['httptools'] = None; from service.cli import main; main()"
@@ -312,3 +309,7 @@ def test_without_httptools_h11_still_bounds_the_head(tiny_store: Path, tmp_path:
         assert answer.startswith(b"HTTP/1.1 400 ")
         assert httpx.get(f"{fallback.url}/healthz").status_code == 200
         assert "serving with h11" in fallback.log()
+
+        fallback.terminate(signal.SIGHUP)
+        assert fallback.wait(timeout=30) == 0
+        wait_until(lambda: "draining" in fallback.log(), timeout=5, what="draining log line")

@@ -16,17 +16,26 @@ import httpx
 import pytest
 
 from service.settings import Settings
-from tests.serving import DEMO_MODEL, REPO, ServerProcess, SharedServers, free_port, serve_in_process
+from tests.serving import (
+    DEMO_KEY,
+    DEMO_KEYED,
+    DEMO_MODEL,
+    REPO,
+    ServerProcess,
+    SharedServers,
+    free_port,
+    serve_in_process,
+)
 
-KEY = "page-test-key"
+KEY = DEMO_KEY
 SAMPLES = [DEMO_MODEL / "samples" / name for name in ("3_a.png", "7_a.png", "9_a.png")]
 TIMEOUT_S = 60
 
 
 @pytest.fixture(scope="module")
 def server(servers: SharedServers) -> ServerProcess:
-    """The demo model behind one API key; the page only reads, so the server is shared."""
-    return servers.get(DEMO_MODEL.parent, {"DEIT_API_KEYS": KEY})
+    """The demo model behind one API key; the page only reads, so the server is shared (``DEMO_KEYED``)."""
+    return servers.get(DEMO_MODEL.parent, DEMO_KEYED)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,16 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.serving import ServerProcess, free_port, noise_image_bytes, run_server, stop_process
+from tests.serving import (
+    KEYED_AUTH,
+    Scrape,
+    ServerProcess,
+    SharedServers,
+    free_port,
+    keyed_server,
+    noise_image_bytes,
+    stop_process,
+)
 
 SCRAPE_TIMEOUT_S = 30.0
 
@@ -30,9 +39,9 @@ def prometheus_binary() -> str:
 
 
 @pytest.fixture
-def server(tiny_store: Path, tmp_path: Path) -> Iterator[ServerProcess]:
-    with run_server(tiny_store, tmp_path, env={"DEIT_DEVICE": "cpu", "DEIT_DTYPE": "float32"}) as process:
-        yield process
+def server(tiny_store: Path, servers: SharedServers) -> ServerProcess:
+    """The tiny model in float32 with /metrics open (``KEYED``, shared: its counters are read as deltas)."""
+    return keyed_server(servers, tiny_store)
 
 
 @pytest.fixture
@@ -92,26 +101,32 @@ def _values(series: list[dict[str, Any]], **labels: str) -> list[float]:
 
 def test_prometheus_scrapes_the_request_counters(server: ServerProcess, prometheus: str) -> None:
     sent = 3
+    # The server is shared: Prometheus must read what the server's own /metrics said before, plus what is sent here.
+    before = Scrape.parse(httpx.get(f"{server.url}/metrics", timeout=10).text)
+    ok_before = before.value("deit_requests_total", endpoint="/classify", model="tiny", status="200")
+    missing_before = before.value("deit_requests_total", endpoint="/classify", status="404")
+    images_before = before.value("deit_images_total", model="tiny")
     png = [("file", ("a.png", noise_image_bytes(0), "image/png"))]
-    assert httpx.post(f"{server.url}/classify", params={"model": "nope"}, files=png).status_code == 404
+    missing = httpx.post(f"{server.url}/classify", params={"model": "nope"}, files=png, headers=KEYED_AUTH)
+    assert missing.status_code == 404
     for seed in range(sent):
         files = [("file", (f"{seed}.png", noise_image_bytes(seed), "image/png"))]
-        assert httpx.post(f"{server.url}/classify", files=files, timeout=30).status_code == 200
+        assert httpx.post(f"{server.url}/classify", files=files, headers=KEYED_AUTH, timeout=30).status_code == 200
 
     classify = {"endpoint": "/classify", "job": "deit-serve", "__name__": "deit_requests_total"}
     deadline = time.monotonic() + SCRAPE_TIMEOUT_S
     series: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
         series = _query(prometheus, "deit_requests_total")
-        if _values(series, model="tiny", status="200", **classify) == [sent]:
+        if _values(series, model="tiny", status="200", **classify) == [ok_before + sent]:
             break
         time.sleep(0.5)
     else:
         pytest.fail(f"Prometheus did not report {sent} classify requests within {SCRAPE_TIMEOUT_S}s; last: {series}")
 
     # The 404 went first, so the scrape that saw the last 200 saw it too.
-    assert _values(series, status="404", **classify) == [1.0]
+    assert sum(_values(series, status="404", **classify)) == missing_before + 1
     [up] = _query(prometheus, 'up{job="deit-serve"}')
     assert float(up["value"][1]) == 1.0
-    assert _values(_query(prometheus, 'deit_images_total{model="tiny"}')) == [float(sent)]
+    assert _values(_query(prometheus, 'deit_images_total{model="tiny"}')) == [images_before + sent]
     assert _values(_query(prometheus, 'deit_model_info{model="tiny", dtype="float32"}')) == [1.0]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,29 +12,28 @@ import torch
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
 
-from tests.serving import ServerProcess, noise_image_bytes, plain_error, run_server, write_tiny_model
+from tests.serving import (
+    ZOO,
+    ZOO_AUTH,
+    ZOO_KEY,
+    ServerProcess,
+    SharedServers,
+    noise_image_bytes,
+    plain_error,
+    zoo_server,
+)
 
-KEY = "hf-test-key"
-MAX_FILES = 3
+KEY = ZOO_KEY
+MAX_FILES = int(ZOO["DEIT_MAX_FILES"])
 NUM_LABELS = 10
-AUTH = {"Authorization": f"Bearer {KEY}"}
+AUTH = ZOO_AUTH
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """Two models (``tiny`` the default, ``other`` with different weights), API keys required."""
-    store = tmp_path_factory.mktemp("hf-store")
-    write_tiny_model(store / "tiny", seed=0)
-    write_tiny_model(store / "other", seed=5)
-    env = {
-        "DEIT_DEVICE": "cpu",
-        "DEIT_DTYPE": "float32",
-        "DEIT_API_KEYS": KEY,
-        "DEIT_DEFAULT_MODEL": "tiny",
-        "DEIT_MAX_FILES": str(MAX_FILES),
-    }
-    with run_server(store, tmp_path_factory.mktemp("hf"), env=env) as process:
-        yield process
+def server(servers: SharedServers) -> ServerProcess:
+    """Among its models ``tiny`` the default and ``other`` with different weights, API keys required (``ZOO``)."""
+    assert ZOO["DEIT_DEFAULT_MODEL"] == "tiny"
+    return zoo_server(servers)
 
 
 @pytest.fixture(scope="module")

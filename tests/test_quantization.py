@@ -3,7 +3,6 @@ a real server process serves it; combinations that cannot work are refused at st
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from service.model.prepare import load_for_serving
 from service.model.preprocessing import Preprocessor
 from service.model.quantization import cpu_has_int8_dot_product, int8_engine, is_int8
 from service.settings import Settings
-from tests.serving import DEMO_MODEL, ServerProcess, run_server, wait_ready
+from tests.serving import DEMO_KEY, DEMO_KEYED, DEMO_MODEL, ServerProcess, SharedServers, run_server
 
 SAMPLES = sorted((DEMO_MODEL / "samples").glob("*.png"))
 MAX_PIXELS = Settings.model_fields["max_image_pixels"].default
@@ -89,31 +88,32 @@ def test_int8_dot_product_detection_reads_the_cpu_flags() -> None:
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
-    """One float32 and one int8 server on the demo model, started together."""
-    tmp = tmp_path_factory.mktemp("servers")
-    with contextlib.ExitStack() as stack:
-        started = {
-            quantize: stack.enter_context(
-                run_server(DEMO_MODEL.parent, tmp, args=["--quantize", quantize, "--dtype", "float32"], wait=False)
-            )
-            for quantize in ("none", "int8")
-        }
-        for server in started.values():
-            wait_ready(server.url, server.process, timeout=120)
-        yield started
+def by_quantize(
+    tmp_path_factory: pytest.TempPathFactory, servers: SharedServers
+) -> Iterator[dict[str, tuple[ServerProcess, dict[str, str]]]]:
+    """A float32 server on the demo model (the shared ``DEMO_KEYED``, with its key) and an int8 one of this
+    module's own, each with the headers its requests carry."""
+    args = ["--quantize", "int8", "--dtype", "float32"]
+    with run_server(DEMO_MODEL.parent, tmp_path_factory.mktemp("int8"), args=args) as int8:
+        none = servers.get(DEMO_MODEL.parent, DEMO_KEYED)
+        yield {"none": (none, {"X-API-Key": DEMO_KEY}), "int8": (int8, {})}
 
 
-def test_an_int8_server_answers_top1_like_float32_on_the_demo_samples(servers: dict[str, ServerProcess]) -> None:
+def test_an_int8_server_answers_top1_like_float32_on_the_demo_samples(
+    by_quantize: dict[str, tuple[ServerProcess, dict[str, str]]],
+) -> None:
     files = [("file", (p.name, p.read_bytes(), "image/png")) for p in SAMPLES]
     answers = {}
-    for quantize, server in servers.items():
-        response = httpx.post(f"{server.url}/classify", files=files, timeout=60)
+    for quantize, (server, headers) in by_quantize.items():
+        response = httpx.post(f"{server.url}/classify", files=files, headers=headers, timeout=60)
         assert response.status_code == 200, response.text
         answers[quantize] = [r["predictions"][0]["label"] for r in response.json()["results"]]
     assert answers["int8"] == answers["none"]
     assert answers["int8"] == [p.name[0] for p in SAMPLES]
-    models = {q: httpx.get(f"{server.url}/v1/models").json()["models"] for q, server in servers.items()}
+    models = {
+        q: httpx.get(f"{server.url}/v1/models", headers=headers).json()["models"]
+        for q, (server, headers) in by_quantize.items()
+    }
     assert [m["dtype"] for m in models["int8"]] == ["float32"]
     assert models["int8"][0]["parameters"] == models["none"][0]["parameters"] > 100_000
-    assert "Traceback" not in servers["int8"].log()
+    assert "Traceback" not in by_quantize["int8"][0].log()

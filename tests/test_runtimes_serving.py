@@ -1,13 +1,13 @@
 """Every runtime on a real server process answers as torch does: /classify, /embed, the Open Inference Protocol
 and the Hugging Face API within float32 1e-4 of a torch server on the same checkpoint, under concurrent requests;
 the runtime is reported in /v1/models, V2 metadata and config, and a metric label; the non-finite guard answers
-500 on any runtime; and unloading a model served by a runtime gives its memory back."""
+500 on any runtime; and unloading a model served by a runtime gives its memory back. One server per runtime, warm-up
+off, on a store holding ``tiny`` and a ``broken`` model whose scores are not finite."""
 
 from __future__ import annotations
 
 import base64
 import shutil
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -16,14 +16,15 @@ import httpx
 import pytest
 
 from tests.serving import (
+    KEYED_AUTH,
     Scrape,
     ServerProcess,
     SharedServers,
     image_bytes,
+    keyed_server,
     multipart,
     noise_image_bytes,
     overflowing_head,
-    run_server,
     settled_rss,
     wait_until,
     write_big_model,
@@ -36,8 +37,11 @@ IMAGES = [noise_image_bytes(seed) for seed in range(6)]
 
 
 def _env(runtime: str, cache: Path) -> dict[str, str]:
+    """Warm-up off: it would refuse ``broken`` (its scores are not finite) before the guard could answer for it;
+    ``tiny`` the default, as on the reference (the first in the store would be ``broken``)."""
     return {"DEIT_DEVICE": "cpu", "DEIT_DTYPE": "float32", "DEIT_TORCH_THREADS": "1", "DEIT_MAX_BATCH_SIZE": "8",
-            "DEIT_RUNTIME": runtime, "DEIT_RUNTIME_CACHE": str(cache)}  # fmt: skip
+            "DEIT_RUNTIME": runtime, "DEIT_RUNTIME_CACHE": str(cache), "DEIT_WARMUP": "false",
+            "DEIT_DEFAULT_MODEL": "tiny"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -47,25 +51,46 @@ def runtime_cache(servers: SharedServers) -> Path:
     return servers.workdir / "runtime-cache"
 
 
+@pytest.fixture(scope="module")
+def runtime_store(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The suite's ``tiny`` and ``broken`` (the same with logits that overflow), into which the memory check puts a
+    big model once the servers run."""
+    store = tmp_path_factory.mktemp("runtime-store")
+    shutil.copytree(tiny_store / "tiny", store / "tiny")
+    overflowing_head(shutil.copytree(tiny_store / "tiny", store / "broken"))
+    return store
+
+
 @pytest.fixture
-def runtime_servers(servers: SharedServers, tiny_store: Path, runtime_cache: Path) -> dict[str, ServerProcess]:
-    """One server per runtime (torch the reference) on the suite's tiny store, from the shared servers: these checks
-    neither change the store nor stop a server."""
+def runtime_servers(
+    servers: SharedServers, tiny_store: Path, runtime_store: Path, runtime_cache: Path
+) -> dict[str, ServerProcess]:
+    """One server per runtime on ``runtime_store``, and the reference: torch on the same ``tiny`` checkpoint in
+    float32 (the shared ``KEYED`` server, whose key ``_auth`` sends)."""
     return {
-        runtime: servers.get(tiny_store, _env(runtime, runtime_cache), ready_timeout=READY_S)
-        for runtime in ("torch", *RUNTIMES)
+        "torch": keyed_server(servers, tiny_store),
+        **{
+            runtime: servers.get(runtime_store, _env(runtime, runtime_cache), ready_timeout=READY_S)
+            for runtime in RUNTIMES
+        },
     }
+
+
+def _auth(server: ServerProcess) -> dict[str, str]:
+    return KEYED_AUTH if "DEIT_API_KEYS" in server.env else {}
 
 
 def _scores(server: ServerProcess, images: list[bytes], model: str = "tiny") -> list[list[float]]:
     params: dict[str, Any] = {"top_k": 10, "model": model}
-    r = httpx.post(f"{server.url}/classify", params=params, files=multipart(images), timeout=60)
+    files = multipart(images)
+    r = httpx.post(f"{server.url}/classify", params=params, files=files, headers=_auth(server), timeout=60)
     assert r.status_code == 200, r.text
     return [[p["score"] for p in sorted(res["predictions"], key=lambda p: p["index"])] for res in r.json()["results"]]
 
 
 def _embed(server: ServerProcess, images: list[bytes], pooling: str) -> list[list[float]]:
-    r = httpx.post(f"{server.url}/embed", params={"pooling": pooling}, files=multipart(images), timeout=60)
+    params = {"pooling": pooling}
+    r = httpx.post(f"{server.url}/embed", params=params, files=multipart(images), headers=_auth(server), timeout=60)
     assert r.status_code == 200, r.text
     return [res["embedding"] for res in r.json()["results"]]
 
@@ -76,13 +101,14 @@ def _v2(server: ServerProcess, images: list[bytes]) -> dict[str, list[float]]:
                     "data": [base64.b64encode(i).decode() for i in images]}],
         "outputs": [{"name": "probabilities"}, {"name": "logits"}, {"name": "embedding"}],
     }  # fmt: skip
-    r = httpx.post(f"{server.url}/v2/models/tiny/infer", json=body, timeout=60)
+    r = httpx.post(f"{server.url}/v2/models/tiny/infer", json=body, headers=_auth(server), timeout=60)
     assert r.status_code == 200, r.text
     return {out["name"]: out["data"] for out in r.json()["outputs"]}
 
 
 def _hf(server: ServerProcess, image: bytes) -> dict[str, float]:
-    r = httpx.post(f"{server.url}/models/tiny", content=image, headers={"Content-Type": "image/png"}, timeout=60)
+    headers = {"Content-Type": "image/png", **_auth(server)}
+    r = httpx.post(f"{server.url}/models/tiny", content=image, headers=headers, timeout=60)
     assert r.status_code == 200, r.text
     return {p["label"]: p["score"] for p in r.json()}
 
@@ -134,7 +160,7 @@ def test_the_runtime_is_reported_in_models_metadata_config_and_metrics(
     runtime: str, runtime_servers: dict[str, ServerProcess]
 ) -> None:
     server = runtime_servers[runtime]
-    (info,) = httpx.get(f"{server.url}/v1/models", timeout=10).json()["models"]
+    info = {m["name"]: m for m in httpx.get(f"{server.url}/v1/models", timeout=10).json()["models"]}["tiny"]
     assert info["runtime"]["name"] == runtime
     assert info["runtime"]["precision"] == "float32"
     assert info["runtime"]["reason"].startswith(f"--runtime {runtime}; agrees with torch float32 on the probes")
@@ -148,46 +174,45 @@ def test_the_runtime_is_reported_in_models_metadata_config_and_metrics(
     scrape = Scrape.parse(httpx.get(f"{server.url}/metrics", timeout=10).text)
     assert scrape.value("deit_model_info", model="tiny", runtime=runtime, precision="float32") == 1
     assert not scrape.has_sample("deit_model_info", runtime="torch")
-    loaded = [r for r in server.log_records() if r.get("message") == "model loaded"]
+    loaded = [r for r in server.log_records() if r.get("message") == "model loaded" and r.get("model") == "tiny"]
     assert [r["runtime"] for r in loaded] == [f"{runtime} float32"]
-    torch_config = httpx.get(f"{runtime_servers['torch'].url}/v2/models/tiny/config", timeout=10).json()
+    reference = runtime_servers["torch"]
+    torch_config = httpx.get(f"{reference.url}/v2/models/tiny/config", headers=_auth(reference), timeout=10).json()
     assert torch_config["backend"] == "pytorch"
 
 
-@pytest.fixture(scope="module", params=RUNTIMES)
-def unwarmed(
-    request: pytest.FixtureRequest, tiny_store: Path, runtime_cache: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerProcess]:
-    """A server per runtime without warm-up, its store holding ``tiny`` and ``broken`` (logits that overflow), into
-    which the memory check puts a big model."""
-    root = tmp_path_factory.mktemp(f"unwarmed-{request.param}")
-    shutil.copytree(tiny_store / "tiny", root / "store" / "tiny")
-    overflowing_head(shutil.copytree(tiny_store / "tiny", root / "store" / "broken"))
-    env = {**_env(request.param, runtime_cache), "DEIT_WARMUP": "false"}
-    with run_server(root / "store", root, env=env, ready_timeout=READY_S) as server:
-        yield server
+def _nonfinite(server: ServerProcess) -> float:
+    return Scrape.parse(httpx.get(f"{server.url}/metrics", timeout=10).text).value(
+        "deit_nonfinite_outputs_total", model="broken"
+    )
 
 
-def test_non_finite_scores_are_a_json_500_on_every_runtime(unwarmed: ServerProcess) -> None:
-    runtime = unwarmed.env["DEIT_RUNTIME"]
-    response = httpx.post(f"{unwarmed.url}/classify?model=broken", files=multipart([image_bytes()]), timeout=60)
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_non_finite_scores_are_a_json_500_on_every_runtime(
+    runtime: str, runtime_servers: dict[str, ServerProcess]
+) -> None:
+    server = runtime_servers[runtime]
+    before = _nonfinite(server)
+    response = httpx.post(f"{server.url}/classify?model=broken", files=multipart([image_bytes()]), timeout=60)
     assert response.status_code == 500, response.text
     assert response.json()["error"]["code"] == "inference_failed"
-    info = httpx.get(f"{unwarmed.url}/v1/models/broken", timeout=10).json()
+    info = httpx.get(f"{server.url}/v1/models/broken", timeout=10).json()
     assert info["runtime"]["name"] == runtime
     assert "not compared with torch" in info["runtime"]["reason"]
-    scrape = Scrape.parse(httpx.get(f"{unwarmed.url}/metrics", timeout=10).text)
-    assert scrape.value("deit_nonfinite_outputs_total", model="broken") == 1
+    assert _nonfinite(server) == before + 1
 
 
-def test_unloading_a_runtime_model_gives_its_memory_back(unwarmed: ServerProcess, tmp_path: Path) -> None:
-    server, runtime = unwarmed, unwarmed.env["DEIT_RUNTIME"]
-    store = Path(server.env["DEIT_MODEL_STORE"])
-    staged = write_big_model(tmp_path / "big")
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_unloading_a_runtime_model_gives_its_memory_back(
+    runtime: str, runtime_servers: dict[str, ServerProcess], runtime_store: Path, tmp_path: Path
+) -> None:
+    server = runtime_servers[runtime]
     pid = server.process.pid
+    unloads = _unloads(server)
     for _ in range(3):
         _scores(server, IMAGES[:1], model="tiny")
-    shutil.copytree(staged, store / "big")
+    if not (runtime_store / "big").exists():  # the first runtime's check puts it there, after every server started
+        shutil.copytree(write_big_model(tmp_path / "big"), runtime_store / "big")
     reads, before, loaded = [], 0, 0
     for attempt in (1, 2):  # the first load exports big, the second reads the exported artefact from the cache
         if attempt == 2:
@@ -200,7 +225,7 @@ def test_unloading_a_runtime_model_gives_its_memory_back(unwarmed: ServerProcess
             _scores(server, IMAGES[:2], model="big")
         loaded = settled_rss(pid)
         assert _repository(server, "big", "unload").status_code == 200
-        wait_until(lambda n=attempt: _unloads(server) == n, what=f"unload {attempt}")  # type: ignore[misc]
+        wait_until(lambda n=unloads + attempt: _unloads(server) == n, what=f"unload {attempt}")  # type: ignore[misc]
     after = settled_rss(pid)
     assert reads[1] == reads[0] + 1, "the second load of big reads the cache"
     grown = loaded - before

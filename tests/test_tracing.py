@@ -25,7 +25,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from harness.launcher import free_port
-from tests.serving import ServerProcess, SharedServers, image_bytes, wait_until
+from tests.serving import ServerProcess, image_bytes, run_server, wait_until
 
 SERVER_SPAN = Span.SpanKind.SPAN_KIND_SERVER
 
@@ -78,12 +78,15 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture(scope="module")
-def traced(tiny_store: Path, receiver: Receiver, servers: SharedServers) -> ServerProcess:
+def traced(tiny_store: Path, receiver: Receiver, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """This module's own server (no other test exports to its receiver), stopped with the module so that it holds
+    no place among the shared servers."""
     env = {
         "DEIT_DEVICE": "cpu", "DEIT_OTLP_ENDPOINT": receiver.url, "DEIT_GRPC_PORT": str(free_port()),
         "OTEL_BSP_SCHEDULE_DELAY": "50",  # export every 50 ms, not 5 s
     }  # fmt: skip
-    return servers.get(tiny_store, env)
+    with run_server(tiny_store, tmp_path_factory.mktemp("traced"), env=env) as server:
+        yield server
 
 
 def client_context() -> tuple[str, str, str]:
@@ -164,7 +167,7 @@ def test_grpc_call_spans_are_children_of_the_clients(traced: ServerProcess, rece
     assert spans["decode"].parent_span_id == spans["queue"].parent_span_id == spans[name].span_id
 
 
-def test_otlp_over_grpc_when_the_otel_protocol_says_so(tiny_store: Path, servers: SharedServers) -> None:
+def test_otlp_over_grpc_when_the_otel_protocol_says_so(tiny_store: Path, tmp_path: Path) -> None:
     """``OTEL_EXPORTER_OTLP_PROTOCOL=grpc``: the same spans reach a collector's gRPC TraceService."""
     from concurrent import futures
 
@@ -186,15 +189,15 @@ def test_otlp_over_grpc_when_the_otel_protocol_says_so(tiny_store: Path, servers
         "OTEL_BSP_SCHEDULE_DELAY": "50",
     }  # fmt: skip
     try:
-        server = servers.get(tiny_store, env)
-        trace_id, client_span, traceparent = client_context()
-        files = [("file", ("a.png", image_bytes(), "image/png"))]
-        headers = {"traceparent": traceparent}
-        assert httpx.post(f"{server.url}/embed", files=files, headers=headers, timeout=30).status_code == 200
-        wait_until(
-            lambda: {"POST /embed", "forward"} <= {s.name for s in received if s.trace_id.hex() == trace_id},
-            timeout=30, what="spans over OTLP/gRPC",
-        )  # fmt: skip
+        with run_server(tiny_store, tmp_path, env=env) as server:  # its own: it exports to this test's collector
+            trace_id, client_span, traceparent = client_context()
+            files = [("file", ("a.png", image_bytes(), "image/png"))]
+            headers = {"traceparent": traceparent}
+            assert httpx.post(f"{server.url}/embed", files=files, headers=headers, timeout=30).status_code == 200
+            wait_until(
+                lambda: {"POST /embed", "forward"} <= {s.name for s in received if s.trace_id.hex() == trace_id},
+                timeout=30, what="spans over OTLP/gRPC",
+            )  # fmt: skip
     finally:
         collector.stop(grace=None)
     (request,) = [s for s in received if s.name == "POST /embed"]

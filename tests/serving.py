@@ -99,7 +99,8 @@ class SharedServers:
     """Servers shared by every test that asks for the same store, settings and arguments (the suite's
     ``servers`` fixture): a test that neither mutates its store nor stops its server takes one from here instead of
     starting its own. At most ``keep`` stay running (enough for every profile of the suite, so that none is started
-    twice in one run; an idle tiny-model server holds a few hundred MB); the least recently asked for is stopped first."""
+    twice in one run; an idle tiny-model server holds a few hundred MB); the least recently asked for is stopped
+    first."""
 
     def __init__(self, workdir: Path, keep: int = 10) -> None:
         self.workdir = workdir

@@ -2,7 +2,8 @@
 with agreement and held-out accuracy, and (``--profile``) where the time of our torch forward goes, per op.
 
 Each contestant is what the service serves for ``--runtime X --dtype/--quantize Y`` (built by the same code:
-``service.engine.runtimes``), fed the same stacked batch; bf16 only where the CPU has it natively. Timed in rounds
+``service.engine.runtimes``), fed the same stacked batch; bf16 only where the CPU has it natively; int8 is each
+runtime's own (torch and ONNX Runtime dynamic quantization, OpenVINO NNCF int8 weight compression). Timed in rounds
 whose order rotates; the ratio is the median per-round ratio of torch float32's time to its time. Agreement: top-1
 equal / max |Δp| against torch float32 on the six photos and random inputs of the peaked random models; accuracy:
 the held-out split of the embedded trained digits model.
@@ -43,7 +44,8 @@ from service.model.quantization import cpu_has_int8_dot_product
 def contestant_names() -> list[str]:
     bf16 = cpu_supports_bf16()
     names = ["torch float32", "torch int8", *(["torch bfloat16"] if bf16 else [])]
-    names += ["openvino float32", *(["openvino bfloat16"] if bf16 else []), "onnxruntime float32", "onnxruntime int8"]
+    names += ["openvino float32", *(["openvino bfloat16"] if bf16 else []), "openvino int8"]
+    names += ["onnxruntime float32", "onnxruntime int8"]
     return names
 
 

@@ -4,16 +4,21 @@ serves an agreeing runtime and says why; a runtime that cannot export is skipped
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
 from pathlib import Path
 
+import openvino as ov
 import pytest
 import torch
 
-from service.engine.runner import Outputs, checkpoint_forward
+from harness.inputs import training_script
+from service.engine.runner import Forward, Outputs, checkpoint_forward
 from service.engine.runtimes import AUTO, ONNXRUNTIME, OPENVINO, TORCH, Runtime, RuntimeOptions
+from service.engine.runtimes import openvino as ov_runtime
 from service.engine.runtimes.cache import MANIFEST
-from service.engine.runtimes.selection import prepare_runtime
+from service.engine.runtimes.selection import PROBABILITY_TOLERANCE, prepare_runtime
 from service.errors import CheckpointError
 from service.model.checkpoints import LoadedCheckpoint, cpu_supports_bf16
 from service.model.prepare import load_for_serving
@@ -182,20 +187,17 @@ def test_onnxruntime_int8_quantizes_its_own_export_and_agrees_on_top1(
     assert torch.equal(got["logits"].argmax(-1), want["logits"].argmax(-1))
 
 
-def test_auto_with_int8_measures_torch_and_onnxruntime_int8_only(
+def test_auto_with_int8_measures_every_runtimes_int8(
     distilled_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="deit_serve.runtimes")
     served = _prepare(_load(distilled_dir), AUTO, tmp_path / "cache", dtype="auto", quantize="int8")
     assert served.info.precision == "int8"
     skipped = {getattr(r, "runtime", ""): r.message for r in caplog.records if r.message.startswith("runtime skipped")}
-    assert (
-        skipped.pop(OPENVINO)
-        == "runtime skipped: --quantize int8 is served by torch or onnxruntime; not by openvino yet"
-    )
     # Each int8 candidate was measured, or (int8 kernels differ by CPU) skipped for disagreeing, with its reason.
-    for label in ("torch int8", "onnxruntime int8"):
+    for label in ("torch int8", "openvino int8", "onnxruntime int8"):
         assert f"{label} " in served.info.reason or label in skipped
+    assert set(skipped) <= {"torch int8", "openvino int8", "onnxruntime int8"}  # none unavailable
 
 
 def test_openvino_serves_bfloat16_only_where_the_cpu_has_it_natively(distilled_dir: Path, tmp_path: Path) -> None:
@@ -206,3 +208,99 @@ def test_openvino_serves_bfloat16_only_where_the_cpu_has_it_natively(distilled_d
         return
     served = _prepare(_load(distilled_dir), OPENVINO, tmp_path / "cache", dtype="bfloat16")
     assert (served.info.name, served.info.precision) == (OPENVINO, "bfloat16")
+
+
+# --- int8 of the exported runtimes (OpenVINO: NNCF weight compression) on the trained model's held-out digits ---
+
+DIGITS = Path(__file__).resolve().parent.parent / "service" / "data" / "model_store" / "deit-tiny-digits"
+ACCURACY_POINTS = 0.5  # held-out accuracy of every runtime and precision served, within this of float32's
+INT8_AGREEMENT = 0.98  # held-out digits whose top-1 is float32 torch's: int8 may flip close calls, not many
+
+
+@functools.cache
+def _held_out() -> tuple[torch.Tensor, torch.Tensor]:
+    train = training_script()
+    return train.held_out_inputs(train.held_out_split(), Preprocessor(_load(DIGITS).preprocess))
+
+
+def _logits(forward: Forward, inputs: torch.Tensor) -> torch.Tensor:
+    return torch.cat([forward(list(inputs[i : i + 64]))["logits"] for i in range(0, len(inputs), 64)])
+
+
+@pytest.mark.parametrize("runtime", EXPORTED)
+def test_int8_answers_the_held_out_digits_like_float32(runtime: str, tmp_path: Path) -> None:
+    """Each runtime's own int8 (NNCF's int8 weight compression for OpenVINO, dynamic quantization for ONNX
+    Runtime), held to the same bar: held-out accuracy within 0.5 points of float32 torch's, and top-1 equal to it
+    on all but a few close calls, and every probability within int8's tolerance of the runtime choice (5e-2)."""
+    inputs, labels = _held_out()
+    want = _logits(checkpoint_forward(_load(DIGITS)), inputs)
+    served = _prepare(_load(DIGITS), runtime, tmp_path / "cache", quantize="int8")
+    assert (served.info.name, served.info.precision) == (runtime, "int8")
+    assert "agrees with torch float32 on the probes (top-1 equal" in served.info.reason
+    got = _logits(served.forward, inputs)
+    accuracy = {
+        name: 100 * float((x.argmax(-1) == labels).float().mean()) for name, x in (("fp32", want), ("int8", got))
+    }
+    agreement = float((got.argmax(-1) == want.argmax(-1)).float().mean())
+    gap = float((got.softmax(-1) - want.softmax(-1)).abs().max())
+    print(f"{runtime} int8 on {len(labels)} held-out digits: accuracy {accuracy}, top-1 agreement {agreement:.3f}, "
+          f"max |Δp| {gap:.2e}")  # fmt: skip
+    assert abs(accuracy["int8"] - accuracy["fp32"]) <= ACCURACY_POINTS, accuracy
+    assert agreement >= INT8_AGREEMENT, agreement
+    assert 1e-4 < gap <= PROBABILITY_TOLERANCE["int8"]  # quantized (not the float32 model again), and close
+
+
+def test_openvino_int8_is_nncf_compressed_ir_cached_apart_from_float32_and_not_compressed_twice(
+    distilled_dir: Path,
+    pixel_values: torch.Tensor,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cache = tmp_path / "cache"
+    compressed: list[object] = []
+    compress = ov_runtime.compress_weights
+
+    def counting(converted: object) -> object:
+        compressed.append(converted)
+        return compress(converted)
+
+    monkeypatch.setattr(ov_runtime, "compress_weights", counting)
+    caplog.set_level(logging.INFO, logger="deit_serve.runtimes")
+    first = _prepare(_load(distilled_dir), OPENVINO, cache, quantize="int8")
+    assert len(compressed) == 1
+    (entry,) = [p for p in cache.iterdir() if (p / MANIFEST).is_file()]
+    assert sorted(p.name for p in entry.iterdir()) == [MANIFEST, "model.int8.bin", "model.int8.xml"]
+    ir = ov.Core().read_model(entry / "model.int8.xml")
+    weights = [op for op in ir.get_ops() if op.get_type_name() == "Constant" and len(op.get_output_shape(0)) == 2]
+    int8 = [op for op in weights if op.get_output_element_type(0) in (ov.Type.u8, ov.Type.i8)]
+    assert (
+        len(int8) >= 4 * _load(distilled_dir).config.num_hidden_layers
+    )  # q/k/v (or fused), output, and both MLP Linears per block
+
+    caplog.clear()
+    again = _prepare(_load(distilled_dir), OPENVINO, cache, quantize="int8")
+    assert len(compressed) == 1  # read from the cache, not compressed again
+    messages = [r.message for r in caplog.records]
+    assert "runtime artefact read from the cache" in messages
+    assert "runtime artefact exported to the cache" not in messages
+    assert torch.equal(again.forward(list(pixel_values))["logits"], first.forward(list(pixel_values))["logits"])
+
+    _prepare(_load(distilled_dir), OPENVINO, cache)  # float32: its own entry, beside int8's
+    entries = sorted(sorted(p.name for p in e.iterdir()) for e in cache.iterdir() if (e / MANIFEST).is_file())
+    assert entries == [[MANIFEST, "model.bin", "model.xml"], [MANIFEST, "model.int8.bin", "model.int8.xml"]]
+    assert len(compressed) == 1
+
+
+def test_openvino_int8_without_nncf_is_unavailable_by_name(
+    distilled_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setitem(sys.modules, "nncf", None)  # `import nncf` raises ImportError, as when it is not installed
+    with pytest.raises(CheckpointError, match=r"--runtime openvino: openvino int8 needs nncf.*deit-serve\[openvino\]"):
+        _prepare(_load(distilled_dir), OPENVINO, tmp_path / "cache", quantize="int8")
+    caplog.set_level(logging.WARNING, logger="deit_serve.runtimes")
+    served = _prepare(_load(distilled_dir), AUTO, tmp_path / "cache", dtype="auto", quantize="int8")
+    assert served.info.precision == "int8"
+    (skipped,) = [r for r in caplog.records if getattr(r, "runtime", None) == OPENVINO]
+    assert skipped.message.startswith("runtime skipped: openvino int8 needs nncf")
+    assert "openvino int8" not in served.info.reason

@@ -83,8 +83,6 @@ def precisions(runtime: str, options: RuntimeOptions) -> list[str]:
     """The precisions ``runtime`` serves for ``--dtype``/``--quantize`` on this CPU (auto: float32, and bf16 where
     the CPU has it natively); raises RuntimeUnavailable when it serves none of them."""
     if options.quantize == INT8:
-        if runtime == OPENVINO:
-            raise RuntimeUnavailable("--quantize int8 is served by torch or onnxruntime; not by openvino yet")
         return [INT8]
     if options.dtype == "auto":
         native = BFLOAT16 if cpu_supports_bf16() else FLOAT32

@@ -50,7 +50,7 @@ def nncf_version() -> str:
         import nncf
     except ImportError as e:
         raise RuntimeUnavailable(
-            f"openvino int8 needs nncf, which does not import ({e}): pip install 'deit-serve[openvino]'"
+            f"openvino int8 needs nncf, which does not import ({e}): pip install 'deit-serve[openvino-int8]'"
         ) from None
     return str(nncf.__version__)
 

@@ -296,7 +296,9 @@ def test_openvino_int8_without_nncf_is_unavailable_by_name(
     distilled_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setitem(sys.modules, "nncf", None)  # `import nncf` raises ImportError, as when it is not installed
-    with pytest.raises(CheckpointError, match=r"--runtime openvino: openvino int8 needs nncf.*deit-serve\[openvino-int8\]"):
+    with pytest.raises(
+        CheckpointError, match=r"--runtime openvino: openvino int8 needs nncf.*deit-serve\[openvino-int8\]"
+    ):
         _prepare(_load(distilled_dir), OPENVINO, tmp_path / "cache", quantize="int8")
     caplog.set_level(logging.WARNING, logger="deit_serve.runtimes")
     served = _prepare(_load(distilled_dir), AUTO, tmp_path / "cache", dtype="auto", quantize="int8")

@@ -631,36 +631,35 @@ def start_grpc_call(client: Any, model: str, images: Sequence[bytes], **options:
     return done
 
 
-_SLOW_SHARED: dict[str, str] = {}
+# The slow model with room for large requests, shared by every test that needs it busy for a while (a large request
+# holding it) and does not stop it: test_hardening_failures (clients that leave), test_protocol_metrics (three front
+# doors in one forward pass), test_protocol_v2 (a full queue), test_grpc (deadline, cancellation, full queue),
+# test_hardening_overload (a full queue, an invalid X-Request-Timeout) and test_hardening_lifecycle (body deadlines,
+# the upload budget and decoding, which need no particular model). Start it with ``slow_shared()``: that adds the
+# gRPC port.
+SLOW_SHARED = {
+    # Float32 on one thread, one forward pass at a time: tens of ms per image on any CPU (bf16 is fast on some).
+    "DEIT_DEVICE": "cpu",
+    "DEIT_DTYPE": "float32",
+    "DEIT_TORCH_THREADS": "1",
+    "DEIT_FORWARD_WORKERS": "1",
+    "DEIT_MAX_BATCH_SIZE": "16",  # test_protocol_metrics counts passes of this size
+    "DEIT_MAX_QUEUE_SIZE": "128",  # one request of the most files fills the queue
+    "DEIT_MAX_FILES": "128",
+    # test_hardening_lifecycle's bounds: uploads of up to 3 MiB, 8 MiB of them in flight at once, two decoding threads.
+    "DEIT_MAX_UPLOAD_BYTES": str(3 * 2**20),
+    "DEIT_MAX_INFLIGHT_UPLOAD_BYTES": str(8 * 2**20),
+    "DEIT_PREPROCESS_THREADS": "2",
+}
+_slow_grpc_port: list[int] = []
 
 
 def slow_shared() -> dict[str, str]:
-    """The settings of the one ``slow_store`` server shared by every test that needs the slow model busy for a while
-    (a large request holding it) and does not stop it: test_hardening_failures (clients that leave),
-    test_protocol_metrics (three front doors in one forward pass), test_protocol_v2 (a full queue), test_grpc
-    (deadline, cancellation, full queue) and test_hardening_lifecycle (body deadlines, the upload budget and decoding,
-    which need no particular model). Its gRPC port is chosen on the first call, so every later call gives the same
-    settings, and so the same server."""
-    if not _SLOW_SHARED:
-        _SLOW_SHARED.update(
-            {
-                # Float32 on one thread, one forward pass at a time: tens of ms per image on any CPU (bf16 would be
-                # fast on some).
-                "DEIT_DEVICE": "cpu",
-                "DEIT_DTYPE": "float32",
-                "DEIT_TORCH_THREADS": "1",
-                "DEIT_FORWARD_WORKERS": "1",
-                "DEIT_MAX_BATCH_SIZE": "16",  # test_protocol_metrics counts passes of this size
-                "DEIT_MAX_QUEUE_SIZE": "128",  # one request of the most files fills the queue
-                "DEIT_MAX_FILES": "128",
-                "DEIT_GRPC_PORT": str(free_port()),  # test_grpc's calls
-                # test_hardening_lifecycle's bounds: uploads of up to 3 MiB, 8 MiB of them in flight at once.
-                "DEIT_MAX_UPLOAD_BYTES": str(3 * 2**20),
-                "DEIT_MAX_INFLIGHT_UPLOAD_BYTES": str(8 * 2**20),
-                "DEIT_PREPROCESS_THREADS": "2",  # test_hardening_lifecycle: decoding takes turns between requests
-            }
-        )
-    return dict(_SLOW_SHARED)
+    """``SLOW_SHARED`` with gRPC on (test_grpc's calls), on a port chosen at the first call, just before the server
+    starts: every later call gives the same settings, and so the same server."""
+    if not _slow_grpc_port:
+        _slow_grpc_port.append(free_port())
+    return {**SLOW_SHARED, "DEIT_GRPC_PORT": str(_slow_grpc_port[0])}
 
 
 # The slow model at four times what it can take, shared by the overload tests (test_hardening_overload's sustained

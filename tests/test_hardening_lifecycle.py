@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from tests.serving import (
+    SLOW_SHARED,
     Scrape,
     ServerProcess,
     SharedServers,
@@ -29,8 +30,8 @@ from tests.serving import (
     wait_until,
 )
 
-MAX_UPLOAD = int(slow_shared()["DEIT_MAX_UPLOAD_BYTES"])  # 3 MiB
-BUDGET = int(slow_shared()["DEIT_MAX_INFLIGHT_UPLOAD_BYTES"])  # 8 MiB
+MAX_UPLOAD = int(SLOW_SHARED["DEIT_MAX_UPLOAD_BYTES"])  # 3 MiB
+BUDGET = int(SLOW_SHARED["DEIT_MAX_INFLIGHT_UPLOAD_BYTES"])  # 8 MiB
 MODEL = "slow"
 
 

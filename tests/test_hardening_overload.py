@@ -21,6 +21,7 @@ import pytest
 from harness.load import run_load, sample_images
 from tests.serving import (
     OVERLOAD,
+    SLOW_SHARED,
     Scrape,
     ServerProcess,
     SharedServers,
@@ -133,7 +134,7 @@ def test_sustained_overload_keeps_memory_flat_and_accepted_latency(slow_store: P
 def test_a_full_queue_is_refused_at_once_with_retry_after(busy: ServerProcess) -> None:
     server = busy
     before = scrape(server)
-    images = sample_images(int(slow_shared()["DEIT_MAX_QUEUE_SIZE"]))
+    images = sample_images(int(SLOW_SHARED["DEIT_MAX_QUEUE_SIZE"]))
     with ThreadPoolExecutor(1) as pool:
         blocker = pool.submit(post, server, images, "5")  # seconds of work: ended by its deadline, at most
         wait_for_metric(server, "deit_queue_depth", 1)

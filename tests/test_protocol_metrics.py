@@ -15,9 +15,9 @@ import tritonclient.http as triton
 from huggingface_hub import InferenceClient
 from PIL import Image
 
-from tests.serving import Scrape, ServerProcess, SharedServers, slow_shared, wait_until
+from tests.serving import SLOW_SHARED, Scrape, ServerProcess, SharedServers, slow_shared, wait_until
 
-MAX_BATCH = int(slow_shared()["DEIT_MAX_BATCH_SIZE"])  # 16
+MAX_BATCH = int(SLOW_SHARED["DEIT_MAX_BATCH_SIZE"])  # 16
 BLOCKER_IMAGES = 2 * MAX_BATCH  # two full forward passes of the slow model: the time the three others take to queue
 V2_INFER = "/v2/models/{model_name}/infer"
 

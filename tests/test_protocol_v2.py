@@ -20,6 +20,7 @@ from transformers import DeiTForImageClassificationWithTeacher
 from tritonclient.utils import InferenceServerException
 
 from tests.serving import (
+    SLOW_SHARED,
     SMALL_UPLOADS,
     Scrape,
     ServerProcess,
@@ -265,7 +266,7 @@ def test_full_queue_is_refused_with_retry_after(slow_store: Path, servers: Share
     """Both protocols are admitted by the model's queue like /classify: while one request's images fill it, another
     is answered 503 with Retry-After at once, in the protocol's error shape."""
     server = servers.get(slow_store, slow_shared())  # float32 passes, one at a time: the queue stays full for seconds
-    queue = int(slow_shared()["DEIT_MAX_QUEUE_SIZE"])
+    queue = int(SLOW_SHARED["DEIT_MAX_QUEUE_SIZE"])
     wait_until(lambda: _queued(server) == 0, timeout=60, what="an empty queue")
     images = [jpeg(seed, (96, 96)) for seed in range(queue)]
     tensor = {"name": "image", "datatype": "BYTES", "shape": [queue], "parameters": {"binary_data_size": 0}}

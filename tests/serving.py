@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -579,3 +580,94 @@ def zoo_server(servers: SharedServers) -> ServerProcess:
 # quantization tests' float32 reference (an int8 server must answer its samples as it does).
 DEMO_KEY = "page-test-key"
 DEMO_KEYED = {"DEIT_DEVICE": "cpu", "DEIT_DTYPE": "float32", "DEIT_API_KEYS": DEMO_KEY}
+
+
+# --- the engine's tests (slow model, overload, drain, model repository): shared settings and helpers -------------
+
+
+def assert_clean_log(server: ServerProcess, since: int = 0) -> None:
+    """No error-level line, traceback or unobserved asyncio future in the server's log from character ``since`` on
+    (``len(server.log())`` when a test starts, on a server that other tests use too)."""
+    from contextlib import suppress
+
+    httpx.get(f"{server.url}/healthz")  # a round trip: what the last request logged is written
+    text = server.log()[since:]
+    for marker in ("never retrieved", "was never awaited", "Traceback", "Exception in ASGI application"):
+        assert marker not in text, text[-3000:]
+    records = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            with suppress(ValueError):
+                records.append(json.loads(line))
+    # A load refused for its files is the operator's error line, expected where a test asks for one.
+    errors = [r for r in records if r.get("level") in ("error", "critical") and r.get("message") != "model load failed"]
+    assert not errors, errors
+
+
+def grpc_address(server: ServerProcess) -> str:
+    """Where a server started with ``DEIT_GRPC_PORT`` in its settings answers gRPC."""
+    return f"127.0.0.1:{server.env['DEIT_GRPC_PORT']}"
+
+
+def grpc_bytes_input(images: Sequence[bytes]) -> Any:
+    """The ``image`` input of an infer call by tritonclient.grpc: ``images`` as a ``[N, 1]`` BYTES tensor."""
+    import numpy as np
+    import tritonclient.grpc as triton
+
+    tensor = triton.InferInput("image", [len(images), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array(images, dtype=np.object_).reshape(-1, 1))
+    return tensor
+
+
+def start_grpc_call(client: Any, model: str, images: Sequence[bytes], **options: Any) -> Future[Any]:
+    """An infer call of tritonclient.grpc's ``client`` in flight; its future holds the result or the error, and its
+    ``call`` attribute the call (to cancel it)."""
+    done: Future[Any] = Future()
+
+    def callback(result: Any, error: Any) -> None:
+        done.set_exception(error) if error is not None else done.set_result(result)
+
+    done.call = client.async_infer(model, [grpc_bytes_input(images)], callback, **options)  # type: ignore[attr-defined]
+    return done
+
+
+# The slow model with room for large requests, shared by every test that needs it busy for a while (a large request
+# holding it) and does not stop it: test_hardening_failures (clients that leave), test_protocol_metrics (three front
+# doors in one forward pass), test_protocol_v2 (a full queue), test_grpc (deadline, cancellation, full queue),
+# test_hardening_overload (a full queue, an invalid X-Request-Timeout) and test_hardening_lifecycle (body deadlines,
+# the upload budget and decoding, which need no particular model). Start it with ``slow_shared()``: that adds the
+# gRPC port.
+SLOW_SHARED = {
+    # Float32 on one thread, one forward pass at a time: tens of ms per image on any CPU (bf16 is fast on some).
+    "DEIT_DEVICE": "cpu",
+    "DEIT_DTYPE": "float32",
+    "DEIT_TORCH_THREADS": "1",
+    "DEIT_FORWARD_WORKERS": "1",
+    "DEIT_MAX_BATCH_SIZE": "16",  # test_protocol_metrics counts passes of this size
+    "DEIT_MAX_QUEUE_SIZE": "128",  # one request of the most files fills the queue
+    "DEIT_MAX_FILES": "128",
+    # test_hardening_lifecycle's bounds: uploads of up to 3 MiB, 8 MiB of them in flight at once, two decoding threads.
+    "DEIT_MAX_UPLOAD_BYTES": str(3 * 2**20),
+    "DEIT_MAX_INFLIGHT_UPLOAD_BYTES": str(8 * 2**20),
+    "DEIT_PREPROCESS_THREADS": "2",
+}
+_slow_grpc_port: list[int] = []
+
+
+def slow_shared() -> dict[str, str]:
+    """``SLOW_SHARED`` with gRPC on (test_grpc's calls), on a port chosen at the first call, just before the server
+    starts: every later call gives the same settings, and so the same server."""
+    if not _slow_grpc_port:
+        _slow_grpc_port.append(free_port())
+    return {**SLOW_SHARED, "DEIT_GRPC_PORT": str(_slow_grpc_port[0])}
+
+
+# The slow model at four times what it can take, shared by the overload tests (test_hardening_overload's sustained
+# overload, test_load): a queue of 8 images in batches of 4 that 32 closed-loop clients keep full, and a default
+# deadline long enough that an accepted request waiting behind a full queue never reaches it.
+OVERLOAD = {
+    "DEIT_MAX_QUEUE_SIZE": "8",
+    "DEIT_MAX_BATCH_SIZE": "4",
+    "DEIT_TORCH_THREADS": "1",
+    "DEIT_REQUEST_TIMEOUT_S": "5",
+}

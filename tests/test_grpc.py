@@ -1,15 +1,14 @@
 """The Open Inference Protocol over gRPC on a real server process, spoken by Triton's own client and by a client
 generated from our .proto: the same answers as POST /classify, statistics, the model repository, API keys, bounds,
-and the request's deadline, cancellation, queue limit and drain carried over from the call."""
+and the request's deadline, cancellation and queue limit carried over from the call (the drain over gRPC is in
+test_hardening_drain, with the drain over HTTP: it ends its server)."""
 
 from __future__ import annotations
 
 import importlib
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from concurrent.futures import Future
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -27,9 +26,12 @@ from tests.serving import (
     ServerProcess,
     SharedServers,
     classify_probabilities,
+    grpc_address,
+    grpc_bytes_input,
     noise_image_bytes,
     preprocessed_pixels,
-    run_server,
+    slow_shared,
+    start_grpc_call,
     wait_until,
 )
 
@@ -46,10 +48,6 @@ def jpeg(seed: int, size: tuple[int, int] = (44, 38)) -> bytes:
 
 
 IMAGES = [jpeg(seed) for seed in (1, 2, 3)]
-
-
-def grpc_address(server: ServerProcess) -> str:
-    return f"127.0.0.1:{server.env['DEIT_GRPC_PORT']}"
 
 
 def scrape(server: ServerProcess) -> Scrape:
@@ -93,12 +91,6 @@ def pixels(tiny_store: Path) -> np.ndarray:
     return pixels
 
 
-def bytes_input(images: list[bytes]) -> triton.InferInput:
-    tensor = triton.InferInput("image", [len(images), 1], "BYTES")
-    tensor.set_data_from_numpy(np.array(images, dtype=np.object_).reshape(-1, 1))
-    return tensor
-
-
 def grpc_error(call: Any) -> InferenceServerException:
     with pytest.raises(InferenceServerException) as caught:
         call()
@@ -136,7 +128,7 @@ def test_binary_bytes_with_classification_and_embedding_equal_classify_and_embed
         triton.InferRequestedOutput("logits", class_count=3),
         triton.InferRequestedOutput("embedding"),
     ]
-    result = client.infer("tiny", [bytes_input(IMAGES)], outputs=outputs, request_id="req-7", headers=AUTH)
+    result = client.infer("tiny", [grpc_bytes_input(IMAGES)], outputs=outputs, request_id="req-7", headers=AUTH)
     assert result.get_response().id == "req-7"
     probs = result.as_numpy("probabilities")
     assert probs.dtype == np.float32
@@ -155,7 +147,7 @@ def test_statistics_over_grpc_and_rest_count_the_same_calls(
 ) -> None:
     before = client.get_inference_statistics("tiny", headers=AUTH, as_json=True)["model_stats"][0]
     for _ in range(2):
-        client.infer("tiny", [bytes_input(IMAGES[:2])], headers=AUTH)
+        client.infer("tiny", [grpc_bytes_input(IMAGES[:2])], headers=AUTH)
     grpc_stats = client.get_inference_statistics("tiny", headers=AUTH, as_json=True)["model_stats"][0]
     rest = httpx.get(f"{server.url}/v2/models/tiny/versions/1/stats", headers={"X-API-Key": KEY}, timeout=10).json()
     (rest_stats,) = rest["model_stats"]
@@ -191,21 +183,21 @@ def test_repository_unload_and_load(client: triton.InferenceServerClient) -> Non
     client.unload_model("tiny", headers=AUTH)
     try:
         assert grpc_error(lambda: client.is_model_ready("tiny", headers=AUTH)).status() == "StatusCode.NOT_FOUND"
-        gone = grpc_error(lambda: client.infer("tiny", [bytes_input(IMAGES[:1])], headers=AUTH))
+        gone = grpc_error(lambda: client.infer("tiny", [grpc_bytes_input(IMAGES[:1])], headers=AUTH))
         assert gone.status() == "StatusCode.NOT_FOUND"
     finally:
         client.load_model("tiny", headers=AUTH)
     assert client.is_model_ready("tiny", headers=AUTH)
-    assert client.infer("tiny", [bytes_input(IMAGES[:1])], headers=AUTH).as_numpy("probabilities").shape == (1, 10)
+    assert client.infer("tiny", [grpc_bytes_input(IMAGES[:1])], headers=AUTH).as_numpy("probabilities").shape == (1, 10)
 
 
 def test_api_keys_from_metadata(client: triton.InferenceServerClient) -> None:
     assert client.is_server_live()  # health and server metadata are open, as their REST routes
     for headers in (None, {"authorization": "Bearer wrong"}, {"x-api-key": "wrong"}):
-        error = grpc_error(lambda h=headers: client.infer("tiny", [bytes_input(IMAGES[:1])], headers=h))
+        error = grpc_error(lambda h=headers: client.infer("tiny", [grpc_bytes_input(IMAGES[:1])], headers=h))
         assert error.status() == "StatusCode.UNAUTHENTICATED", headers
         assert "API key" in (error.message() or "")
-    ok = client.infer("tiny", [bytes_input(IMAGES[:1])], headers={"x-api-key": KEY})
+    ok = client.infer("tiny", [grpc_bytes_input(IMAGES[:1])], headers={"x-api-key": KEY})
     assert ok.as_numpy("probabilities").shape == (1, NUM_LABELS)
 
 
@@ -215,15 +207,15 @@ def test_bad_input_and_bounds_are_clear_errors(client: triton.InferenceServerCli
     error = grpc_error(lambda: client.infer("tiny", [wrong], headers=AUTH))
     assert error.status() == "StatusCode.INVALID_ARGUMENT"
     assert "must be BYTES" in (error.message() or "")
-    broken = grpc_error(lambda: client.infer("tiny", [bytes_input([b"not an image"])], headers=AUTH))
+    broken = grpc_error(lambda: client.infer("tiny", [grpc_bytes_input([b"not an image"])], headers=AUTH))
     assert broken.status() == "StatusCode.INVALID_ARGUMENT"
-    too_many = grpc_error(lambda: client.infer("tiny", [bytes_input(IMAGES * 2)], headers=AUTH))
+    too_many = grpc_error(lambda: client.infer("tiny", [grpc_bytes_input(IMAGES * 2)], headers=AUTH))
     assert too_many.status() == "StatusCode.RESOURCE_EXHAUSTED"
     assert f"at most {MAX_FILES}" in (too_many.message() or "")
-    too_large = grpc_error(lambda: client.infer("tiny", [bytes_input([b"\xff" * (MAX_UPLOAD + 1)])], headers=AUTH))
+    too_large = grpc_error(lambda: client.infer("tiny", [grpc_bytes_input([b"\xff" * (MAX_UPLOAD + 1)])], headers=AUTH))
     assert too_large.status() == "StatusCode.RESOURCE_EXHAUSTED"  # refused by gRPC before it reaches us
     big_metadata = {**AUTH, "x-padding": "a" * 70_000}  # over --max-header-bytes (64 KiB)
-    refused = grpc_error(lambda: client.infer("tiny", [bytes_input(IMAGES[:1])], headers=big_metadata))
+    refused = grpc_error(lambda: client.infer("tiny", [grpc_bytes_input(IMAGES[:1])], headers=big_metadata))
     assert refused.status() == "StatusCode.RESOURCE_EXHAUSTED", refused
     assert client.is_server_live()
 
@@ -231,8 +223,8 @@ def test_bad_input_and_bounds_are_clear_errors(client: triton.InferenceServerCli
 def test_metrics_and_access_log_name_the_grpc_front_door(
     client: triton.InferenceServerClient, server: ServerProcess
 ) -> None:
-    client.infer("tiny", [bytes_input(IMAGES[:1])], headers={**AUTH, "x-request-id": "grpc-log-1"})
-    unknown = grpc_error(lambda: client.infer("nope", [bytes_input(IMAGES[:1])], headers=AUTH))
+    client.infer("tiny", [grpc_bytes_input(IMAGES[:1])], headers={**AUTH, "x-request-id": "grpc-log-1"})
+    unknown = grpc_error(lambda: client.infer("nope", [grpc_bytes_input(IMAGES[:1])], headers=AUTH))
     assert unknown.status() == "StatusCode.NOT_FOUND"
     endpoint = "/inference.GRPCInferenceService/ModelInfer"
     metrics = scrape(server)
@@ -328,18 +320,16 @@ def test_generated_client_bytes_contents_and_pixels(
         assert stats.model_stats[0].inference_count >= 9
 
 
-# --- deadline, cancellation, queue limit and drain on a busy model ------------------------------------------------
+# --- deadline, cancellation and queue limit on a busy model -------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def slow(slow_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One image per forward pass (tens of ms each): a call of 128 images keeps the model busy for seconds."""
-    env = {
-        "DEIT_MAX_BATCH_SIZE": "1", "DEIT_TORCH_THREADS": "1", "DEIT_MAX_QUEUE_SIZE": "128", "DEIT_MAX_FILES": "128",
-        "DEIT_GRPC_PORT": str(free_port()), "DEIT_DRAIN_TIMEOUT_S": "60",
-    }  # fmt: skip
-    with run_server(slow_store, tmp_path_factory.mktemp("grpc-slow"), env=env) as process:
-        yield process
+@pytest.fixture
+def slow(slow_store: Path, servers: SharedServers) -> Iterator[ServerProcess]:
+    """The shared slow model (``slow_shared``): a call of 128 images keeps it busy for seconds. Each test leaves its
+    queue empty, for the next test on this server."""
+    server = servers.get(slow_store, slow_shared())
+    yield server
+    wait_until(lambda: queued(server) == 0, timeout=30, what="an empty queue")
 
 
 SLOW_IMAGES = [jpeg(seed, (96, 96)) for seed in range(128)]
@@ -349,37 +339,31 @@ def wait_for_metric(server: ServerProcess, sample: str, at_least: float, **label
     wait_until(lambda: scrape(server).value(sample, model="slow", **labels) >= at_least, timeout=30, what=sample)
 
 
-def start_call(client: triton.InferenceServerClient, images: list[bytes], **options: Any) -> Future[Any]:
-    """An infer call in flight; its future holds the result or the error."""
-    done: Future[Any] = Future()
-
-    def callback(result: Any, error: Any) -> None:
-        done.set_exception(error) if error is not None else done.set_result(result)
-
-    done.call = client.async_infer("slow", [bytes_input(images)], callback, **options)  # type: ignore[attr-defined]
-    return done
+def queued(server: ServerProcess) -> float:
+    return scrape(server).value("deit_queue_depth", model="slow")
 
 
 def test_deadline_of_the_call_is_the_requests(slow: ServerProcess) -> None:
     with triton.InferenceServerClient(grpc_address(slow)) as client:
         dropped = scrape(slow).value("deit_dropped_total", model="slow")
         # Triton's own timeout parameter (microseconds): the server answers DEADLINE_EXCEEDED itself.
-        error = grpc_error(lambda: client.infer("slow", [bytes_input(SLOW_IMAGES)], timeout=200_000))
+        error = grpc_error(lambda: client.infer("slow", [grpc_bytes_input(SLOW_IMAGES)], timeout=200_000))
         assert error.status() == "StatusCode.DEADLINE_EXCEEDED"
         assert "deadline" in (error.message() or "")
         wait_for_metric(slow, "deit_dropped_total", dropped + 1)
         # The gRPC deadline: the images not yet run are withdrawn when it passes, on either side.
         dropped = scrape(slow).value("deit_dropped_total", model="slow")
-        error = grpc_error(lambda: client.infer("slow", [bytes_input(SLOW_IMAGES)], client_timeout=0.2))
+        error = grpc_error(lambda: client.infer("slow", [grpc_bytes_input(SLOW_IMAGES)], client_timeout=0.2))
         assert error.status() == "StatusCode.DEADLINE_EXCEEDED"
         wait_for_metric(slow, "deit_dropped_total", dropped + 1)
-        wait_until(lambda: scrape(slow).value("deit_queue_depth", model="slow") == 0, timeout=30, what="empty queue")
+        wait_until(lambda: queued(slow) == 0, timeout=30, what="empty queue")
 
 
 def test_cancelled_call_withdraws_its_images(slow: ServerProcess) -> None:
     with triton.InferenceServerClient(grpc_address(slow)) as client:
         dropped = scrape(slow).value("deit_dropped_total", model="slow", reason="disconnect")
-        call = start_call(client, SLOW_IMAGES)
+        cancelled = scrape(slow).value("deit_requests_total", protocol="grpc", status="499")
+        call = start_grpc_call(client, "slow", SLOW_IMAGES)
         wait_for_metric(slow, "deit_queue_depth", 1)
         call.call.cancel()  # type: ignore[attr-defined]
         with pytest.raises(InferenceServerException) as caught:
@@ -387,38 +371,22 @@ def test_cancelled_call_withdraws_its_images(slow: ServerProcess) -> None:
         assert "CANCELLED" in str(caught.value.status())
         wait_for_metric(slow, "deit_dropped_total", dropped + 1, reason="disconnect")
         wait_until(
-            lambda: scrape(slow).value("deit_requests_total", protocol="grpc", status="499") >= 1,
+            lambda: scrape(slow).value("deit_requests_total", protocol="grpc", status="499") >= cancelled + 1,
             timeout=30, what="the cancelled call in the metrics",
         )  # fmt: skip
 
 
 def test_full_queue_is_resource_exhausted(slow: ServerProcess) -> None:
     with triton.InferenceServerClient(grpc_address(slow)) as client:
-        call = start_call(client, SLOW_IMAGES)
+        call = start_grpc_call(client, "slow", SLOW_IMAGES)
         wait_for_metric(slow, "deit_queue_depth", 1)
         # Room for 128 images, while the first call's are not all done: another 128 do not fit.
-        error = grpc_error(lambda: client.infer("slow", [bytes_input(SLOW_IMAGES)]))
+        error = grpc_error(lambda: client.infer("slow", [grpc_bytes_input(SLOW_IMAGES)]))
         assert error.status() == "StatusCode.RESOURCE_EXHAUSTED"
         assert "at capacity" in (error.message() or "")
         call.call.cancel()  # type: ignore[attr-defined]
         with pytest.raises(InferenceServerException):
             call.result(timeout=30)
-
-
-def test_drain_refuses_new_calls_and_finishes_those_in_flight(slow: ServerProcess) -> None:
-    """Last in this module: it stops the server."""
-    wait_until(lambda: scrape(slow).value("deit_queue_depth", model="slow") == 0, timeout=30, what="an idle model")
-    with triton.InferenceServerClient(grpc_address(slow)) as client:
-        call = start_call(client, SLOW_IMAGES[:64])
-        wait_for_metric(slow, "deit_queue_depth", 1)
-        slow.terminate(signal.SIGTERM)
-        wait_until(lambda: httpx.get(f"{slow.url}/readyz", timeout=5).status_code == 503, what="draining")
-        refused = grpc_error(lambda: client.infer("slow", [bytes_input(SLOW_IMAGES[:1])]))
-        assert refused.status() == "StatusCode.UNAVAILABLE"
-        assert "shutting down" in (refused.message() or "")
-        result = call.result(timeout=120)
-        assert result.as_numpy("probabilities").shape == (64, 10)
-    assert slow.wait(timeout=60) == 0
 
 
 def test_a_load_by_hub_id_is_refused_unless_the_operator_allows_it(

@@ -3,16 +3,15 @@ may send it and within its route's bound, every JSON parser is bounded in depth,
 queue, echoed client text always encodes, a model's drain never frees it under a request, a stopped request leaves
 no future unobserved, and a config cannot make a load allocate without bound.
 
-What changes nothing runs on the HTTP-edge tests' shared server (``EDGE_LIMITS``); what unloads a model or adds
-one to its store runs on a server of this module's own; the load timeout and SIGTERM test starts and stops its own."""
+Everything here runs on the HTTP-edge tests' shared server (``EDGE_LIMITS``), which none of them changes. What unloads
+a model or adds one to a store (a model's drain on unload, a symlinked model, a config asking for too many layers)
+is in test_model_repository, on its server; a load past its timeout and SIGTERM during a load, in
+test_hardening_drain (a drain that outlasts its timeout)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,22 +24,16 @@ from fastapi.routing import APIRoute
 from service.api import hf, native, v2
 from service.http.json_body import nests_deeper_than
 from service.http.responses import dumps
-from tests.factories import edit_config_json
 from tests.serving import (
     EDGE_KEY,
     EDGE_LIMITS,
     EndlessBody,
-    Scrape,
     ServerProcess,
     SharedServers,
+    assert_clean_log,
     image_bytes,
-    multipart_body,
     plain_error,
     read_answer,
-    rss_bytes,
-    run_server,
-    wait_until,
-    write_tiny_model,
 )
 
 KEY = EDGE_KEY
@@ -56,23 +49,6 @@ def edge(tiny_store: Path, servers: SharedServers) -> ServerProcess:
     return servers.get(tiny_store, EDGE_LIMITS)
 
 
-@pytest.fixture(scope="module")
-def edge_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``tiny`` serves the requests; ``spare`` is unloaded and reloaded; models added later are loaded on request."""
-    store = tmp_path_factory.mktemp("edge-store")
-    write_tiny_model(store / "tiny")
-    shutil.copytree(store / "tiny", store / "spare")
-    return store
-
-
-@pytest.fixture(scope="module")
-def repository(edge_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """A server of this module's own, for tests that unload its models or add models to its store."""
-    env = {"DEIT_API_KEYS": KEY, "DEIT_DRAIN_TIMEOUT_S": "0.5", "DEIT_MAX_BATCH_SIZE": "4"}
-    with run_server(edge_store, tmp_path_factory.mktemp("edge"), env=env) as server:
-        yield server
-
-
 def raw_request(server: ServerProcess, head: str, body: bytes = b"") -> socket.socket:
     """A connection that has sent ``head`` (CRLF line ends added) and ``body``, left open for the answer."""
     host, port = server.url.removeprefix("http://").split(":")
@@ -85,22 +61,6 @@ def raw_request(server: ServerProcess, head: str, body: bytes = b"") -> socket.s
 def log_mark(edge: ServerProcess) -> int:
     """Where the shared server's log stands when the test starts: what other tests logged before is not its own."""
     return len(edge.log())
-
-
-def assert_clean_log(server: ServerProcess, since: int = 0) -> None:
-    """No error-level line, traceback or unobserved asyncio future in the server's log from ``since`` on."""
-    httpx.get(f"{server.url}/healthz")  # a round trip: what the last request logged is written
-    text = server.log()[since:]
-    for marker in ("never retrieved", "was never awaited", "Traceback", "Exception in ASGI application"):
-        assert marker not in text, text[-3000:]
-    records = []
-    for line in text.splitlines():
-        if line.startswith("{"):
-            with contextlib.suppress(ValueError):
-                records.append(json.loads(line))
-    # A load refused for its files is the operator's error line, expected where a test asks for one.
-    errors = [r for r in records if r.get("level") in ("error", "critical") and r.get("message") != "model load failed"]
-    assert not errors, errors
 
 
 # --- 1. a body is read only when it may be, within its route's bound -----------------------------------------
@@ -298,34 +258,6 @@ def test_a_lone_surrogate_echoed_in_an_error_message_is_replaced(edge: ServerPro
     assert_clean_log(edge, log_mark)
 
 
-# --- 5. a request holds its model until it is answered --------------------------------------------------------
-
-
-def test_an_unload_whose_drain_runs_out_cancels_the_request_on_it_with_a_503(repository: ServerProcess) -> None:
-    body, content_type = multipart_body([b"x" * 4096])
-    head = (
-        f"POST /classify?model=spare HTTP/1.1\nHost: x\nX-API-Key: {KEY}\nContent-Type: {content_type}\n"
-        f"Content-Length: {len(body)}"
-    )
-    sock = raw_request(repository, head, body[:100])  # the rest never comes: the request holds "spare" while it waits
-
-    def admitted() -> bool:
-        scrape = Scrape.parse(httpx.get(f"{repository.url}/metrics").text)
-        return scrape.value("deit_upload_bytes_in_flight") >= len(body)
-
-    wait_until(admitted, what="the upload admitted", every=0.25)
-    assert httpx.post(f"{repository.url}/v2/repository/models/spare/unload", headers=AUTH).status_code == 200
-    with sock:
-        status, answer = read_answer(sock)  # after the 0.5 s drain timeout, not at the request's 30 s deadline
-    assert status == 503, answer
-    assert answer["error"]["code"] == "model_unloaded"
-    assert "spare" in answer["error"]["message"]
-    assert httpx.post(f"{repository.url}/v2/repository/models/spare/load", headers=AUTH).status_code == 200
-    files = [("file", ("a.png", image_bytes(), "image/png"))]
-    assert httpx.post(f"{repository.url}/classify?model=spare", files=files, headers=AUTH).status_code == 200
-    assert_clean_log(repository)
-
-
 # --- 6. no stage leaves a future unobserved -------------------------------------------------------------------
 
 
@@ -357,95 +289,3 @@ def test_octet_stream_given_q_0_is_refused_and_json_answered(edge: ServerProcess
         response = httpx.post(f"{edge.url}/embed", files=files, headers={**AUTH, "Accept": accept})
         assert response.status_code == 200, response.text
         assert response.headers["content-type"].startswith("application/octet-stream" if raw else "application/json")
-
-
-def test_a_symlinked_model_directory_is_followed_out_of_the_store(
-    repository: ServerProcess, edge_store: Path, tmp_path: Path
-) -> None:
-    outside = shutil.copytree(edge_store / "tiny", tmp_path / "mounted-volume" / "model")
-    (edge_store / "linked").symlink_to(outside, target_is_directory=True)
-    assert httpx.post(f"{repository.url}/v2/repository/models/linked/load", headers=AUTH, timeout=60).status_code == 200
-    files = [("file", ("a.png", image_bytes(), "image/png"))]
-    assert httpx.post(f"{repository.url}/classify?model=linked", files=files, headers=AUTH).status_code == 200
-
-
-# --- 7. a config cannot allocate without bound ----------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("layers", "message"),
-    [
-        (1_000_000, "num_hidden_layers 1000000 is above the limit of 256"),
-        (3, "asks for 3 encoder layers, the weights hold 2"),
-    ],
-    ids=["million", "one-more"],
-)
-def test_a_config_asking_for_more_layers_than_its_weights_is_refused_before_building(
-    repository: ServerProcess, edge_store: Path, layers: int, message: str
-) -> None:
-    name = f"layers-{layers}"
-    shutil.copytree(edge_store / "tiny", edge_store / name)
-    edit_config_json(edge_store / name, num_hidden_layers=layers)
-    before = rss_bytes(repository.process.pid)
-    response = httpx.post(f"{repository.url}/v2/repository/models/{name}/load", headers=AUTH, timeout=60)
-    error = plain_error(response, 400)
-    assert message in error
-    assert str(edge_store / name) in error  # the repository API is the operator's: it names the server's files
-    assert rss_bytes(repository.process.pid) - before < 64 * 2**20
-    assert httpx.get(f"{repository.url}/v2/models/{name}", headers=AUTH).status_code == 404
-
-
-# --- 8. a load obeys its timeout, and shutdown whatever a load is doing ---------------------------------------
-
-
-def write_endless_model(directory: Path) -> Path:
-    """A tiny model whose preprocessing crops 2048×2048: valid, but its warm-up takes hours on a CPU."""
-    write_tiny_model(directory)
-    preprocess = {"size": 2048, "crop_size": 2048, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
-    (directory / "preprocessor_config.json").write_text(json.dumps(preprocess))
-    return directory
-
-
-def test_a_load_past_its_timeout_fails_and_sigterm_exits_during_a_load(tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    write_tiny_model(store / "tiny")
-    env = {"DEIT_DRAIN_TIMEOUT_S": "1", "DEIT_LOAD_TIMEOUT_S": "2", "DEIT_MAX_BATCH_SIZE": "1"}
-    with run_server(store, tmp_path, env=env) as server:
-        write_endless_model(store / "endless")
-        load = f"{server.url}/v2/repository/models/endless/load"
-        timed_out = httpx.post(load, timeout=60)
-        assert "did not finish within 2 s" in plain_error(timed_out, 400)
-        index = httpx.post(f"{server.url}/v2/repository/index").json()
-        assert {"name": "endless", "version": "1", "state": "UNAVAILABLE"} in [
-            {k: row[k] for k in ("name", "version", "state")} for row in index
-        ]
-        assert (
-            httpx.post(f"{server.url}/classify", files=[("file", ("a.png", image_bytes(), "image/png"))]).status_code
-            == 200
-        )
-
-        assert httpx.post(f"{server.url}/v2/repository/models/tiny/unload").status_code == 200
-        nothing = httpx.post(f"{server.url}/classify", files=[("file", ("a.png", image_bytes(), "image/png"))])
-        assert nothing.status_code == 404
-        assert nothing.json()["error"]["message"].startswith("no model is loaded")
-        assert httpx.get(f"{server.url}/readyz").status_code == 200
-
-        answers: list[httpx.Response] = []
-        pending = threading.Thread(target=lambda: answers.append(httpx.post(load, timeout=60)))
-        pending.start()
-
-        def loading() -> bool:
-            rows = httpx.post(f"{server.url}/v2/repository/index").json()
-            return any(r["name"] == "endless" and r["state"] == "LOADING" for r in rows)
-
-        wait_until(loading, what="the second load under way", every=0.25)
-        server.terminate()
-        assert server.wait(timeout=30) == 0  # drain 1 s, then the answers' grace: never the hours of the warm-up
-        pending.join(timeout=30)
-    assert len(answers) == 1
-    answer = answers[0]
-    assert answer.status_code in (400, 503), answer.text  # the load's own timeout or the abandoned drain: JSON
-    assert set(answer.json()) == {"error"}
-    text = server.log()
-    assert "Exception in ASGI application" not in text
-    assert "Traceback" not in text

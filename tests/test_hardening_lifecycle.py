@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from tests.serving import (
+    SLOW_SHARED,
     Scrape,
     ServerProcess,
     SharedServers,
@@ -25,22 +26,21 @@ from tests.serving import (
     multipart_body,
     read_answer,
     rss_bytes,
+    slow_shared,
     wait_until,
 )
 
-MAX_UPLOAD = 3 * 2**20
-BUDGET = 8 * 2**20
-MODEL = "tiny"
+MAX_UPLOAD = int(SLOW_SHARED["DEIT_MAX_UPLOAD_BYTES"])  # 3 MiB
+BUDGET = int(SLOW_SHARED["DEIT_MAX_INFLIGHT_UPLOAD_BYTES"])  # 8 MiB
+MODEL = "slow"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_store: Path, servers: SharedServers) -> ServerProcess:
-    env = {
-        "DEIT_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
-        "DEIT_MAX_INFLIGHT_UPLOAD_BYTES": str(BUDGET),
-        "DEIT_PREPROCESS_THREADS": "2",
-    }
-    return servers.get(tiny_store, env)
+def server(slow_store: Path, servers: SharedServers) -> ServerProcess:
+    """The shared slow-model server (``slow_shared``): what is checked here (bodies, the upload budget, decoding) comes
+    before the model, so any model serves; its settings bound uploads to 3 MiB, 8 MiB of them in flight, and decode on
+    two threads."""
+    return servers.get(slow_store, slow_shared())
 
 
 @pytest.fixture(scope="module")

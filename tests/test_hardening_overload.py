@@ -1,10 +1,14 @@
 """Overload and deadlines against a real ``deit-serve`` process: a full queue is refused at once, memory and the
-latency of accepted requests stay flat under sustained overload, and a request whose deadline passes in the queue
-is answered 504 without ever taking a batch slot."""
+latency of accepted requests stay flat under sustained overload, a request whose deadline passes in the queue
+is answered 504 without ever taking a batch slot, and a model load past its timeout fails while the process serves
+on (and exits at SIGTERM however long the load would have taken)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +19,20 @@ import httpx
 import pytest
 
 from harness.load import run_load, sample_images
-from tests.serving import Scrape, ServerProcess, multipart, run_server
+from tests.serving import (
+    OVERLOAD,
+    SLOW_SHARED,
+    Scrape,
+    ServerProcess,
+    SharedServers,
+    image_bytes,
+    multipart,
+    plain_error,
+    run_server,
+    slow_shared,
+    wait_until,
+    write_tiny_model,
+)
 
 MODEL = "slow"
 
@@ -26,17 +43,22 @@ def scrape(server: ServerProcess) -> Scrape:
 
 def wait_for_metric(server: ServerProcess, sample: str, at_least: float, timeout: float = 10.0) -> None:
     """Poll /metrics until ``sample`` (of the test model) reaches ``at_least``; bounded by ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if scrape(server).value(sample, model=MODEL) >= at_least:
-            return
-        time.sleep(0.01)
-    raise TimeoutError(f"{sample} did not reach {at_least} within {timeout}s")
+    wait_until(lambda: scrape(server).value(sample, model=MODEL) >= at_least, timeout, f"{sample} >= {at_least}")
 
 
 @pytest.fixture(scope="module")
-def one_image_batches(slow_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One image per forward pass (tens of ms each): a request of 128 images keeps the model busy for seconds."""
+def deadlines_store(slow_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The slow model in a store of this module's own: the load-timeout test adds a model to it."""
+    store = tmp_path_factory.mktemp("deadlines-store")
+    shutil.copytree(slow_store / MODEL, store / MODEL)
+    return store
+
+
+@pytest.fixture(scope="module")
+def one_image_batches(deadlines_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One image per forward pass (tens of ms each): a request of 128 images keeps the model busy for seconds; short
+    deadlines (a request's by default, the cap on the one it asks for, a load's) that only the tests here want. The
+    load-timeout test, last in this module, stops it."""
     env = {
         "DEIT_MAX_BATCH_SIZE": "1",
         "DEIT_TORCH_THREADS": "1",
@@ -44,8 +66,10 @@ def one_image_batches(slow_store: Path, tmp_path_factory: pytest.TempPathFactory
         "DEIT_MAX_FILES": "128",
         "DEIT_REQUEST_TIMEOUT_S": "0.3",
         "DEIT_MAX_REQUEST_TIMEOUT_S": "1.0",
+        "DEIT_LOAD_TIMEOUT_S": "2",
+        "DEIT_DRAIN_TIMEOUT_S": "1",
     }
-    with run_server(slow_store, tmp_path_factory.mktemp("one-image-batches"), env=env) as server:
+    with run_server(deadlines_store, tmp_path_factory.mktemp("one-image-batches"), env=env) as server:
         yield server
 
 
@@ -54,29 +78,39 @@ def post(server: ServerProcess, images: list[bytes], timeout_header: str | None 
     return httpx.post(f"{server.url}/classify", files=multipart(images), headers=headers, timeout=60)
 
 
-def test_sustained_overload_keeps_memory_flat_and_accepted_latency(slow_store: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def busy(slow_store: Path, servers: SharedServers) -> Iterator[ServerProcess]:
+    """The shared slow model (``slow_shared``): room for 128 images a request and in the queue. Left with an empty
+    queue for the next test on it."""
+    server = servers.get(slow_store, slow_shared())
+    yield server
+    wait_until(lambda: scrape(server).value("deit_queue_depth", model=MODEL) == 0, what="an empty queue")
+
+
+def test_sustained_overload_keeps_memory_flat_and_accepted_latency(slow_store: Path, servers: SharedServers) -> None:
     """4× the queue in closed-loop clients; refused clients retry after a short pause, as a polite client would."""
-    queue = 8
-    env = {"DEIT_MAX_QUEUE_SIZE": str(queue), "DEIT_MAX_BATCH_SIZE": "4", "DEIT_TORCH_THREADS": "1"}
+    queue = int(OVERLOAD["DEIT_MAX_QUEUE_SIZE"])  # 8, in batches of 4
     images = sample_images(8)
-    with run_server(slow_store, tmp_path, env=env) as server:
-        pid = server.process.pid
-        at_capacity = asyncio.run(
-            run_load(server.url, images, concurrency=queue, duration_s=2.5, server_pid=pid, timeout_s=60)
+    server = servers.get(slow_store, OVERLOAD)
+    rejected_before = scrape(server).value("deit_rejected_total", model=MODEL, reason="queue_full")
+    pid = server.process.pid
+    at_capacity = asyncio.run(
+        run_load(server.url, images, concurrency=queue, duration_s=2.5, server_pid=pid, timeout_s=60)
+    )
+    overload = asyncio.run(
+        run_load(
+            server.url, images, concurrency=4 * queue, duration_s=4.0, backoff_s=0.05, server_pid=pid,
+            timeout_s=60,
         )
-        overload = asyncio.run(
-            run_load(
-                server.url, images, concurrency=4 * queue, duration_s=4.0, backoff_s=0.05, server_pid=pid,
-                timeout_s=60,
-            )
-        )  # fmt: skip
-        metrics = scrape(server)
-        assert server.process.poll() is None
+    )  # fmt: skip
+    metrics = scrape(server)
+    assert server.process.poll() is None
 
     assert set(at_capacity.statuses) == {200}, at_capacity.summary()
     assert set(overload.statuses) == {200, 503}, overload.summary()
     assert set(overload.error_codes) == {"overloaded"}
-    assert metrics.value("deit_rejected_total", model=MODEL, reason="queue_full") == overload.statuses[503]
+    rejected = metrics.value("deit_rejected_total", model=MODEL, reason="queue_full") - rejected_before
+    assert rejected == overload.statuses[503]
     offered = sum(overload.statuses.values()) / overload.elapsed_s
     accepted = overload.statuses[200] / overload.elapsed_s
     assert offered >= 3 * accepted, f"not overloaded: {overload.summary()}"
@@ -97,12 +131,12 @@ def test_sustained_overload_keeps_memory_flat_and_accepted_latency(slow_store: P
     assert max(rss for _, rss in samples) - first < 64 * 2**20
 
 
-def test_a_full_queue_is_refused_at_once_with_retry_after(one_image_batches: ServerProcess) -> None:
-    server = one_image_batches
+def test_a_full_queue_is_refused_at_once_with_retry_after(busy: ServerProcess) -> None:
+    server = busy
     before = scrape(server)
-    images = sample_images(128)
+    images = sample_images(int(SLOW_SHARED["DEIT_MAX_QUEUE_SIZE"]))
     with ThreadPoolExecutor(1) as pool:
-        blocker = pool.submit(post, server, images, "1.0")
+        blocker = pool.submit(post, server, images, "5")  # seconds of work: ended by its deadline, at most
         wait_for_metric(server, "deit_queue_depth", 1)
         started = time.monotonic()
         refused = post(server, images)
@@ -114,8 +148,8 @@ def test_a_full_queue_is_refused_at_once_with_retry_after(one_image_batches: Ser
     assert refused.json()["error"]["code"] == "overloaded"
     assert refused.headers["Retry-After"] == "1"
     assert refused_after < 1.0, "a refusal must not wait for the queue"
-    rejected = "deit_rejected_total"
-    assert after.value(rejected, model=MODEL, reason="queue_full") - before.value(rejected, model=MODEL) == 1
+    full = {"model": MODEL, "reason": "queue_full"}
+    assert after.value("deit_rejected_total", **full) - before.value("deit_rejected_total", **full) == 1
 
 
 def test_a_deadline_passing_in_the_queue_answers_504_and_its_images_never_run(
@@ -146,7 +180,61 @@ def test_a_deadline_passing_in_the_queue_answers_504_and_its_images_never_run(
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "soon", "nan"])
-def test_an_invalid_request_timeout_is_refused(one_image_batches: ServerProcess, value: str) -> None:
-    response = post(one_image_batches, sample_images(1), timeout_header=value)
+def test_an_invalid_request_timeout_is_refused(busy: ServerProcess, value: str) -> None:
+    response = post(busy, sample_images(1), timeout_header=value)
     assert response.status_code == 422, response.text
     assert response.json()["error"]["code"] == "invalid_parameter"
+
+
+# --- a load's deadline (last: it stops the module's server) ---------------------------------------------------
+
+
+def write_endless_model(directory: Path) -> Path:
+    """A tiny model whose preprocessing crops 2048×2048: valid, but its warm-up takes hours on a CPU."""
+    write_tiny_model(directory)
+    preprocess = {"size": 2048, "crop_size": 2048, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    (directory / "preprocessor_config.json").write_text(json.dumps(preprocess))
+    return directory
+
+
+def test_a_load_past_its_timeout_fails_and_sigterm_exits_during_a_load(
+    one_image_batches: ServerProcess, deadlines_store: Path
+) -> None:
+    server = one_image_batches
+    store = deadlines_store
+    files = [("file", ("a.png", image_bytes(), "image/png"))]
+    write_endless_model(store / "endless")
+    load = f"{server.url}/v2/repository/models/endless/load"
+    timed_out = httpx.post(load, timeout=60)
+    assert "did not finish within 2 s" in plain_error(timed_out, 400)
+    index = httpx.post(f"{server.url}/v2/repository/index").json()
+    assert {"name": "endless", "version": "1", "state": "UNAVAILABLE"} in [
+        {k: row[k] for k in ("name", "version", "state")} for row in index
+    ]
+    assert httpx.post(f"{server.url}/classify", files=files, headers={"X-Request-Timeout": "1"}).status_code == 200
+
+    assert httpx.post(f"{server.url}/v2/repository/models/{MODEL}/unload").status_code == 200
+    nothing = httpx.post(f"{server.url}/classify", files=files)
+    assert nothing.status_code == 404
+    assert nothing.json()["error"]["message"].startswith("no model is loaded")
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+
+    answers: list[httpx.Response] = []
+    pending = threading.Thread(target=lambda: answers.append(httpx.post(load, timeout=60)))
+    pending.start()
+
+    def loading() -> bool:
+        rows = httpx.post(f"{server.url}/v2/repository/index").json()
+        return any(r["name"] == "endless" and r["state"] == "LOADING" for r in rows)
+
+    wait_until(loading, what="the second load under way", every=0.25)
+    server.terminate()
+    assert server.wait(timeout=30) == 0  # drain 1 s, then the answers' grace: never the hours of the warm-up
+    pending.join(timeout=30)
+    assert len(answers) == 1
+    answer = answers[0]
+    assert answer.status_code in (400, 503), answer.text  # the load's own timeout or the abandoned drain: JSON
+    assert set(answer.json()) == {"error"}
+    text = server.log()
+    assert "Exception in ASGI application" not in text
+    assert "Traceback" not in text

@@ -14,43 +14,37 @@ import pytest
 
 from harness.launcher import REPO
 from harness.load import run_load, sample_images
-from tests.serving import multipart, rss_bytes, run_server
+from tests.serving import OVERLOAD, SharedServers, multipart, rss_bytes
 
 
-def test_overload_answers_only_200_503_504_with_correct_predictions(slow_store: Path, tmp_path: Path) -> None:
-    queue = 8
-    env = {
-        "DEIT_MAX_QUEUE_SIZE": str(queue),
-        "DEIT_MAX_BATCH_SIZE": "4",
-        "DEIT_TORCH_THREADS": "1",
-        "DEIT_REQUEST_TIMEOUT_S": "5",
-    }
+def test_overload_answers_only_200_503_504_with_correct_predictions(slow_store: Path, servers: SharedServers) -> None:
+    queue = int(OVERLOAD["DEIT_MAX_QUEUE_SIZE"])  # 8, in batches of 4
     images = sample_images(8)
-    with run_server(slow_store, tmp_path, env=env) as server:
-        reference = []
-        for image in images:
-            response = httpx.post(f"{server.url}/classify", files=multipart([image]), params={"top_k": "2"})
-            first, second = response.json()["results"][0]["predictions"]
-            assert first["score"] - second["score"] > 1e-4, "a near tie would make the top-1 check meaningless"
-            reference.append((first["label"], first["score"]))
-        idle_rss = rss_bytes(server.process.pid)
+    server = servers.get(slow_store, OVERLOAD)
+    reference = []
+    for image in images:
+        response = httpx.post(f"{server.url}/classify", files=multipart([image]), params={"top_k": "2"})
+        first, second = response.json()["results"][0]["predictions"]
+        assert first["score"] - second["score"] > 1e-4, "a near tie would make the top-1 check meaningless"
+        reference.append((first["label"], first["score"]))
+    idle_rss = rss_bytes(server.process.pid)
 
-        report = asyncio.run(
-            run_load(server.url, images, concurrency=4 * queue, duration_s=4.0, server_pid=server.process.pid)
-        )
+    report = asyncio.run(
+        run_load(server.url, images, concurrency=4 * queue, duration_s=4.0, server_pid=server.process.pid)
+    )
 
-        # The load test benchmark's command line, as a user runs it against a running server.
-        command = ["--url", server.url, "--concurrency", "2", "--duration", "0.5", "--json"]
-        cli = subprocess.run(
-            [sys.executable, "-m", "benchmarks.load_test", *command],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert cli.returncode == 0, cli.stderr
-        printed = json.loads(cli.stdout)
-        assert server.process.poll() is None
+    # The load test benchmark's command line, as a user runs it against a running server.
+    command = ["--url", server.url, "--concurrency", "2", "--duration", "0.5", "--json"]
+    cli = subprocess.run(
+        [sys.executable, "-m", "benchmarks.load_test", *command],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert cli.returncode == 0, cli.stderr
+    printed = json.loads(cli.stdout)
+    assert server.process.poll() is None
 
     summary = report.summary()
     assert set(report.statuses) <= {200, 503, 504}, summary

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -15,9 +15,9 @@ import tritonclient.http as triton
 from huggingface_hub import InferenceClient
 from PIL import Image
 
-from tests.serving import Scrape, ServerProcess, SharedServers, wait_until
+from tests.serving import SLOW_SHARED, Scrape, ServerProcess, SharedServers, slow_shared, wait_until
 
-MAX_BATCH = 16
+MAX_BATCH = int(SLOW_SHARED["DEIT_MAX_BATCH_SIZE"])  # 16
 BLOCKER_IMAGES = 2 * MAX_BATCH  # two full forward passes of the slow model: the time the three others take to queue
 V2_INFER = "/v2/models/{model_name}/infer"
 
@@ -29,18 +29,14 @@ def jpeg(seed: int) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def server(slow_store: Path, servers: SharedServers) -> ServerProcess:
-    env = {
-        "DEIT_DEVICE": "cpu",
-        "DEIT_DTYPE": "float32",
-        "DEIT_MAX_BATCH_SIZE": str(MAX_BATCH),
-        "DEIT_MAX_FILES": str(BLOCKER_IMAGES),
-        "DEIT_FORWARD_WORKERS": "1",
-        "DEIT_REQUEST_TIMEOUT_S": "120",
-        "DEIT_MAX_REQUEST_TIMEOUT_S": "120",
-    }
-    return servers.get(slow_store, env)
+@pytest.fixture
+def server(slow_store: Path, servers: SharedServers) -> Iterator[ServerProcess]:
+    """The shared slow model (``slow_shared``): float32 on one forward worker, passes of up to 16 images. Each test
+    starts and ends with its queue empty."""
+    shared = servers.get(slow_store, slow_shared())
+    wait_until(lambda: scrape(shared).value("deit_queue_depth", model="slow") == 0, 60, "an empty queue")
+    yield shared
+    wait_until(lambda: scrape(shared).value("deit_queue_depth", model="slow") == 0, 60, "an empty queue")
 
 
 def scrape(server: ServerProcess) -> Scrape:

@@ -20,6 +20,7 @@ from transformers import DeiTForImageClassificationWithTeacher
 from tritonclient.utils import InferenceServerException
 
 from tests.serving import (
+    SLOW_SHARED,
     SMALL_UPLOADS,
     Scrape,
     ServerProcess,
@@ -28,7 +29,7 @@ from tests.serving import (
     noise_image_bytes,
     plain_error,
     preprocessed_pixels,
-    run_server,
+    slow_shared,
     wait_until,
 )
 
@@ -261,25 +262,19 @@ def test_metrics_count_protocol_requests_by_route(server: ServerProcess, client:
     assert after.value("deit_images_total", model="tiny") - before.value("deit_images_total", model="tiny") == 2
 
 
-def test_full_queue_is_refused_with_retry_after(slow_store: Path, tmp_path: Path) -> None:
+def test_full_queue_is_refused_with_retry_after(slow_store: Path, servers: SharedServers) -> None:
     """Both protocols are admitted by the model's queue like /classify: while one request's images fill it, another
     is answered 503 with Retry-After at once, in the protocol's error shape."""
-    queue = 32  # one image per float32 pass, one pass at a time: the queue stays full for a good fraction of a second
-    env = {
-        "DEIT_MAX_BATCH_SIZE": "1",
-        "DEIT_FORWARD_WORKERS": "1",
-        "DEIT_TORCH_THREADS": "1",
-        "DEIT_DTYPE": "float32",
-        "DEIT_MAX_QUEUE_SIZE": str(queue),
-        "DEIT_MAX_FILES": str(queue),
-    }
+    server = servers.get(slow_store, slow_shared())  # float32 passes, one at a time: the queue stays full for seconds
+    queue = int(SLOW_SHARED["DEIT_MAX_QUEUE_SIZE"])
+    wait_until(lambda: _queued(server) == 0, timeout=60, what="an empty queue")
     images = [jpeg(seed, (96, 96)) for seed in range(queue)]
     tensor = {"name": "image", "datatype": "BYTES", "shape": [queue], "parameters": {"binary_data_size": 0}}
     framed = b"".join(struct.pack("<I", len(d)) + d for d in images)
     tensor["parameters"] = {"binary_data_size": len(framed)}
     body, headers = _binary_request({"inputs": [tensor]}, framed)
     hf_body = {"inputs": [base64.b64encode(d).decode() for d in images]}
-    with run_server(slow_store, tmp_path, env=env) as server, ThreadPoolExecutor(3) as pool:
+    with ThreadPoolExecutor(3) as pool:
         url = _infer_url(server, "slow")
         filling = pool.submit(httpx.post, url, content=body, headers=headers, timeout=60)
         wait_until(lambda: _queued(server) >= 2, timeout=30, what="the first request's images queued")

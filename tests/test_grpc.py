@@ -191,6 +191,22 @@ def test_repository_unload_and_load(client: triton.InferenceServerClient) -> Non
     assert client.infer("tiny", [grpc_bytes_input(IMAGES[:1])], headers=AUTH).as_numpy("probabilities").shape == (1, 10)
 
 
+def test_refused_repository_names_never_label_the_metrics(
+    client: triton.InferenceServerClient, server: ServerProcess
+) -> None:
+    """A client can send any model name to load or unload: a refused one is counted, but never becomes a label
+    value (each would be a new series, kept for the life of the process)."""
+    names = [f"no-such-model-{i}" for i in range(8)]
+    for name in names:
+        assert grpc_error(lambda n=name: client.load_model(n, headers=AUTH)).status() == "StatusCode.NOT_FOUND"
+        assert grpc_error(lambda n=name: client.unload_model(n, headers=AUTH)).status() == "StatusCode.NOT_FOUND"
+    metrics = scrape(server)
+    load = "/inference.GRPCInferenceService/RepositoryModelLoad"
+    assert metrics.value("deit_requests_total", protocol="grpc", endpoint=load, status="404") >= len(names)
+    labelled = {labels.get("model") for samples in metrics.families.values() for _, labels, _ in samples}
+    assert not labelled & set(names)
+
+
 def test_api_keys_from_metadata(client: triton.InferenceServerClient) -> None:
     assert client.is_server_live()  # health and server metadata are open, as their REST routes
     for headers in (None, {"authorization": "Bearer wrong"}, {"x-api-key": "wrong"}):

@@ -185,6 +185,12 @@ class Scrape:
         )
 
 
+def scrape(server: ServerProcess | str) -> Scrape:
+    """The ``/metrics`` page of a server (or of a base URL), parsed."""
+    url = server if isinstance(server, str) else server.url
+    return Scrape.parse(httpx.get(f"{url}/metrics", timeout=10).text)
+
+
 @contextmanager
 def run_default_server(tmp_path: Path, wait: bool = True) -> Iterator[ServerProcess]:
     """``deit-serve`` as a user starts it: the console script, no model store setting, from an unrelated directory.

@@ -22,7 +22,6 @@ from tritonclient.utils import InferenceServerException
 
 from harness.launcher import free_port
 from tests.serving import (
-    Scrape,
     ServerProcess,
     SharedServers,
     classify_probabilities,
@@ -30,6 +29,7 @@ from tests.serving import (
     grpc_bytes_input,
     noise_image_bytes,
     preprocessed_pixels,
+    scrape,
     slow_shared,
     start_grpc_call,
     wait_until,
@@ -48,10 +48,6 @@ def jpeg(seed: int, size: tuple[int, int] = (44, 38)) -> bytes:
 
 
 IMAGES = [jpeg(seed) for seed in (1, 2, 3)]
-
-
-def scrape(server: ServerProcess) -> Scrape:
-    return Scrape.parse(httpx.get(f"{server.url}/metrics", timeout=10).text)
 
 
 @pytest.fixture(scope="module")

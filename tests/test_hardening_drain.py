@@ -18,7 +18,6 @@ from tritonclient.utils import InferenceServerException
 
 from harness.load import sample_images
 from tests.serving import (
-    Scrape,
     ServerProcess,
     free_port,
     grpc_address,
@@ -27,6 +26,7 @@ from tests.serving import (
     noise_image_bytes,
     read_answer,
     run_server,
+    scrape,
     start_grpc_call,
     wait_until,
 )
@@ -36,10 +36,6 @@ MODEL = "slow"
 
 def post(server: ServerProcess, images: list[bytes]) -> httpx.Response:
     return httpx.post(f"{server.url}/classify", files=multipart(images), timeout=60)
-
-
-def scrape(server: ServerProcess) -> Scrape:
-    return Scrape.parse(httpx.get(f"{server.url}/metrics", timeout=10).text)
 
 
 def decoded(server: ServerProcess) -> float:

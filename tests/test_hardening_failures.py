@@ -24,23 +24,19 @@ from service.engine.runner import Forward, Outputs
 from service.settings import Settings
 from tests.serving import (
     InProcessServer,
-    Scrape,
     ServerProcess,
     SharedServers,
     free_port,
     image_bytes,
     multipart,
     multipart_body,
+    scrape,
     serve_in_process,
     slow_shared,
     wait_until,
 )
 
 SLOW = "slow"
-
-
-def scrape(url: str) -> Scrape:
-    return Scrape.parse(httpx.get(f"{url}/metrics", timeout=10).text)
 
 
 def post(url: str, images: list[bytes], **headers: str) -> httpx.Response:

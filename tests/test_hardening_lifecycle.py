@@ -17,7 +17,6 @@ from PIL import Image
 
 from tests.serving import (
     SLOW_SHARED,
-    Scrape,
     ServerProcess,
     SharedServers,
     expect_error,
@@ -26,6 +25,7 @@ from tests.serving import (
     multipart_body,
     read_answer,
     rss_bytes,
+    scrape,
     slow_shared,
     wait_until,
 )
@@ -54,10 +54,6 @@ def heavy_image() -> bytes:
 def address(server: ServerProcess) -> tuple[str, int]:
     host, port = server.url.removeprefix("http://").split(":")
     return host, int(port)
-
-
-def scrape(server: ServerProcess) -> Scrape:
-    return Scrape.parse(httpx.get(f"{server.url}/metrics", timeout=10).text)
 
 
 def post_body(server: ServerProcess, body: bytes, content_type: str) -> httpx.Response:

@@ -22,23 +22,19 @@ from harness.load import run_load, sample_images
 from tests.serving import (
     OVERLOAD,
     SLOW_SHARED,
-    Scrape,
     ServerProcess,
     SharedServers,
     image_bytes,
     multipart,
     plain_error,
     run_server,
+    scrape,
     slow_shared,
     wait_until,
     write_tiny_model,
 )
 
 MODEL = "slow"
-
-
-def scrape(server: ServerProcess) -> Scrape:
-    return Scrape.parse(httpx.get(f"{server.url}/metrics", timeout=10).text)
 
 
 def wait_for_metric(server: ServerProcess, sample: str, at_least: float, timeout: float = 10.0) -> None:

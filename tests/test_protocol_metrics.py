@@ -15,7 +15,7 @@ import tritonclient.http as triton
 from huggingface_hub import InferenceClient
 from PIL import Image
 
-from tests.serving import SLOW_SHARED, Scrape, ServerProcess, SharedServers, slow_shared, wait_until
+from tests.serving import SLOW_SHARED, Scrape, ServerProcess, SharedServers, scrape, slow_shared, wait_until
 
 MAX_BATCH = int(SLOW_SHARED["DEIT_MAX_BATCH_SIZE"])  # 16
 BLOCKER_IMAGES = 2 * MAX_BATCH  # two full forward passes of the slow model: the time the three others take to queue
@@ -37,10 +37,6 @@ def server(slow_store: Path, servers: SharedServers) -> Iterator[ServerProcess]:
     wait_until(lambda: scrape(shared).value("deit_queue_depth", model="slow") == 0, 60, "an empty queue")
     yield shared
     wait_until(lambda: scrape(shared).value("deit_queue_depth", model="slow") == 0, 60, "an empty queue")
-
-
-def scrape(server: ServerProcess) -> Scrape:
-    return Scrape.parse(httpx.get(f"{server.url}/metrics", timeout=10).text)
 
 
 def classify(server: ServerProcess, images: list[bytes]) -> None:

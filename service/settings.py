@@ -53,8 +53,9 @@ class Settings(BaseSettings):
     )
     quantize: Literal["none", "int8"] = Field(
         "none",
-        description="int8: dynamic int8 weights and activations for the encoder's Linear layers (CPU, float32 "
-        "elsewhere); faster on CPUs without native bf16, top-1 may change on close calls",
+        description="int8 on the CPU: torch and onnxruntime quantize the encoder's Linear layers dynamically "
+        "(int8 weights and activations), openvino compresses its weights to int8 (activations stay float32); "
+        "top-1 may change on close calls",
     )
     runtime: Literal["torch", "openvino", "onnxruntime", "auto"] = Field(
         "torch",

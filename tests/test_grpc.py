@@ -193,12 +193,16 @@ def test_refused_repository_names_never_label_the_metrics(
     """A client can send any model name to load or unload: a refused one is counted, but never becomes a label
     value (each would be a new series, kept for the life of the process)."""
     names = [f"no-such-model-{i}" for i in range(8)]
+    load = "/inference.GRPCInferenceService/RepositoryModelLoad"
+    unload = "/inference.GRPCInferenceService/RepositoryModelUnload"
+    before = scrape(server)
     for name in names:
         assert grpc_error(lambda n=name: client.load_model(n, headers=AUTH)).status() == "StatusCode.NOT_FOUND"
         assert grpc_error(lambda n=name: client.unload_model(n, headers=AUTH)).status() == "StatusCode.NOT_FOUND"
     metrics = scrape(server)
-    load = "/inference.GRPCInferenceService/RepositoryModelLoad"
-    assert metrics.value("deit_requests_total", protocol="grpc", endpoint=load, status="404") >= len(names)
+    for endpoint in (load, unload):
+        counted = metrics.value("deit_requests_total", protocol="grpc", endpoint=endpoint, status="404")
+        assert counted - before.value("deit_requests_total", protocol="grpc", endpoint=endpoint, status="404") == 8
     labelled = {labels.get("model") for samples in metrics.families.values() for _, labels, _ in samples}
     assert not labelled & set(names)
 

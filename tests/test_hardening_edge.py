@@ -1,12 +1,11 @@
 """The edge, second round, against real ``deit-serve`` processes with API keys: a body is read only once the request
 may send it and within its route's bound, every JSON parser is bounded in depth, pixels are checked before the
-queue, echoed client text always encodes, a model's drain never frees it under a request, a stopped request leaves
-no future unobserved, and a config cannot make a load allocate without bound.
+queue, echoed client text always encodes, and a stopped request leaves no future unobserved.
 
 Everything here runs on the HTTP-edge tests' shared server (``EDGE_LIMITS``), which none of them changes. What unloads
 a model or adds one to a store (a model's drain on unload, a symlinked model, a config asking for too many layers)
 is in test_model_repository, on its server; a load past its timeout and SIGTERM during a load, in
-test_hardening_drain (a drain that outlasts its timeout)."""
+test_hardening_overload (on its deadline server)."""
 
 from __future__ import annotations
 

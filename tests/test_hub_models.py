@@ -10,8 +10,10 @@ import importlib
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -298,6 +300,27 @@ def test_an_unreachable_hub_without_the_model_cached_fails_with_its_notes_in_the
     logging.getLogger("huggingface_hub.utils._http").warning("a note of the hub client")  # as its retries log
     assert "a note of the hub client" in [r.getMessage() for r in caplog.records]  # passed on to the service's log
     assert capfd.readouterr().err == ""
+
+
+def test_a_hub_that_never_answers_is_given_up_within_the_metadata_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hub whose connection opens but that never answers (a stalled proxy) is bounded by the client's metadata
+    timeout (``HF_HUB_ETAG_TIMEOUT``), then the start falls back to the cache, which names what to do."""
+    from huggingface_hub import constants
+
+    store = tmp_path / "store"
+    store.mkdir()
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel completes the handshake; nothing answers
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with _hub_env(tmp_path / "hf", endpoint):
+            monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 1)
+            started = time.monotonic()
+            error = _hub_error(failed_start(_settings(store, "acme/deit-distilled")))
+            elapsed = time.monotonic() - started
+    assert "the hub is unreachable" in error["message"]
+    assert "Timeout" in error["message"]
+    assert elapsed < 15, elapsed  # one timed-out request, not the client's retries nor the OS connect timeout
 
 
 def test_download_only_fills_the_cache_for_an_offline_start(hub: LoopbackHub, tmp_path: Path) -> None:

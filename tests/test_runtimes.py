@@ -9,6 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
+import httpx
 import openvino as ov
 import pytest
 import torch
@@ -23,7 +24,9 @@ from service.errors import CheckpointError
 from service.model.checkpoints import LoadedCheckpoint, cpu_supports_bf16
 from service.model.prepare import load_for_serving
 from service.model.preprocessing import Preprocessor
+from service.settings import Settings
 from tests.factories import hf_model, save_hf, save_timm
+from tests.serving import free_port, image_bytes, serve_in_process
 
 EXPORTED = (OPENVINO, ONNXRUNTIME)
 TOLERANCE = 1e-4
@@ -306,3 +309,21 @@ def test_openvino_int8_without_nncf_is_unavailable_by_name(
     (skipped,) = [r for r in caplog.records if getattr(r, "runtime", None) == OPENVINO]
     assert skipped.message.startswith("runtime skipped: openvino int8 needs nncf")
     assert "openvino int8" not in served.info.reason
+
+
+@pytest.mark.parametrize("runtime", EXPORTED)
+def test_a_start_warms_up_through_the_runtime_at_every_batch_size(
+    runtime: str, tiny_store: Path, tmp_path: Path
+) -> None:
+    """Warm-up runs the probe through the exported model at batch 1 and at the largest batch, on every forward
+    thread, checking each output's shape and finiteness: a start only becomes ready once the runtime passed it."""
+    settings = Settings.model_validate({
+        "model_store": tiny_store, "runtime": runtime, "runtime_cache": tmp_path / "cache", "warmup": True,
+        "device": "cpu", "dtype": "float32", "max_batch_size": 8, "forward_workers": 2, "torch_threads": 2,
+        "port": free_port(),
+    })  # fmt: skip
+    with serve_in_process(settings) as server:
+        (info,) = httpx.get(f"{server.url}/v1/models", timeout=10).json()["models"]
+        assert info["runtime"]["name"] == runtime
+        files = {"file": ("red.png", image_bytes(), "image/png")}
+        assert httpx.post(f"{server.url}/classify", files=files, timeout=30).status_code == 200

@@ -155,14 +155,16 @@ def resolve(ref: HubRef, pinned: str | None = None) -> Snapshot:
         return _from_cache(hub, ref, revision, reason="HF_HUB_OFFLINE is set")
     where = f"{ref.repo_id} on {hub.constants.ENDPOINT}"
     try:
-        # The revision's file list first: the client asks it once, so an unreachable hub falls back to the cache at
-        # once (its file download retries a refused connection for ~24 s before giving up).
-        named = hub.HfApi().model_info(ref.repo_id, revision=revision)
+        # The revision's file list first: the client asks it once, within its metadata timeout
+        # (HF_HUB_ETAG_TIMEOUT), so an unreachable hub falls back to the cache at once (its file download retries
+        # a refused connection for ~24 s before giving up).
+        timeout = hub.constants.HF_HUB_ETAG_TIMEOUT  # the bound the client puts on its own metadata requests
+        named = hub.HfApi().model_info(ref.repo_id, revision=revision, timeout=timeout)
         # Then the config, by the revision's name: the client records which commit that name is (an offline start
         # finds it by the name), and nothing large is fetched before the model type is known.
         config = Path(hub.hf_hub_download(ref.repo_id, "config.json", revision=revision))
         commit = config.parent.name
-        info = named if named.sha == commit else hub.HfApi().model_info(ref.repo_id, revision=commit)
+        info = named if named.sha == commit else hub.HfApi().model_info(ref.repo_id, revision=commit, timeout=timeout)
     except errors.GatedRepoError as e:
         raise HubError(
             f"{where} is gated: accept its terms on the hub with your account, then set HF_TOKEN to a token of it",

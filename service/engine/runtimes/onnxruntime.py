@@ -77,7 +77,10 @@ def build(
             return ["model.int8.onnx"]
         return ["model.onnx"]
 
-    key = entry_key(digest, ONNXRUNTIME, ort_version, torch.__version__, EXPORT_VERSION, precision, ",".join(names))
+    shape = "x".join(str(n) for n in image_shape)  # the export's fixed input size: the crop, not in the digest
+    key = entry_key(
+        digest, ONNXRUNTIME, ort_version, torch.__version__, EXPORT_VERSION, precision, ",".join(names), shape
+    )
     try:
         entry = cache.get_or_build(key, export, f"onnxruntime {ort_version} {precision}")
     except Exception as e:

@@ -74,7 +74,9 @@ def build(
         import openvino as ov
     except ImportError as e:
         raise RuntimeUnavailable(f"openvino does not import: {e}") from e
-    parts = [digest, OPENVINO, ov_version, EXPORT_VERSION, ",".join(names)]
+    # The IR is traced by torch and fixed to the model's input shape (the preprocessor's crop, not in the digest).
+    shape = "x".join(str(n) for n in image_shape)
+    parts = [digest, OPENVINO, ov_version, torch.__version__, EXPORT_VERSION, ",".join(names), shape]
     files = ["model.xml", "model.bin"]
     if precision == INT8:  # its own entry: float32 and bf16 share the unquantized IR's
         parts += [INT8, "nncf", nncf_version(), QUANTIZATION_VERSION]

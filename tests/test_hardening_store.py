@@ -30,13 +30,13 @@ from service.model.architecture import DeiTConfig
 from service.model.preprocessing import MAX_CONFIG_SIDE, PreprocessConfig
 from service.settings import Settings
 from tests.serving import (
-    Scrape,
     ServerProcess,
     failed_start,
     image_bytes,
     multipart,
     overflowing_head,
     run_server,
+    scrape,
     write_tiny_model,
 )
 
@@ -173,9 +173,9 @@ def test_non_finite_scores_are_a_json_500_never_a_null_score(tiny_model_dir: Pat
         error = response.json()["error"]
         assert error["code"] == "inference_failed"
         assert "non-finite" in error["message"]
-        scrape = Scrape.parse(httpx.get(f"{server.url}/metrics", timeout=10).text)
-        assert scrape.value("deit_nonfinite_outputs_total", model=BROKEN) == 1
-        assert scrape.value("deit_requests_total", status="500") == 1
+        page = scrape(server)
+        assert page.value("deit_nonfinite_outputs_total", model=BROKEN) == 1
+        assert page.value("deit_requests_total", status="500") == 1
         records = server.log_records()
         assert any(r["message"] == "non-finite model outputs" and r["model"] == BROKEN for r in records)
 

@@ -27,7 +27,15 @@ from service.model.hub import HubRef, parse_model_option
 from service.settings import Settings
 from tests.factories import edit_config_json, hf_model, save_hf
 from tests.loopback_hub import LoopbackHub, Repo, read_dir, serve_hub
-from tests.serving import FailedStart, Scrape, failed_start, image_bytes, run_server, serve_in_process, wait_until
+from tests.serving import (
+    FailedStart,
+    failed_start,
+    image_bytes,
+    run_server,
+    scrape,
+    serve_in_process,
+    wait_until,
+)
 
 PREPROCESS = {"size": 34, "crop_size": 30, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
 KEY = "hub-test-key"
@@ -112,8 +120,8 @@ def _models(url: str) -> dict[str, dict[str, Any]]:
 
 def _info_hub_ids(url: str, model: str) -> list[str]:
     """The hub ids of the ``deit_model_info`` series of ``model``, one per series."""
-    scrape = Scrape.parse(httpx.get(f"{url}/metrics", timeout=10).text)
-    samples = scrape.families.get("deit_model_info", [])
+    page = scrape(url)
+    samples = page.families.get("deit_model_info", [])
     return sorted(
         labels["hub_id"] for name, labels, _ in samples if name == "deit_model_info" and labels["model"] == model
     )
@@ -150,9 +158,9 @@ def test_hub_ids_and_a_store_entry_download_pin_and_then_serve_offline(
             assert models["vit-tiny"]["num_labels"] == models["single"]["num_labels"] == 5
             meta = httpx.get(f"{server.url}/v2/models/single", headers={"X-API-Key": KEY}, timeout=10).json()
             assert (meta["hub_id"], meta["revision"]) == ("acme/deit-single", commits["acme/deit-single"])
-            scrape = Scrape.parse(httpx.get(f"{server.url}/metrics", timeout=10).text)
+            page = scrape(server)
             info = {"model": "vit-tiny", "hub_id": "acme/vit-tiny", "revision": commits["acme/vit-tiny"]}
-            assert scrape.value("deit_model_info", **info) == 1
+            assert page.value("deit_model_info", **info) == 1
             files = {"file": ("red.png", image_bytes(), "image/png")}
             answer = httpx.post(f"{server.url}/classify", files=files, headers={"X-API-Key": KEY}, timeout=30)
             assert answer.status_code == 200, answer.text

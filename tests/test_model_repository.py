@@ -23,7 +23,6 @@ import tritonclient.http as triton
 
 from tests.factories import edit_config_json
 from tests.serving import (
-    Scrape,
     ServerProcess,
     assert_clean_log,
     image_bytes,
@@ -33,6 +32,7 @@ from tests.serving import (
     read_answer,
     rss_bytes,
     run_server,
+    scrape,
     settled_rss,
     wait_until,
     write_big_model,
@@ -149,10 +149,10 @@ def test_v2_version_routes_serve_that_version(server: ServerProcess) -> None:
 
 def test_metrics_and_access_log_carry_the_version(server: ServerProcess) -> None:
     scores(server.url, "tiny", 1)
-    scrape = Scrape.parse(httpx.get(f"{server.url}/metrics").text)
-    assert scrape.value("deit_requests_total", model="tiny", version="1", endpoint="/classify", status="200") >= 1
-    assert scrape.value("deit_images_total", model="tiny", version="1") >= 1
-    assert scrape.value("deit_model_info", model="tiny", version="2") == 1
+    page = scrape(server)
+    assert page.value("deit_requests_total", model="tiny", version="1", endpoint="/classify", status="200") >= 1
+    assert page.value("deit_images_total", model="tiny", version="1") >= 1
+    assert page.value("deit_model_info", model="tiny", version="2") == 1
     lines = [r for r in server.log_records() if r.get("message") == "request" and r.get("path") == "/classify"]
     assert {"1", "2"} <= {str(r.get("version")) for r in lines if r.get("model") == "tiny"}
 
@@ -243,8 +243,8 @@ def test_an_unload_whose_drain_runs_out_cancels_the_request_on_it_with_a_503(
     sock.sendall(head.encode() + body[:100])  # the rest never comes: the request holds "spare" while it waits
 
     def admitted() -> bool:
-        scrape = Scrape.parse(httpx.get(f"{server.url}/metrics").text)
-        return scrape.value("deit_upload_bytes_in_flight") >= len(body)
+        page = scrape(server)
+        return page.value("deit_upload_bytes_in_flight") >= len(body)
 
     wait_until(admitted, what="the upload admitted", every=0.25)
     assert repository(server.url, "spare", "unload").status_code == 200
@@ -345,8 +345,8 @@ def test_reloads_and_unload_under_load_answer_every_request(server: ServerProces
                 now = current()
                 assert all(not close(now, old) for old in seen), f"reload {step} still answers old scores"
                 seen.append(now)
-            scrape = Scrape.parse(httpx.get(f"{server.url}/metrics").text)  # the reloaded version keeps its info
-            assert scrape.value("deit_model_info", model="live", version="4") == 1
+            page = scrape(server)  # the reloaded version keeps its info
+            assert page.value("deit_model_info", model="live", version="4") == 1
             gone.set()
             assert repository(server.url, "live", "unload").status_code == 200
             r = httpx.post(f"{server.url}/classify", params={"model": "live"}, content=IMAGE, headers=AUTH)

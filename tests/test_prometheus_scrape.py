@@ -15,12 +15,12 @@ import pytest
 
 from tests.serving import (
     KEYED_AUTH,
-    Scrape,
     ServerProcess,
     SharedServers,
     free_port,
     keyed_server,
     noise_image_bytes,
+    scrape,
     stop_process,
 )
 
@@ -102,7 +102,7 @@ def _values(series: list[dict[str, Any]], **labels: str) -> list[float]:
 def test_prometheus_scrapes_the_request_counters(server: ServerProcess, prometheus: str) -> None:
     sent = 3
     # The server is shared: Prometheus must read what the server's own /metrics said before, plus what is sent here.
-    before = Scrape.parse(httpx.get(f"{server.url}/metrics", timeout=10).text)
+    before = scrape(server)
     ok_before = before.value("deit_requests_total", endpoint="/classify", model="tiny", status="200")
     missing_before = before.value("deit_requests_total", endpoint="/classify", status="404")
     images_before = before.value("deit_images_total", model="tiny")

@@ -22,13 +22,13 @@ from tritonclient.utils import InferenceServerException
 from tests.serving import (
     SLOW_SHARED,
     SMALL_UPLOADS,
-    Scrape,
     ServerProcess,
     SharedServers,
     classify_probabilities,
     noise_image_bytes,
     plain_error,
     preprocessed_pixels,
+    scrape,
     slow_shared,
     wait_until,
 )
@@ -247,13 +247,10 @@ def test_errors_take_the_protocol_shape(server: ServerProcess, pixels: np.ndarra
 
 
 def test_metrics_count_protocol_requests_by_route(server: ServerProcess, client: triton.InferenceServerClient) -> None:
-    def scrape() -> Scrape:
-        return Scrape.parse(httpx.get(f"{server.url}/metrics", timeout=10).text)
-
     infer = {"model": "tiny", "endpoint": "/v2/models/{model_name}/versions/{model_version}/infer", "protocol": "v2"}
-    before = scrape()
+    before = scrape(server)
     client.infer("tiny", [_bytes_input(IMAGES[:2])], model_version="1")
-    after = scrape()
+    after = scrape(server)
     counted = after.value("deit_requests_total", **infer, status="200") - before.value(
         "deit_requests_total", **infer, status="200"
     )
@@ -288,4 +285,4 @@ def test_full_queue_is_refused_with_retry_after(slow_store: Path, servers: Share
 
 
 def _queued(server: ServerProcess) -> float:
-    return Scrape.parse(httpx.get(f"{server.url}/metrics", timeout=10).text).value("deit_queue_depth", model="slow")
+    return scrape(server).value("deit_queue_depth", model="slow")

@@ -17,7 +17,6 @@ import pytest
 
 from tests.serving import (
     KEYED_AUTH,
-    Scrape,
     ServerProcess,
     SharedServers,
     image_bytes,
@@ -25,6 +24,7 @@ from tests.serving import (
     multipart,
     noise_image_bytes,
     overflowing_head,
+    scrape,
     settled_rss,
     wait_until,
     write_big_model,
@@ -142,13 +142,13 @@ def test_concurrent_requests_share_batches_and_each_gets_its_own_answer(
 ) -> None:
     reference, server = runtime_servers["torch"], runtime_servers[runtime]
     want = _scores(reference, IMAGES)
-    before = Scrape.parse(httpx.get(f"{server.url}/metrics", timeout=10).text)
+    before = scrape(server)
     requests = [[IMAGES[i % 6]] for i in range(24)]
     with ThreadPoolExecutor(12) as pool:
         answers = list(pool.map(lambda images: _scores(server, images), requests))
     for i, answer in enumerate(answers):
         _close(answer, [want[i % 6]])
-    after = Scrape.parse(httpx.get(f"{server.url}/metrics", timeout=10).text)
+    after = scrape(server)
     images = after.value("deit_batch_size_sum") - before.value("deit_batch_size_sum")
     batches = after.value("deit_batch_size_count") - before.value("deit_batch_size_count")
     assert images == 24
@@ -171,9 +171,9 @@ def test_the_runtime_is_reported_in_models_metadata_config_and_metrics(
     assert config["backend"] == runtime
     assert config["parameters"]["runtime"] == {"string_value": runtime}
     assert config["parameters"]["precision"] == {"string_value": "float32"}
-    scrape = Scrape.parse(httpx.get(f"{server.url}/metrics", timeout=10).text)
-    assert scrape.value("deit_model_info", model="tiny", runtime=runtime, precision="float32") == 1
-    assert not scrape.has_sample("deit_model_info", runtime="torch")
+    page = scrape(server)
+    assert page.value("deit_model_info", model="tiny", runtime=runtime, precision="float32") == 1
+    assert not page.has_sample("deit_model_info", runtime="torch")
     loaded = [r for r in server.log_records() if r.get("message") == "model loaded" and r.get("model") == "tiny"]
     assert [r["runtime"] for r in loaded] == [f"{runtime} float32"]
     reference = runtime_servers["torch"]
@@ -182,9 +182,7 @@ def test_the_runtime_is_reported_in_models_metadata_config_and_metrics(
 
 
 def _nonfinite(server: ServerProcess) -> float:
-    return Scrape.parse(httpx.get(f"{server.url}/metrics", timeout=10).text).value(
-        "deit_nonfinite_outputs_total", model="broken"
-    )
+    return scrape(server).value("deit_nonfinite_outputs_total", model="broken")
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)

@@ -21,6 +21,7 @@ from tests.serving import (
     failed_start,
     noise_image_bytes,
     run_default_server,
+    scrape,
     write_tiny_model,
 )
 
@@ -146,9 +147,9 @@ async def test_concurrent_requests_share_forward_passes(server: ServerProcess) -
 
 def test_a_request_larger_than_the_batch_is_split_and_fully_answered(server: ServerProcess) -> None:
     images = [(f"{i:02d}.png", noise_image_bytes(200 + i)) for i in range(2 * MAX_BATCH + 3)]
-    before = Scrape.parse(httpx.get(f"{server.url}/metrics").text)
+    before = scrape(server)
     response = httpx.post(f"{server.url}/classify", files=_files(*images), timeout=60)
-    after = Scrape.parse(httpx.get(f"{server.url}/metrics").text)
+    after = scrape(server)
     assert response.status_code == 200, response.text
     assert [r["filename"] for r in response.json()["results"]] == [name for name, _ in images]
     assert all(len(r["predictions"]) == 5 for r in response.json()["results"])  # the default top_k

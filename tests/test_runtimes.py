@@ -5,7 +5,9 @@ serves an agreeing runtime and says why; a runtime that cannot export is skipped
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -327,3 +329,25 @@ def test_a_start_warms_up_through_the_runtime_at_every_batch_size(
         assert info["runtime"]["name"] == runtime
         files = {"file": ("red.png", image_bytes(), "image/png")}
         assert httpx.post(f"{server.url}/classify", files=files, timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize("runtime", EXPORTED)
+def test_the_same_weights_at_another_input_size_get_their_own_artefact(
+    runtime: str, distilled_dir: Path, tmp_path: Path
+) -> None:
+    """The export is fixed to the model's input size, which comes from the preprocessor, not from the weights: a
+    checkpoint with the same weights and another crop gets an artefact of its own, and each answers as torch does."""
+    other = tmp_path / "other-crop"
+    shutil.copytree(distilled_dir, other)
+    crop = {"size": 40, "crop_size": 36, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    (other / "preprocessor_config.json").write_text(json.dumps(crop))
+    cache = tmp_path / "cache"
+    sizes = []
+    for directory in (distilled_dir, other):
+        size = _load(directory).preprocess.output_size
+        sizes.append(size)
+        pixels = list(torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(3)))
+        want = checkpoint_forward(_load(directory))(pixels)
+        _assert_close(_prepare(_load(directory), runtime, cache).forward(pixels), want)
+    assert sizes[0] != sizes[1]
+    assert len([p for p in cache.iterdir() if (p / MANIFEST).is_file()]) == 2

@@ -47,7 +47,7 @@ class Embeddings(nn.Module):
         stored = pos.shape[1] - prefix
         if grid_h * grid_w == stored and grid_h == grid_w:
             return pos
-        side = round(stored**0.5)
+        side = round(int(stored) ** 0.5)  # a traced export sees the stored grid's size as a tensor: it is a constant
         dim = pos.shape[-1]
         patch_pos = pos[:, prefix:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
         patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", align_corners=False)

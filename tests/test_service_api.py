@@ -275,15 +275,14 @@ def test_metrics_cover_every_declared_metric_with_sensible_values(client: TestCl
     assert scrape.value("deit_requests_total", endpoint="/classify", status="200", **tiny) >= 1
     assert scrape.value("deit_requests_total", endpoint="/classify", status="422", **tiny) >= 1
     assert scrape.value("deit_request_duration_seconds_count", endpoint="/classify", **tiny) >= 2
-    assert scrape.value("deit_request_duration_seconds_sum", endpoint="/classify", **tiny) >= 0
     images = scrape.value("deit_images_total", **tiny)
     assert images >= 2
     assert scrape.value("deit_batch_size_sum", **tiny) == images
     assert 1 <= scrape.value("deit_batch_size_count", **tiny) <= images
     assert scrape.value("deit_queue_wait_seconds_count", **tiny) == images
     assert scrape.value("deit_forward_duration_seconds_count", **tiny) == scrape.value("deit_batch_size_count", **tiny)
-    # How long is the CPU's business; that the pass is timed in its thread: tests/test_forward_workers.py.
-    assert scrape.value("deit_forward_duration_seconds_sum", **tiny) >= 0
+    # How long a pass takes is the CPU's business (a sum may read 0 on a fast one); that it is timed in its forward
+    # thread is checked in tests/test_forward_workers.py.
     assert scrape.value("deit_preprocess_duration_seconds_count", **tiny) >= images
     assert scrape.has_sample("deit_queue_depth", **tiny)
     assert scrape.value("deit_queue_depth", **tiny) == 0

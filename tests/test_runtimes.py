@@ -21,7 +21,7 @@ from service.engine.runner import Forward, Outputs, checkpoint_forward
 from service.engine.runtimes import AUTO, ONNXRUNTIME, OPENVINO, TORCH, Runtime, RuntimeOptions
 from service.engine.runtimes import openvino as ov_runtime
 from service.engine.runtimes.cache import MANIFEST
-from service.engine.runtimes.selection import PROBABILITY_TOLERANCE, prepare_runtime
+from service.engine.runtimes.selection import PROBABILITY_TOLERANCE, measure, prepare_runtime
 from service.errors import CheckpointError
 from service.model.checkpoints import LoadedCheckpoint, cpu_supports_bf16
 from service.model.prepare import load_for_serving
@@ -135,6 +135,27 @@ def test_auto_serves_an_agreeing_runtime_and_says_why(
     assert "img/s" in reason
     assert "agrees with torch float32 (top-1 equal, max |Δp|" in reason
     _assert_close(served.forward(list(pixel_values)), want)
+
+
+def test_auto_times_its_candidates_in_rotating_rounds_after_one_untimed_pass_each() -> None:
+    """On a clock that each pass advances by its candidate's cost: one untimed pass each, then rounds in rotating
+    order until the budget (per candidate) is spent, each candidate's speed from its own passes."""
+    now = [0.0]
+    cost = {"torch": 1.0, "openvino": 2.0, "onnxruntime": 4.0}
+    calls: list[str] = []
+
+    def run(name: str) -> None:
+        calls.append(name)
+        now[0] += cost[name]
+
+    speeds = measure(list(cost), 8, budget_s=7.0, run=run, clock=lambda: now[0])
+    assert calls[:3] == ["torch", "openvino", "onnxruntime"]  # the untimed passes
+    assert calls[3:] == [  # a round takes 7 of the 3 × 7 budget: three rounds, each starting one further on
+        "torch", "openvino", "onnxruntime",
+        "openvino", "onnxruntime", "torch",
+        "onnxruntime", "torch", "openvino",
+    ]  # fmt: skip
+    assert speeds == [8.0, 4.0, 2.0]
 
 
 def test_auto_skips_a_runtime_that_cannot_export_and_still_loads(
@@ -284,6 +305,7 @@ def test_openvino_int8_is_nncf_compressed_ir_cached_apart_from_float32_and_not_c
     )  # q/k/v (or fused), output, and both MLP Linears per block
 
     caplog.clear()
+    monkeypatch.setitem(sys.modules, "nncf", None)  # a start that finds its int8 IR cached never imports NNCF
     again = _prepare(_load(distilled_dir), OPENVINO, cache, quantize="int8")
     assert len(compressed) == 1  # read from the cache, not compressed again
     messages = [r.message for r in caplog.records]

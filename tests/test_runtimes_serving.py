@@ -7,6 +7,7 @@ off, on a store holding ``tiny`` and a ``broken`` model whose scores are not fin
 from __future__ import annotations
 
 import base64
+import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,10 +39,14 @@ IMAGES = [noise_image_bytes(seed) for seed in range(6)]
 
 def _env(runtime: str, cache: Path) -> dict[str, str]:
     """Warm-up off: it would refuse ``broken`` (its scores are not finite) before the guard could answer for it;
-    ``tiny`` the default, as on the reference (the first in the store would be ``broken``)."""
+    ``tiny`` the default, as on the reference (the first in the store would be ``broken``). A home directory of
+    its own, empty, and ``CI`` not "true" (runtimes' usage reports stay off in CI jobs by themselves), so that what
+    a runtime would write or send from a server elsewhere shows here."""
+    home = cache.parent / f"home-{runtime}"
+    home.mkdir(parents=True, exist_ok=True)
     return {"DEIT_DEVICE": "cpu", "DEIT_DTYPE": "float32", "DEIT_TORCH_THREADS": "1", "DEIT_MAX_BATCH_SIZE": "8",
             "DEIT_RUNTIME": runtime, "DEIT_RUNTIME_CACHE": str(cache), "DEIT_WARMUP": "false",
-            "DEIT_DEFAULT_MODEL": "tiny"}  # fmt: skip
+            "DEIT_DEFAULT_MODEL": "tiny", "HOME": str(home), "CI": ""}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +184,16 @@ def test_the_runtime_is_reported_in_models_metadata_config_and_metrics(
     reference = runtime_servers["torch"]
     torch_config = httpx.get(f"{reference.url}/v2/models/tiny/config", headers=_auth(reference), timeout=10).json()
     assert torch_config["backend"] == "pytorch"
+
+
+def test_openvino_sends_no_usage_reports_and_writes_nothing_in_home(runtime_servers: dict[str, ServerProcess]) -> None:
+    """OpenVINO's converter reports usage (a client id and counters under ~/intel, each event sent from a forked
+    copy of the process) unless a consent file declines; the server declines for itself."""
+    server = runtime_servers["openvino"]
+    _scores(server, IMAGES[:1])
+    home = Path(server.env["HOME"])
+    assert sorted(p.name for p in home.rglob("*")) == []
+    assert all(json.loads(line) for line in server.log().splitlines())  # the process's output: JSON lines only
 
 
 def _nonfinite(server: ServerProcess) -> float:

@@ -93,6 +93,12 @@ def output_names(model: DeiT, image_shape: tuple[int, int, int]) -> list[str]:
         return [str(name) for name in serving_outputs(model, example)]
 
 
+def shape_key(image_shape: tuple[int, int, int]) -> str:
+    """An export's fixed input shape as a cache-key part: the preprocessor's crop, which the weights' digest does
+    not cover (the same weights served at another size need their own artefact)."""
+    return "x".join(str(n) for n in image_shape)
+
+
 def stack(pixels: Sequence[Tensor]) -> Tensor:
     """One contiguous float32 batch on the CPU, as the exported runtimes take it."""
     return torch.stack(list(pixels)).float().contiguous()

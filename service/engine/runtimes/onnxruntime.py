@@ -20,6 +20,7 @@ from service.engine.runtimes import (
     OutputsModule,
     RuntimeUnavailable,
     installed_version,
+    shape_key,
     stack,
 )
 from service.engine.runtimes.cache import ArtefactCache, entry_key
@@ -51,6 +52,7 @@ def build(
         import onnxruntime as ort
     except ImportError as e:
         raise RuntimeUnavailable(f"onnxruntime does not import: {e}") from e
+    ort.disable_telemetry_events()  # ONNX Runtime's own usage events: a server sends none
 
     def export(directory: Path) -> list[str]:
         wrapper = OutputsModule(model, names).eval()
@@ -77,9 +79,15 @@ def build(
             return ["model.int8.onnx"]
         return ["model.onnx"]
 
-    shape = "x".join(str(n) for n in image_shape)  # the export's fixed input size: the crop, not in the digest
     key = entry_key(
-        digest, ONNXRUNTIME, ort_version, torch.__version__, EXPORT_VERSION, precision, ",".join(names), shape
+        digest,
+        ONNXRUNTIME,
+        ort_version,
+        torch.__version__,
+        EXPORT_VERSION,
+        precision,
+        ",".join(names),
+        shape_key(image_shape),
     )
     try:
         entry = cache.get_or_build(key, export, f"onnxruntime {ort_version} {precision}")

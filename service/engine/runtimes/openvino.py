@@ -27,6 +27,7 @@ from service.engine.runtimes import (
     OutputsModule,
     RuntimeUnavailable,
     installed_version,
+    shape_key,
     stack,
 )
 from service.engine.runtimes.cache import ArtefactCache, entry_key
@@ -37,6 +38,7 @@ _PRECISIONS = {FLOAT32: "f32", BFLOAT16: "bf16", INT8: "f32"}
 # Bumped whenever the quantization below changes (algorithm or its options), so that cached artefacts are not reused.
 QUANTIZATION_VERSION = "1"
 _QUANTIZING = threading.Lock()  # one at a time: silencing NNCF's output is process-wide
+_NEEDS_NNCF = "openvino int8 needs nncf, and {}: pip install 'deit-serve[openvino-int8]'"
 
 
 def version() -> str:
@@ -44,15 +46,39 @@ def version() -> str:
 
 
 def nncf_version() -> str:
-    """The version of NNCF, which quantizes for OpenVINO; RuntimeUnavailable naming the extra when it does not
-    import (installed_version alone would miss a broken install)."""
+    """The installed version of NNCF, which quantizes for OpenVINO (read from its metadata: importing NNCF takes
+    seconds, and a start that finds its int8 IR in the cache never needs it); RuntimeUnavailable naming the extra."""
+    try:
+        return installed_version("nncf")
+    except RuntimeUnavailable:
+        raise RuntimeUnavailable(_NEEDS_NNCF.format("it is not installed")) from None
+
+
+def _import_nncf() -> Any:
+    """NNCF itself, for a compression; RuntimeUnavailable naming the extra when it does not import."""
     try:
         import nncf
     except ImportError as e:
-        raise RuntimeUnavailable(
-            f"openvino int8 needs nncf, which does not import ({e}): pip install 'deit-serve[openvino-int8]'"
-        ) from None
-    return str(nncf.__version__)
+        raise RuntimeUnavailable(_NEEDS_NNCF.format(f"it does not import ({e})")) from None
+    return nncf
+
+
+def decline_usage_reports() -> None:
+    """OpenVINO's converter and NNCF send usage reports (to Google Analytics, each event from a forked copy of the
+    calling process) and write a client id and counters under ``~/intel``, unless a consent file there says no;
+    they ask for that consent only in an interactive terminal. A server is not one, and a fork of a process with
+    many threads and a model in memory is not free: the consent check their telemetry makes answers "declined" in
+    this process, so nothing is sent, forked or written. Called before ``openvino`` is first imported (importing it
+    makes the first check); the service imports it nowhere else."""
+    try:
+        from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
+    except ImportError:  # not installed: OpenVINO's tools fall back to their own silent stand-in
+        return
+
+    def declined(checker: object, enable_opt_in_dialog: bool, disable_in_ci: bool = False) -> object:
+        return ConsentCheckResult.DECLINED
+
+    OptInChecker.check = declined
 
 
 def build(
@@ -70,19 +96,21 @@ def build(
     ov_version = version()
     if precision not in _PRECISIONS:
         raise RuntimeUnavailable(f"OpenVINO serves float32, bfloat16 or int8 on the CPU, not {precision}")
+    decline_usage_reports()  # before OpenVINO's first import, which already asks for that consent
     try:
         import openvino as ov
     except ImportError as e:
         raise RuntimeUnavailable(f"openvino does not import: {e}") from e
-    # The IR is traced by torch and fixed to the model's input shape (the preprocessor's crop, not in the digest).
-    shape = "x".join(str(n) for n in image_shape)
-    parts = [digest, OPENVINO, ov_version, torch.__version__, EXPORT_VERSION, ",".join(names), shape]
+    # The IR is traced by torch (its version is in the key) and fixed to the model's input shape.
+    parts = [digest, OPENVINO, ov_version, torch.__version__, EXPORT_VERSION, ",".join(names), shape_key(image_shape)]
     files = ["model.xml", "model.bin"]
     if precision == INT8:  # its own entry: float32 and bf16 share the unquantized IR's
         parts += [INT8, "nncf", nncf_version(), QUANTIZATION_VERSION]
         files = ["model.int8.xml", "model.int8.bin"]
 
     def export(directory: Path) -> list[str]:
+        if precision == INT8:
+            _import_nncf()  # before the conversion: a broken NNCF fails at once, by name
         wrapper = OutputsModule(model, names).eval()
         # Tracing warns of shape-dependent Python values; the batch dimension is made dynamic below.
         with torch.no_grad(), warnings.catch_warnings():
@@ -99,6 +127,8 @@ def build(
     key = entry_key(*parts)
     try:
         entry = cache.get_or_build(key, export, f"openvino {ov_version} {precision}")
+    except RuntimeUnavailable:
+        raise
     except Exception as e:
         raise RuntimeUnavailable(f"OpenVINO export failed: {type(e).__name__}: {e}") from e
     config: dict[str, Any] = {
@@ -139,8 +169,7 @@ def compress_weights(converted: Any) -> Any:
     compression agrees on 63 and torch's and ONNX Runtime's int8 on 54 and 58; and it was slower than float32 on a
     CPU without int8 dot products. Weight compression needs no data (the artefact depends on the weights alone) and
     takes seconds."""
-    import nncf
-
+    nncf = _import_nncf()
     with _QUANTIZING, _nncf_quiet():
         return nncf.compress_weights(converted, mode=nncf.CompressWeightsMode.INT8_ASYM)
 

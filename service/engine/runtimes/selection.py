@@ -204,8 +204,14 @@ def _choose(
         return Runtime(RuntimeInfo(only.name, only.precision, f"auto: only {only.label} available"), only.forward,
                        only.owns_weights)  # fmt: skip
     timed = _probe_batch(probes, image_shape, min(MEASURE_BATCH, options.max_batch_size))
-    for candidate in agreeing:
-        candidate.images_per_s = _measure(candidate.forward, timed, options.measure_s, on_thread)
+    speeds = measure(
+        [candidate.forward for candidate in agreeing],
+        len(timed),
+        options.measure_s,
+        lambda f: on_thread(lambda: f(timed)),
+    )
+    for candidate, speed in zip(agreeing, speeds, strict=True):
+        candidate.images_per_s = speed
     agreeing.sort(key=lambda c: c.images_per_s, reverse=True)
     best = agreeing[0]
     others = ", ".join(f"{c.label} {c.images_per_s:.1f}" for c in agreeing[1:])
@@ -286,15 +292,28 @@ def _agreement(outputs: Outputs, reference: Outputs) -> str:
     return f"max |Δ features| {delta:.1e}"
 
 
-def _measure(
-    forward: Forward, batch: list[Tensor], budget_s: float, on_thread: Callable[[Callable[[], Outputs]], Outputs]
-) -> float:
-    """Images per second: the median of passes run for ``budget_s`` (one at least) after one untimed pass."""
-    on_thread(lambda: forward(batch))
-    times: list[float] = []
-    started = time.perf_counter()
-    while not times or time.perf_counter() - started < budget_s:
-        t = time.perf_counter()
-        on_thread(lambda: forward(batch))
-        times.append(time.perf_counter() - t)
-    return len(batch) / max(statistics.median(times), 1e-9)
+def measure(
+    forwards: Sequence[T],
+    batch_size: int,
+    budget_s: float,
+    run: Callable[[T], object],
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[float]:
+    """Images per second of each of ``forwards`` (run through ``run``), in rounds: one untimed pass each first,
+    then each takes one timed pass a round, in an order that rotates from round to round, until ``budget_s`` per
+    forward has passed (one round at least). Each one's figure is the median of its passes. Interleaved so that
+    whatever else slows the machine down for a while (a neighbour, the clock) falls on every candidate alike, not
+    on whichever was timed at that moment."""
+    for forward in forwards:
+        run(forward)
+    times: list[list[float]] = [[] for _ in forwards]
+    started = clock()
+    rounds = 0
+    while rounds == 0 or clock() - started < budget_s * len(forwards):
+        for k in range(len(forwards)):
+            i = (rounds + k) % len(forwards)
+            t = clock()
+            run(forwards[i])
+            times[i].append(clock() - t)
+        rounds += 1
+    return [batch_size / max(statistics.median(passes), 1e-9) for passes in times]

@@ -30,16 +30,8 @@ from service.model.deit import LayerScale, build_deit
 from service.model.preprocessing import Preprocessor
 from service.model.timm import timm_to_hf
 from tests.factories import HFKind, hf_model
-from tests.serving import (
-    ZOO_AUTH,
-    ZOO_WRITERS,
-    ServerProcess,
-    SharedServers,
-    hand_saved,
-    model_zoo,
-    noise_image_bytes,
-    zoo_server,
-)
+from tests.profiles import ZOO_AUTH, ZOO_WRITERS, hand_saved, model_zoo, zoo_server
+from tests.serving import ServerProcess, SharedServers, noise_image_bytes
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TF_KINDS = sorted(p.name for p in (FIXTURES / "tf").iterdir() if p.is_dir())

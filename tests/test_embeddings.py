@@ -30,16 +30,8 @@ from service.model.pooling import LOGITS, Pooling, default_pooling, pool, poolin
 from service.model.preprocessing import Preprocessor
 from service.settings import Settings
 from tests.factories import TINY, hf_model, save_hf
-from tests.serving import (
-    ZOO_AUTH,
-    ZOO_EMBEDDERS,
-    ServerProcess,
-    SharedServers,
-    embedding_reference,
-    image_bytes,
-    model_zoo,
-    zoo_server,
-)
+from tests.profiles import ZOO_AUTH, ZOO_EMBEDDERS, embedding_reference, model_zoo, zoo_server
+from tests.serving import ServerProcess, SharedServers, image_bytes
 
 ATOL = 1e-4
 NATIVE = (TINY["image_size"], TINY["image_size"])

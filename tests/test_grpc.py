@@ -21,17 +21,14 @@ import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from harness.launcher import free_port
+from tests.profiles import grpc_address, grpc_bytes_input, slow_shared, start_grpc_call
 from tests.serving import (
     ServerProcess,
     SharedServers,
     classify_probabilities,
-    grpc_address,
-    grpc_bytes_input,
     noise_image_bytes,
     preprocessed_pixels,
     scrape,
-    slow_shared,
-    start_grpc_call,
     wait_until,
 )
 

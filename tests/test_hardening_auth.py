@@ -11,16 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.serving import (
-    EDGE_KEY,
-    EDGE_LIMITS,
-    KEYED_KEYS,
-    EndlessBody,
-    ServerProcess,
-    SharedServers,
-    image_bytes,
-    keyed_server,
-)
+from tests.profiles import KEYED_KEYS, keyed_server
+from tests.serving import EDGE_KEY, EDGE_LIMITS, EndlessBody, ServerProcess, SharedServers, image_bytes
 
 KEYS = KEYED_KEYS
 

@@ -23,7 +23,8 @@ from PIL import EpsImagePlugin, Image
 
 from service.errors import ImageTooLarge, InvalidImage, ServiceError, UnsupportedMediaType
 from service.model.decoding import ACCEPTED_FORMATS, decode_image
-from tests.serving import KEYED, KEYED_AUTH, ServerProcess, SharedServers, ghostscript_trap, keyed_server, rss_bytes
+from tests.profiles import KEYED, KEYED_AUTH, ghostscript_trap, keyed_server
+from tests.serving import ServerProcess, SharedServers, rss_bytes
 
 MAX_PIXELS = 1_000_000  # the server's limit: far below every bomb here, far above every valid image
 RED = (200, 30, 30)

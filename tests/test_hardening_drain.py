@@ -17,17 +17,15 @@ import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from harness.load import sample_images
+from tests.profiles import grpc_address, grpc_bytes_input, start_grpc_call
 from tests.serving import (
     ServerProcess,
     free_port,
-    grpc_address,
-    grpc_bytes_input,
     multipart,
     noise_image_bytes,
     read_answer,
     run_server,
     scrape,
-    start_grpc_call,
     wait_until,
 )
 

@@ -23,13 +23,13 @@ from fastapi.routing import APIRoute
 from service.api import hf, native, v2
 from service.http.json_body import nests_deeper_than
 from service.http.responses import dumps
+from tests.profiles import assert_clean_log
 from tests.serving import (
     EDGE_KEY,
     EDGE_LIMITS,
     EndlessBody,
     ServerProcess,
     SharedServers,
-    assert_clean_log,
     image_bytes,
     plain_error,
     read_answer,

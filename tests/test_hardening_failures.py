@@ -22,6 +22,7 @@ from harness.load import sample_images
 from service.engine.batching import Batcher
 from service.engine.runner import Forward, Outputs
 from service.settings import Settings
+from tests.profiles import slow_shared
 from tests.serving import (
     InProcessServer,
     ServerProcess,
@@ -32,7 +33,6 @@ from tests.serving import (
     multipart_body,
     scrape,
     serve_in_process,
-    slow_shared,
     wait_until,
 )
 

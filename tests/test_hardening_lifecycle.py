@@ -15,8 +15,8 @@ import httpx
 import pytest
 from PIL import Image
 
+from tests.profiles import SLOW_SHARED, slow_shared
 from tests.serving import (
-    SLOW_SHARED,
     ServerProcess,
     SharedServers,
     expect_error,
@@ -26,7 +26,6 @@ from tests.serving import (
     read_answer,
     rss_bytes,
     scrape,
-    slow_shared,
     wait_until,
 )
 

@@ -19,9 +19,8 @@ import httpx
 import pytest
 
 from harness.load import run_load, sample_images
+from tests.profiles import OVERLOAD, SLOW_SHARED, slow_shared
 from tests.serving import (
-    OVERLOAD,
-    SLOW_SHARED,
     ServerProcess,
     SharedServers,
     image_bytes,
@@ -29,7 +28,6 @@ from tests.serving import (
     plain_error,
     run_server,
     scrape,
-    slow_shared,
     wait_until,
     write_tiny_model,
 )

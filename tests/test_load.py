@@ -14,7 +14,8 @@ import pytest
 
 from harness.launcher import REPO
 from harness.load import run_load, sample_images
-from tests.serving import OVERLOAD, SharedServers, multipart, rss_bytes
+from tests.profiles import OVERLOAD
+from tests.serving import SharedServers, multipart, rss_bytes
 
 
 def test_overload_answers_only_200_503_504_with_correct_predictions(slow_store: Path, servers: SharedServers) -> None:

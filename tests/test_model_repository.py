@@ -22,9 +22,9 @@ import pytest
 import tritonclient.http as triton
 
 from tests.factories import edit_config_json
+from tests.profiles import assert_clean_log
 from tests.serving import (
     ServerProcess,
-    assert_clean_log,
     image_bytes,
     multipart_body,
     noise_image_bytes,

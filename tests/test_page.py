@@ -16,16 +16,8 @@ import httpx
 import pytest
 
 from service.settings import Settings
-from tests.serving import (
-    DEMO_KEY,
-    DEMO_KEYED,
-    DEMO_MODEL,
-    REPO,
-    ServerProcess,
-    SharedServers,
-    free_port,
-    serve_in_process,
-)
+from tests.profiles import DEMO_KEY, DEMO_KEYED
+from tests.serving import DEMO_MODEL, REPO, ServerProcess, SharedServers, free_port, serve_in_process
 
 KEY = DEMO_KEY
 SAMPLES = [DEMO_MODEL / "samples" / name for name in ("3_a.png", "7_a.png", "9_a.png")]

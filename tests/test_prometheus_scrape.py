@@ -13,16 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.serving import (
-    KEYED_AUTH,
-    ServerProcess,
-    SharedServers,
-    free_port,
-    keyed_server,
-    noise_image_bytes,
-    scrape,
-    stop_process,
-)
+from tests.profiles import KEYED_AUTH, keyed_server
+from tests.serving import ServerProcess, SharedServers, free_port, noise_image_bytes, scrape, stop_process
 
 SCRAPE_TIMEOUT_S = 30.0
 

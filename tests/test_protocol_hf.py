@@ -12,16 +12,8 @@ import torch
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
 
-from tests.serving import (
-    ZOO,
-    ZOO_AUTH,
-    ZOO_KEY,
-    ServerProcess,
-    SharedServers,
-    noise_image_bytes,
-    plain_error,
-    zoo_server,
-)
+from tests.profiles import ZOO, ZOO_AUTH, ZOO_KEY, zoo_server
+from tests.serving import ServerProcess, SharedServers, noise_image_bytes, plain_error
 
 KEY = ZOO_KEY
 MAX_FILES = int(ZOO["DEIT_MAX_FILES"])

@@ -15,7 +15,8 @@ import tritonclient.http as triton
 from huggingface_hub import InferenceClient
 from PIL import Image
 
-from tests.serving import SLOW_SHARED, Scrape, ServerProcess, SharedServers, scrape, slow_shared, wait_until
+from tests.profiles import SLOW_SHARED, slow_shared
+from tests.serving import Scrape, ServerProcess, SharedServers, scrape, wait_until
 
 MAX_BATCH = int(SLOW_SHARED["DEIT_MAX_BATCH_SIZE"])  # 16
 BLOCKER_IMAGES = 2 * MAX_BATCH  # two full forward passes of the slow model: the time the three others take to queue

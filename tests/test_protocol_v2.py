@@ -19,8 +19,8 @@ import tritonclient.http as triton
 from transformers import DeiTForImageClassificationWithTeacher
 from tritonclient.utils import InferenceServerException
 
+from tests.profiles import SLOW_SHARED, slow_shared
 from tests.serving import (
-    SLOW_SHARED,
     SMALL_UPLOADS,
     ServerProcess,
     SharedServers,
@@ -29,7 +29,6 @@ from tests.serving import (
     plain_error,
     preprocessed_pixels,
     scrape,
-    slow_shared,
     wait_until,
 )
 

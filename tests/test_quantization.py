@@ -19,7 +19,8 @@ from service.model.prepare import load_for_serving
 from service.model.preprocessing import Preprocessor
 from service.model.quantization import cpu_has_int8_dot_product, int8_engine, is_int8
 from service.settings import Settings
-from tests.serving import DEMO_KEY, DEMO_KEYED, DEMO_MODEL, ServerProcess, SharedServers, run_server
+from tests.profiles import DEMO_KEY, DEMO_KEYED
+from tests.serving import DEMO_MODEL, ServerProcess, SharedServers, run_server
 
 SAMPLES = sorted((DEMO_MODEL / "samples").glob("*.png"))
 MAX_PIXELS = Settings.model_fields["max_image_pixels"].default

@@ -16,12 +16,11 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.profiles import KEYED_AUTH, keyed_server
 from tests.serving import (
-    KEYED_AUTH,
     ServerProcess,
     SharedServers,
     image_bytes,
-    keyed_server,
     multipart,
     noise_image_bytes,
     overflowing_head,

@@ -123,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"deit-serve: invalid setting {where}: {err['msg']}", file=sys.stderr)
         sys.exit(2)
     configure_logging(settings.log_level)
+    # gRPC's native core writes its own plain-text lines to stderr (a port it cannot bind, say) beside the service's
+    # JSON lines, which already report what the service makes of them; an operator who wants them sets it.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     if fetch_only:
         sys.exit(download_only(settings))
     server: DrainingServer | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -79,3 +80,5 @@ def test_a_grpc_port_in_use_fails_start_up_naming_it(tiny_store: Path, tmp_path:
         finally:
             server.stop()
     assert f"cannot listen for gRPC on 127.0.0.1:{grpc_port}" in server.log()
+    for line in server.log().splitlines():  # JSON lines only: gRPC's native core adds none of its own
+        assert json.loads(line)["ts"], line

@@ -133,12 +133,17 @@ def test_binary_jpegs_with_classification(client: triton.InferenceServerClient, 
 
 
 def test_fp32_pixels_match_images_and_transformers(
-    client: triton.InferenceServerClient, pixels: np.ndarray, classify_probs: np.ndarray, tiny_store: Path
+    server: ServerProcess,
+    client: triton.InferenceServerClient,
+    pixels: np.ndarray,
+    classify_probs: np.ndarray,
+    tiny_store: Path,
 ) -> None:
     tensor = triton.InferInput("pixel_values", list(pixels.shape), "FP32")
     tensor.set_data_from_numpy(pixels, binary_data=True)
     result = client.infer("tiny", [tensor])  # no outputs named: all of them, binary
     np.testing.assert_allclose(result.as_numpy("probabilities"), classify_probs, atol=1e-5)
+    assert "not writable" not in server.log()  # the pixels got their own memory, not the request's read-only bytes
     # The logits are the average of the two heads, as transformers' own model computes them.
     reference = DeiTForImageClassificationWithTeacher.from_pretrained(tiny_store / "tiny").eval()
     with torch.inference_mode():

@@ -278,7 +278,10 @@ def _pixels(tensor: InputTensor, size: tuple[int, int], max_elements: int) -> Te
         array = pixels_from_json(_flat(tensor.data, PIXELS_INPUT), PIXELS_INPUT)
         if array.size != count:
             raise BadRequest(f"input {PIXELS_INPUT!r} has shape {tensor.shape} but holds {array.size} values")
-    return torch.from_numpy(array.astype(np.float32, copy=False)).reshape(n, 3, h, w)
+    array = array.astype(np.float32, copy=False)
+    if not array.flags.writeable:  # float32 read in place from the request's bytes: torch tensors need their own
+        array = array.copy()
+    return torch.from_numpy(array).reshape(n, 3, h, w)
 
 
 def _outputs(raw: Any, binary_default: bool, offered: Sequence[str]) -> list[RequestedOutput]:

@@ -201,9 +201,13 @@ def test_a_precision_a_runtime_does_not_serve_is_refused_by_name(
 
 
 def test_onnxruntime_int8_quantizes_its_own_export_and_agrees_on_top1(
-    distilled_dir: Path, pixel_values: torch.Tensor, tmp_path: Path
+    distilled_dir: Path, pixel_values: torch.Tensor, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO)
     served = _prepare(_load(distilled_dir), ONNXRUNTIME, tmp_path / "cache", quantize="int8")
+    # The quantizer's root-logger lines (one per tensor, and advice to pre-process) stay out of the service's log.
+    assert [r.getMessage() for r in caplog.records if r.name == "root" and "onnxruntime" in r.pathname] == []
+    assert "runtime artefact exported to the cache" in caplog.messages  # the export (and its quantization) ran here
     assert (served.info.name, served.info.precision) == (ONNXRUNTIME, "int8")
     assert "agrees with torch float32" in served.info.reason
     (entry,) = [p for p in (tmp_path / "cache").iterdir() if (p / MANIFEST).is_file()]

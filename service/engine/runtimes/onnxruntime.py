@@ -3,8 +3,11 @@ one CPU session on the service's threads; int8 is the session over ONNX Runtime'
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -27,6 +30,7 @@ from service.engine.runtimes.cache import ArtefactCache, entry_key
 from service.model.deit import DeiT
 
 OPSET = 17
+_QUANTIZING = threading.Lock()  # one at a time: the quantizer's log filter is on the process's root logger
 
 
 def version() -> str:
@@ -74,7 +78,8 @@ def build(
         if precision == INT8:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            quantize_dynamic(directory / "model.onnx", directory / "model.int8.onnx", weight_type=QuantType.QInt8)
+            with _quantizer_quiet(Path(ort.__file__).parent):
+                quantize_dynamic(directory / "model.onnx", directory / "model.int8.onnx", weight_type=QuantType.QInt8)
             (directory / "model.onnx").unlink()
             return ["model.int8.onnx"]
         return ["model.onnx"]
@@ -112,3 +117,23 @@ def build(
         return {name: torch.from_numpy(value).float() for name, value in zip(wanted, values, strict=True)}
 
     return forward
+
+
+@contextlib.contextmanager
+def _quantizer_quiet(package: Path) -> Iterator[None]:
+    """ONNX Runtime's quantizer logs through the root logger: a line per tensor and per skipped MatMul at info, and
+    advice meant for a model's author ("consider pre-processing"), a few hundred lines per export. Its records
+    below error are dropped for the duration of a quantization (a filter on the root logger sees only records logged
+    to it directly, never the service's own named loggers')."""
+    prefix = str(package)
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or not record.pathname.startswith(prefix)
+
+    root = logging.getLogger()
+    with _QUANTIZING:
+        root.addFilter(keep)
+        try:
+            yield
+        finally:
+            root.removeFilter(keep)

@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.utils import logging as transformers_logging
 
+from service.engine.runtimes.openvino import decline_usage_reports
 from tests.factories import TINY, hf_model, save_hf
 from tests.serving import SharedServers, write_slow_model, write_tiny_model
 
@@ -17,6 +18,8 @@ from tests.serving import SharedServers, write_slow_model, write_tiny_model
 def pytest_configure(config: pytest.Config) -> None:
     """Quiet, predictable runs: no progress bars, and one intra-op thread since tiny models gain nothing from more."""
     transformers_logging.disable_progress_bar()
+    # As the service does: OpenVINO's tools send no usage reports from a test run (nor write ~/intel), in CI or not.
+    decline_usage_reports()
     # OpenMP spin-waiting costs more than the tiny matmuls it splits; on a busy machine it slowed the suite 3×.
     torch.set_num_threads(1)
 

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import httpx
+import pytest
 from google.protobuf import descriptor_pb2
 
 from harness.launcher import ServerProcess, free_port, launch, running, service_env
@@ -65,7 +66,10 @@ def test_without_the_grpc_extra_the_service_serves_http_only(tiny_store: Path, t
         assert server.wait(timeout=30) == 0
 
 
-def test_a_grpc_port_in_use_fails_start_up_naming_it(tiny_store: Path, tmp_path: Path) -> None:
+def test_a_grpc_port_in_use_fails_start_up_naming_it(
+    tiny_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("GRPC_VERBOSITY", raising=False)  # the service's own default, not a developer's
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -39,13 +39,13 @@ IMAGES = [noise_image_bytes(seed) for seed in range(6)]
 def _env(runtime: str, cache: Path) -> dict[str, str]:
     """Warm-up off: it would refuse ``broken`` (its scores are not finite) before the guard could answer for it;
     ``tiny`` the default, as on the reference (the first in the store would be ``broken``). A home directory of
-    its own, empty, and ``CI`` not "true" (runtimes' usage reports stay off in CI jobs by themselves), so that what
-    a runtime would write or send from a server elsewhere shows here."""
+    its own, empty, and no sign of a CI job (``CI``, ``TF_BUILD``, ``JENKINS_URL``: OpenVINO's usage reports stay off
+    in one by themselves), so that what a runtime would write or send from a server elsewhere shows here."""
     home = cache.parent / f"home-{runtime}"
     home.mkdir(parents=True, exist_ok=True)
     return {"DEIT_DEVICE": "cpu", "DEIT_DTYPE": "float32", "DEIT_TORCH_THREADS": "1", "DEIT_MAX_BATCH_SIZE": "8",
             "DEIT_RUNTIME": runtime, "DEIT_RUNTIME_CACHE": str(cache), "DEIT_WARMUP": "false",
-            "DEIT_DEFAULT_MODEL": "tiny", "HOME": str(home), "CI": ""}  # fmt: skip
+            "DEIT_DEFAULT_MODEL": "tiny", "HOME": str(home), "CI": "", "TF_BUILD": "", "JENKINS_URL": ""}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -125,7 +126,7 @@ def _quantizer_quiet(package: Path) -> Iterator[None]:
     advice meant for a model's author ("consider pre-processing"), a few hundred lines per export. Its records
     below error are dropped for the duration of a quantization (a filter on the root logger sees only records logged
     to it directly, never the service's own named loggers')."""
-    prefix = str(package)
+    prefix = str(package) + os.sep
 
     def keep(record: logging.LogRecord) -> bool:
         return record.levelno >= logging.ERROR or not record.pathname.startswith(prefix)

@@ -37,6 +37,7 @@ from service.model.deit import DeiT
 _PRECISIONS = {FLOAT32: "f32", BFLOAT16: "bf16", INT8: "f32"}
 # Bumped whenever the quantization below changes (algorithm or its options), so that cached artefacts are not reused.
 QUANTIZATION_VERSION = "1"
+log = logging.getLogger("deit_serve.runtimes")
 _QUANTIZING = threading.Lock()  # one at a time: silencing NNCF's output is process-wide
 _NEEDS_NNCF = "openvino int8 needs nncf, and {}: pip install 'deit-serve[openvino-int8]'"
 
@@ -72,10 +73,11 @@ def decline_usage_reports() -> None:
     makes the first check); the service imports it nowhere else."""
     try:
         from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
-    except ImportError:  # not installed: OpenVINO's tools fall back to their own silent stand-in
+    except ImportError:  # not installed (OpenVINO's tools fall back to their own silent stand-in), or moved
+        log.debug("openvino_telemetry's consent check not found: usage reports left as OpenVINO decides")
         return
 
-    def declined(checker: object, enable_opt_in_dialog: bool, disable_in_ci: bool = False) -> object:
+    def declined(*_args: object, **_kwargs: object) -> object:
         return ConsentCheckResult.DECLINED
 
     OptInChecker.check = declined

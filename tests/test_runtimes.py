@@ -21,6 +21,7 @@ from service.engine.runner import Forward, Outputs, checkpoint_forward
 from service.engine.runtimes import AUTO, ONNXRUNTIME, OPENVINO, TORCH, Runtime, RuntimeOptions
 from service.engine.runtimes import openvino as ov_runtime
 from service.engine.runtimes.cache import MANIFEST
+from service.engine.runtimes.decisions import DECISIONS
 from service.engine.runtimes.selection import PROBABILITY_TOLERANCE, measure, prepare_runtime
 from service.errors import CheckpointError
 from service.model.checkpoints import LoadedCheckpoint, cpu_supports_bf16
@@ -135,6 +136,61 @@ def test_auto_serves_an_agreeing_runtime_and_says_why(
     assert "img/s" in reason
     assert "agrees with torch float32 (top-1 equal, max |Δp|" in reason
     _assert_close(served.forward(list(pixel_values)), want)
+
+
+def _artefact_events(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The runtimes whose artefact a load read or exported, by the cache's log lines."""
+    wanted = ("runtime artefact read from the cache", "runtime artefact exported to the cache")
+    return sorted(str(getattr(r, "runtime", "")).split()[0] for r in caplog.records if r.getMessage() in wanted)
+
+
+def test_auto_keeps_its_choice_and_the_next_start_builds_that_runtime_alone(
+    distilled_dir: Path, pixel_values: torch.Tensor, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = tmp_path / "cache"
+    caplog.set_level(logging.INFO, logger="deit_serve.runtimes")
+    first = _prepare(_load(distilled_dir), AUTO, cache)
+    assert first.info.reason.startswith("auto: fastest at batch 4 on 1 threads: ")
+    assert _artefact_events(caplog) == sorted(EXPORTED)  # every candidate built
+    (kept,) = (cache / DECISIONS).iterdir()
+    assert json.loads(kept.read_text())["runtime"] == first.info.name
+
+    caplog.clear()
+    again = _prepare(_load(distilled_dir), AUTO, cache)
+    assert (again.info.name, again.info.precision) == (first.info.name, first.info.precision)
+    assert again.info.reason.startswith("auto, as measured at ")
+    assert again.info.reason.endswith(first.info.reason.removeprefix("auto: "))
+    assert _artefact_events(caplog) == ([] if first.info.name == TORCH else [first.info.name])  # that one alone
+    want = checkpoint_forward(_load(distilled_dir))(list(pixel_values))
+    _assert_close(again.forward(list(pixel_values)), want)
+
+    caplog.clear()
+    other = _prepare(_load(distilled_dir), AUTO, cache, threads=2)  # other options: a choice of their own
+    assert other.info.reason.startswith("auto: fastest at batch 4 on 2 threads: ")
+    assert len(list((cache / DECISIONS).iterdir())) == 2
+
+
+@pytest.mark.parametrize(
+    "kept",
+    [
+        "{not json",
+        json.dumps({"runtime": "openvino"}),  # fields missing
+        json.dumps({"runtime": "onnxruntime", "precision": "float16", "reason": "r", "measured_at": "t"}),
+        json.dumps({"runtime": "tensorrt", "precision": "float32", "reason": "r", "measured_at": "t"}),
+    ],
+)
+def test_a_kept_choice_that_is_unreadable_or_cannot_serve_is_measured_again(
+    kept: str, distilled_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = tmp_path / "cache"
+    _prepare(_load(distilled_dir), AUTO, cache)
+    (path,) = (cache / DECISIONS).iterdir()
+    path.write_text(kept)
+    caplog.set_level(logging.WARNING, logger="deit_serve.runtimes")
+    again = _prepare(_load(distilled_dir), AUTO, cache)
+    assert again.info.reason.startswith("auto: fastest at batch 4 on 1 threads: ")  # measured, not taken on trust
+    assert any(r.getMessage().startswith("runtime decision") for r in caplog.records)
+    assert json.loads(path.read_text())["reason"] == again.info.reason  # the new measurement kept in its place
 
 
 def test_auto_times_its_candidates_in_rotating_rounds_after_one_untimed_pass_each() -> None:

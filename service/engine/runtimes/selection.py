@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import torch
@@ -25,20 +26,24 @@ from service.engine.runner import Forward, Outputs, checkpoint_forward
 from service.engine.runtimes import (
     AUTO,
     BFLOAT16,
+    EXPORT_VERSION,
     FLOAT32,
     INT8,
     ONNXRUNTIME,
     OPENVINO,
+    RUNTIMES,
     TORCH,
     Runtime,
     RuntimeInfo,
     RuntimeOptions,
     RuntimeUnavailable,
+    shape_key,
 )
 from service.engine.runtimes import eager as torch_runtime
 from service.engine.runtimes import onnxruntime as ort_runtime
 from service.engine.runtimes import openvino as ov_runtime
 from service.engine.runtimes.cache import ArtefactCache, model_digest
+from service.engine.runtimes.decisions import Decision, DecisionStore
 from service.engine.served import PROBE_JPEG, PROBE_PIXELS
 from service.errors import CheckpointError
 from service.model.checkpoints import LoadedCheckpoint, cpu_supports_bf16
@@ -161,6 +166,18 @@ def _choose(
     names = list(reference)  # every output the engine uses, in serving_outputs' order
     digest = model_digest(checkpoint.model)
     cache = ArtefactCache(options.cache_dir)
+    decisions = DecisionStore(options.cache_dir)
+    decision_key = _decision_key(options, digest, names, image_shape) if options.runtime == AUTO else ""
+    if decision_key and (kept := decisions.read(decision_key)) is not None:
+        built = _build_kept(kept, checkpoint, options, names, image_shape, digest, cache)
+        if built is not None:
+            problem = _probe_problem(built, batch, reference, on_thread)
+            if problem is None:
+                reason = f"auto, as measured at {kept.measured_at} on this CPU: {kept.reason.removeprefix('auto: ')}"
+                log.info("runtime chosen: %s", reason, extra={"runtime": built.label})
+                return Runtime(RuntimeInfo(built.name, built.precision, reason), built.forward, built.owns_weights)
+            log.warning("runtime decision not reused: %s; measuring again", problem, extra={"runtime": built.label})
+        decisions.forget(decision_key)
     wanted = [options.runtime] if options.runtime != AUTO else [TORCH, OPENVINO, ONNXRUNTIME]
     candidates: list[_Candidate] = []
     for runtime in wanted:
@@ -220,7 +237,64 @@ def _choose(
         f"img/s (then {others}); agrees with torch float32 ({best.agreement})"
     )
     log.info("runtime chosen: %s", reason, extra={"runtime": best.label})
+    if decision_key:
+        measured_at = datetime.now(UTC).isoformat(timespec="seconds")
+        decisions.write(decision_key, Decision(best.name, best.precision, reason, measured_at))
     return Runtime(RuntimeInfo(best.name, best.precision, reason), best.forward, best.owns_weights)
+
+
+def _decision_key(options: RuntimeOptions, digest: str, names: list[str], image_shape: tuple[int, int, int]) -> str:
+    """What a measurement's outcome depends on, besides the CPU (``DecisionStore.key`` adds it): the weights, the
+    options, the measured shape, and the version of every candidate (absent ones too: installing one is a new
+    choice)."""
+    versions = [torch.__version__, EXPORT_VERSION]
+    for name, version in ((OPENVINO, ov_runtime.version), (ONNXRUNTIME, ort_runtime.version)):
+        try:
+            versions.append(f"{name} {version()}")
+        except RuntimeUnavailable:
+            versions.append(f"{name} absent")
+    if options.quantize == INT8:
+        try:
+            versions.append(f"nncf {ov_runtime.nncf_version()}")
+        except RuntimeUnavailable:
+            versions.append("nncf absent")
+    batch = str(min(MEASURE_BATCH, options.max_batch_size))
+    return DecisionStore.key(digest, options.dtype, options.quantize, str(options.threads), str(options.streams),
+                             batch, shape_key(image_shape), ",".join(names), *versions)  # fmt: skip
+
+
+def _build_kept(
+    kept: Decision,
+    checkpoint: LoadedCheckpoint,
+    options: RuntimeOptions,
+    names: list[str],
+    image_shape: tuple[int, int, int],
+    digest: str,
+    cache: ArtefactCache,
+) -> _Candidate | None:
+    """The runtime a kept decision names, built; None (logged) when it no longer builds at that precision."""
+    try:
+        if kept.runtime not in RUNTIMES or kept.precision not in precisions(kept.runtime, options):
+            raise RuntimeUnavailable(f"{kept.runtime} {kept.precision} is not a candidate here")
+        return _build(checkpoint, kept.runtime, kept.precision, names, image_shape, digest, options, cache)
+    except Exception as e:
+        why = str(e) if isinstance(e, RuntimeUnavailable) else f"{type(e).__name__}: {e}"
+        log.warning("runtime decision not reused: %s; measuring again", why, extra={"runtime": kept.runtime})
+        return None
+
+
+def _probe_problem(
+    candidate: _Candidate,
+    batch: list[Tensor],
+    reference: Outputs,
+    on_thread: Callable[[Callable[[], Outputs]], Outputs],
+) -> str | None:
+    """None when ``candidate`` runs the probes and agrees with float32 torch on them, else what went wrong."""
+    try:
+        outputs = on_thread(lambda: candidate.forward(batch))
+    except Exception as e:
+        return f"the probes failed: {type(e).__name__}: {e}"
+    return _disagreement(outputs, reference, candidate.precision)
 
 
 def _build(

@@ -171,7 +171,7 @@ def _choose(
     if decision_key and (kept := decisions.read(decision_key)) is not None:
         built = _build_kept(kept, checkpoint, options, names, image_shape, digest, cache)
         if built is not None:
-            problem = _probe_problem(built, batch, reference, on_thread)
+            problem = _check(built, batch, reference, comparable, on_thread)
             if problem is None:
                 reason = f"auto, as measured at {kept.measured_at} on this CPU: {kept.reason.removeprefix('auto: ')}"
                 log.info("runtime chosen: %s", reason, extra={"runtime": built.label})
@@ -186,23 +186,18 @@ def _choose(
                 candidate = _build(checkpoint, runtime, precision, names, image_shape, digest, options, cache)
                 candidates.append(candidate)
         except Exception as e:  # not installed, a precision it lacks, a failed export or load
-            why = str(e) if isinstance(e, RuntimeUnavailable) else f"{type(e).__name__}: {e}"
+            why = _why(e)
             if options.runtime != AUTO:
                 raise CheckpointError(f"--runtime {runtime}: {why}") from e
             log.warning("runtime skipped: %s", why, extra={"runtime": runtime})
     agreeing: list[_Candidate] = []
     for candidate in candidates:
-        try:
-            outputs = on_thread(lambda c=candidate: c.forward(batch))  # type: ignore[misc]
-            problem = _disagreement(outputs, reference, candidate.precision) if comparable else None
-        except Exception as e:  # a runtime that cannot run the probes is skipped, never a failed start
-            problem = f"the probes failed: {type(e).__name__}: {e}"
+        problem = _check(candidate, batch, reference, comparable, on_thread)
         if problem is not None:
             if options.runtime != AUTO:
                 raise CheckpointError(f"--runtime {candidate.name} {candidate.precision}: {problem}")
             log.warning("runtime skipped: %s", problem, extra={"runtime": candidate.label})
             continue
-        candidate.agreement = _agreement(outputs, reference) if comparable else "not compared: not finite"
         agreeing.append(candidate)
     if options.runtime != AUTO:
         only = agreeing[0]
@@ -278,23 +273,32 @@ def _build_kept(
             raise RuntimeUnavailable(f"{kept.runtime} {kept.precision} is not a candidate here")
         return _build(checkpoint, kept.runtime, kept.precision, names, image_shape, digest, options, cache)
     except Exception as e:
-        why = str(e) if isinstance(e, RuntimeUnavailable) else f"{type(e).__name__}: {e}"
-        log.warning("runtime decision not reused: %s; measuring again", why, extra={"runtime": kept.runtime})
+        log.warning("runtime decision not reused: %s; measuring again", _why(e), extra={"runtime": kept.runtime})
         return None
 
 
-def _probe_problem(
+def _check(
     candidate: _Candidate,
     batch: list[Tensor],
     reference: Outputs,
+    comparable: bool,
     on_thread: Callable[[Callable[[], Outputs]], Outputs],
 ) -> str | None:
-    """None when ``candidate`` runs the probes and agrees with float32 torch on them, else what went wrong."""
+    """Run the probes through ``candidate``: None when its outputs agree with float32 torch's (or torch's are not
+    finite, so not compared), its ``agreement`` then saying how closely; else what went wrong."""
     try:
         outputs = on_thread(lambda: candidate.forward(batch))
-    except Exception as e:
+        problem = _disagreement(outputs, reference, candidate.precision) if comparable else None
+    except Exception as e:  # a runtime that cannot run the probes is skipped, never a failed start
         return f"the probes failed: {type(e).__name__}: {e}"
-    return _disagreement(outputs, reference, candidate.precision)
+    if problem is None:
+        candidate.agreement = _agreement(outputs, reference) if comparable else "not compared: not finite"
+    return problem
+
+
+def _why(error: Exception) -> str:
+    """Why a runtime cannot serve: its own message when it says so, else the error's type and message."""
+    return str(error) if isinstance(error, RuntimeUnavailable) else f"{type(error).__name__}: {error}"
 
 
 def _build(
